@@ -1,0 +1,191 @@
+"""`promptfleet` command line: prompto's flags, Prefect underneath."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from promptfleet.experiment import ExperimentError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+err = Console(stderr=True)
+
+EXIT_BAD_INPUT = 1
+EXIT_INTERRUPTED = 130
+
+File = Annotated[Path, typer.Option("--file", "-f", help="Experiment file (.jsonl or .csv).")]
+DataFolder = Annotated[Path, typer.Option("--data-folder", "-d", help="Folder with input/, output/, media/.")]
+EnvFile = Annotated[Path, typer.Option("--env-file", "-e", help="Env file with API keys (prompto's .env).")]
+MoveToInput = Annotated[bool, typer.Option("--move-to-input", "-m", help="Move the file into input/ instead of copying it.")]
+MaxQueries = Annotated[
+    Optional[int],
+    typer.Option("--max-queries", "-mq", min=1, help="Default queries per minute per queue [default: 10; test api: 600]."),
+]
+MaxAttempts = Annotated[int, typer.Option("--max-attempts", "-ma", min=1, help="Attempts per prompt before it fails.")]
+Parallel = Annotated[bool, typer.Option("--parallel", "-p", help="One queue per group/api (and model), run in parallel.")]
+MaxQueriesJson = Annotated[
+    Optional[Path], typer.Option("--max-queries-json", "-mqj", help="JSON of rate limits per api/group/model.")
+]
+
+
+def _load_env(env_file: Path) -> None:
+    """Read the .env file and route our log lines to Prefect before Prefect is imported."""
+    from dotenv import load_dotenv
+
+    if env_file.exists():
+        load_dotenv(env_file, override=False)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "promptfleet")
+    # Offline by design: the temporary server's telemetry only fails noisily here.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _settings(**values: Any):
+    from promptfleet.runs import Settings
+
+    return Settings(**values)
+
+
+def _report_issues(error: ExperimentError) -> None:
+    err.print(f"[red]cannot run: {len(error.issues)} problem(s)[/red]")
+    for issue in error.issues:
+        err.print(f"  {issue}", markup=False, highlight=False)
+
+
+@app.command()
+def run(
+    file: File,
+    data_folder: DataFolder = Path("data"),
+    env_file: EnvFile = Path(".env"),
+    move_to_input: MoveToInput = False,
+    max_queries: MaxQueries = None,
+    max_attempts: MaxAttempts = 5,
+    parallel: Parallel = False,
+    max_queries_json: MaxQueriesJson = None,
+    output_as_csv: Annotated[bool, typer.Option("--output-as-csv", help="Also write the results as CSV.")] = False,
+    max_in_flight: Annotated[int, typer.Option(min=1, help="Cap on requests in flight per queue.")] = 512,
+    timeout: Annotated[float, typer.Option(help="Seconds before a request times out.")] = 120.0,
+) -> None:
+    """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume."""
+    _load_env(env_file)
+    from promptfleet.runs import inspect
+
+    settings = _settings(
+        data_folder=data_folder,
+        max_queries=max_queries,
+        max_attempts=max_attempts,
+        parallel=parallel,
+        max_queries_json=max_queries_json,
+        output_as_csv=output_as_csv,
+        max_in_flight=max_in_flight,
+        timeout=timeout,
+    )
+    try:  # refuse a bad file in a second, before Prefect starts
+        found = inspect(file, settings)
+    except ExperimentError as error:
+        _report_issues(error)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    if not found.ok:
+        _print_inspection(found)
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+    summary = asyncio.run(_run_flow(str(file), settings, move_to_input))
+    if summary is None:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    from promptfleet.report import print_summary
+
+    print_summary(summary, Console(width=max(Console().width, 120)))
+    if not summary["complete"]:
+        err.print(f"stopped with {summary['unfinished']} prompt(s) unfinished; to resume, run the same command again:")
+        err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+async def _run_flow(file: str, settings, move_to_input: bool) -> dict[str, Any] | None:
+    from promptfleet import runtime
+    from promptfleet.flows import run_experiment
+    from promptfleet.report import show_progress
+
+    loop = asyncio.get_running_loop()
+    stop = runtime.stop_event()
+    main = asyncio.current_task()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            err.print("second interrupt: abandoning in-flight requests")
+            main.cancel()  # type: ignore[union-attr]
+            return
+        err.print("stopping: no new requests; waiting for in-flight answers (interrupt again to abandon them)")
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    if not os.environ.get("PREFECT_API_URL"):
+        err.print(
+            "Starting Prefect's temporary local server (10-20 s). For repeated runs, start one with "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."
+        )
+    progress = asyncio.create_task(show_progress(err))
+    try:
+        return await run_experiment(file=file, settings=settings, move_to_input=move_to_input)
+    except asyncio.CancelledError:
+        return None
+    finally:
+        progress.cancel()
+
+
+def _print_inspection(found) -> None:
+    out = Console()
+    for issue in found.issues:
+        err.print(issue, markup=False, highlight=False)
+    if found.issue_count > len(found.issues):
+        err.print(f"... and {found.issue_count - len(found.issues)} more problems")
+    for where, names in found.missing_env.items():
+        err.print(f"{found.file}: env: {where} needs {', '.join(names)} (not set)", markup=False, highlight=False)
+    out.print(f"{found.file}: {found.prompts} valid prompt(s), {found.issue_count} bad line(s)")
+    for queue in found.queues.values():
+        out.print(f"  queue {queue.name}: {queue.prompts} prompt(s) at {queue.rate_per_minute}/min")
+
+
+@app.command()
+def check(
+    file: File,
+    data_folder: DataFolder = Path("data"),
+    env_file: EnvFile = Path(".env"),
+    max_queries: MaxQueries = None,
+    parallel: Parallel = False,
+    max_queries_json: MaxQueriesJson = None,
+    move_to_input: MoveToInput = False,
+    log_file: Annotated[Optional[Path], typer.Option("--log-file", "-l", help="Also write the report here.")] = None,
+) -> None:
+    """Validate an experiment file without sending anything: bad lines, queues, missing env vars."""
+    _load_env(env_file)
+    from promptfleet.runs import inspect
+
+    settings = _settings(data_folder=data_folder, max_queries=max_queries, parallel=parallel, max_queries_json=max_queries_json)
+    try:
+        found = inspect(file, settings)
+    except ExperimentError as error:
+        _report_issues(error)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    _print_inspection(found)
+    if log_file:
+        lines = [*found.issues, *(f"env: {w} needs {', '.join(n)}" for w, n in found.missing_env.items())]
+        log_file.write_text("\n".join(lines) + ("\n" if lines else ""))
+    if not found.ok:
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if move_to_input:
+        settings.input_folder.mkdir(parents=True, exist_ok=True)
+        file.rename(settings.input_folder / file.name)
+    Console().print("[green]ok[/green]")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,53 @@
+"""The built-in `test` provider: offline, deterministic replies, optional latency and failures.
+
+It lets the example, the tests and the benchmarks run with no keys and no network.
+Parameters it reads (all optional):
+  latency        seconds to wait before answering
+  fail_status    HTTP status to fail with (429, 500, 400, ...)
+  fail_attempts  fail only the first N attempts of a prompt, then answer (default: always)
+  retry_after    seconds sent as Retry-After with a failure
+  raise_error    "true"/"yes" fails every attempt with a 400 (prompto's test api option)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from promptfleet.providers.base import Message, ProviderOptions, Reply, error_for_status, text_of
+
+
+class TestProvider:
+    api: ClassVar[str] = "test"
+    required_env: ClassVar[tuple[str, ...]] = ()
+    optional_env: ClassVar[tuple[str, ...]] = ()
+    default_rate_per_minute: ClassVar[int] = 600  # nothing to protect; keeps the example quick
+
+    def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
+        self._attempts: Counter[str] = Counter()
+
+    async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply:
+        if latency := float(parameters.get("latency", 0)):
+            await asyncio.sleep(latency)
+        if str(parameters.get("raise_error", "")).lower() in ("true", "yes"):
+            raise error_for_status(400, "test provider: raise_error was set")
+        if status := int(parameters.get("fail_status", 0)):
+            key = hashlib.sha1(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
+            self._attempts[key] += 1
+            if self._attempts[key] <= int(parameters.get("fail_attempts", 1 << 30)):
+                retry_after = parameters.get("retry_after")
+                raise error_for_status(
+                    status, f"test provider: injected {status}", float(retry_after) if retry_after is not None else None
+                )
+        question = text_of(messages[-1])
+        digest = hashlib.sha1(f"{model}\n{question}".encode()).hexdigest()[:8]
+        words = len(question.split())
+        answer = f"test reply {digest} from {model} to: {question[:200]}"
+        return Reply(answer, input_tokens=sum(len(text_of(m).split()) for m in messages), output_tokens=words + 5, finish_reason="stop")
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,293 @@
+"""One experiment run in three steps — prepare, run each queue, finish — shared by the
+Prefect tasks and the plain-Python API. Nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from promptfleet import runtime
+from promptfleet.engine import QueueStats, RetryPolicy, run_queue
+from promptfleet.experiment import ExperimentError, Issue, check_extension, iter_valid, read_records
+from promptfleet.limiter import Pacer
+from promptfleet.providers import known_apis, provider_class
+from promptfleet.providers.base import ProviderOptions, missing_env
+from promptfleet.queues import Limits, load_limits, queue_for, rate_for
+from promptfleet.results import (
+    Journal,
+    RunPaths,
+    file_digest,
+    find_unfinished,
+    finished_lines,
+    now_stamp,
+    write_state,
+    write_tables,
+)
+
+log = logging.getLogger("promptfleet")
+MAX_REPORTED_ISSUES = 200
+
+
+class Settings(BaseModel):
+    """prompto's pipeline settings, with prompto's defaults, plus ours."""
+
+    data_folder: Path = Path("data")
+    max_queries: int | None = None  # None: prompto's 10/min, or the provider's own default
+    max_attempts: int = 5
+    parallel: bool = False
+    max_queries_json: Path | None = None
+    max_in_flight: int = 512
+    timeout: float = 120.0
+    output_as_csv: bool = False
+
+    @property
+    def input_folder(self) -> Path:
+        return self.data_folder / "input"
+
+    @property
+    def output_folder(self) -> Path:
+        return self.data_folder / "output"
+
+    @property
+    def media_folder(self) -> Path:
+        return self.data_folder / "media"
+
+    def limits(self) -> Limits | None:
+        return load_limits(self.max_queries_json) if self.max_queries_json else None
+
+
+class QueuePlan(BaseModel):
+    name: str
+    rate_per_minute: int
+    prompts: int
+    already_done: int = 0
+
+
+class Plan(BaseModel):
+    """Everything a run needs to know except the records themselves."""
+
+    name: str
+    input_file: Path
+    out_dir: Path
+    stamp: str
+    input_suffix: str
+    settings: Settings
+    queues: list[QueuePlan]
+    prompts: int
+    resumed: bool = False
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.out_dir}/{self.stamp}"
+
+    @property
+    def paths(self) -> RunPaths:
+        return RunPaths(self.out_dir, self.stamp, self.name, self.input_suffix)
+
+
+class Inspection(BaseModel):
+    """What validating a file found: issues, queues, env vars the run would need."""
+
+    file: Path
+    prompts: int = 0
+    issues: list[str] = []
+    issue_count: int = 0
+    queues: dict[str, QueuePlan] = {}
+    missing_env: dict[str, list[str]] = {}
+
+    @property
+    def ok(self) -> bool:
+        return not self.issue_count and not self.missing_env
+
+
+def inspect(file: Path, settings: Settings, done: set[int] = frozenset()) -> Inspection:  # type: ignore[assignment]
+    """Stream the file once: schema per line, queue sizes and rates, missing env vars."""
+    check_extension(file)
+    limits = settings.limits()
+    result = Inspection(file=file)
+    apis = known_apis()
+    models: set[tuple[str, str]] = set()
+    for line, record in read_records(file, settings.media_folder, apis):
+        if isinstance(record, Issue):
+            result.issue_count += 1
+            if len(result.issues) < MAX_REPORTED_ISSUES:
+                result.issues.append(str(record))
+            continue
+        result.prompts += 1
+        name = queue_for(record, settings.parallel, limits)
+        default = settings.max_queries or provider_class(record["api"]).default_rate_per_minute
+        rate = rate_for(name, record, settings.parallel, limits, default)
+        if name not in result.queues:
+            result.queues[name] = QueuePlan(name=name, rate_per_minute=rate, prompts=0)
+        elif rate < result.queues[name].rate_per_minute:  # a queue mixing apis takes the strictest default
+            result.queues[name].rate_per_minute = rate
+        result.queues[name].prompts += 1
+        result.queues[name].already_done += line in done
+        models.add((record["api"], record["model_name"]))
+    if result.prompts == 0 and not result.issue_count:
+        result.issue_count = 1
+        result.issues.append(f"{file}: no prompts in the file")
+    for api, model in sorted(models):
+        if missing := missing_env(provider_class(api), model):
+            result.missing_env[f"{api}/{model}"] = missing
+    return result
+
+
+def prepare(file: Path, settings: Settings, move_to_input: bool = False) -> Plan:
+    """Validate, place the file in the input folder, and pick or resume the run's output.
+
+    A bad file raises ExperimentError before anything is copied, moved or sent.
+    """
+    file = Path(file)
+    check_extension(file)
+    name = file.stem
+    out_dir = settings.output_folder / name
+    digest = file_digest(file)
+    stamp = find_unfinished(out_dir, name, digest) if out_dir.exists() else None
+    resumed = stamp is not None
+    if not resumed:
+        stamp = now_stamp()
+        while RunPaths(out_dir, stamp, name).state.exists():
+            time.sleep(0.2)
+            stamp = now_stamp()
+    paths = RunPaths(out_dir, stamp, name, file.suffix)
+    done = finished_lines(paths) if resumed else set()
+
+    found = inspect(file, settings, done)
+    if not found.ok:
+        issues = [Issue(str(file), 0, None, text) for text in found.issues]
+        if found.issue_count > len(found.issues):
+            issues.append(Issue(str(file), 0, None, f"... and {found.issue_count - len(found.issues)} more"))
+        issues += [
+            Issue(str(file), 0, "env", f"{where} needs {', '.join(names)} (set it in the environment or the .env file)")
+            for where, names in found.missing_env.items()
+        ]
+        raise ExperimentError(issues)
+
+    settings.input_folder.mkdir(parents=True, exist_ok=True)
+    target = settings.input_folder / file.name
+    if file.resolve() != target.resolve():
+        (shutil.move if move_to_input else shutil.copyfile)(file, target)
+    write_state(
+        paths,
+        input_sha256=digest,
+        input_file=str(target),
+        started=datetime.now(timezone.utc).isoformat(),
+        finished=False,
+        prompts=found.prompts,
+    )
+    return Plan(
+        name=name,
+        input_file=target,
+        out_dir=out_dir,
+        stamp=stamp,
+        input_suffix=file.suffix,
+        settings=settings,
+        queues=list(found.queues.values()),
+        prompts=found.prompts,
+        resumed=resumed,
+    )
+
+
+def _queue_items(plan: Plan, queue: str, done: set[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    limits = plan.settings.limits()
+    for line, record in iter_valid(plan.input_file):
+        if line not in done and queue_for(record, plan.settings.parallel, limits) == queue:
+            yield line, record
+
+
+async def run_one_queue(plan: Plan, queue: QueuePlan, policy: RetryPolicy | None = None) -> dict[str, Any]:
+    """Send one queue's unfinished prompts; returns its stats as a dict."""
+    state = runtime.open_run(plan.run_id, ProviderOptions(plan.settings.media_folder, plan.settings.timeout))
+    stats = QueueStats(queue.name, queue.rate_per_minute, total=queue.prompts, skipped=queue.already_done)
+    state.stats[queue.name] = stats
+    done = finished_lines(plan.paths) if plan.resumed else set()
+    journal = Journal(plan.paths)
+    log.info("queue %s: %d prompts at %d/min (%d already done)", queue.name, queue.prompts, queue.rate_per_minute, queue.already_done)
+    try:
+        await run_queue(
+            _queue_items(plan, queue.name, done),
+            clients=state.clients,
+            pacer=Pacer(queue.rate_per_minute, plan.settings.max_in_flight),
+            journal=journal,
+            stats=stats,
+            policy=policy or RetryPolicy(max_attempts=plan.settings.max_attempts),
+            stop=runtime.stop_event(),
+        )
+    finally:
+        journal.close()
+    log.info(
+        "queue %s: %d answered, %d failed, %d retries in %.1fs%s",
+        queue.name, stats.answered, stats.failed, stats.retries, stats.elapsed, " (stopped)" if stats.stopped else "",
+    )
+    return stats.as_dict()
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as fh:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+
+
+async def finish(plan: Plan, queue_stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tables and summary; when every prompt has landed, close the run prompto's way
+    (input moved next to its outputs). An unfinished run stays resumable."""
+    await runtime.close_run(plan.run_id)
+    paths = plan.paths
+    answered, failed = _count_lines(paths.completed), _count_lines(paths.failed)
+    complete = answered + failed == plan.prompts
+    per_model = write_tables(paths, csv=plan.settings.output_as_csv)
+    if complete:
+        if plan.input_file.exists():
+            shutil.move(plan.input_file, paths.input)
+        state = json.loads(paths.state.read_text())
+        write_state(paths, **{**state, "finished": True, "ended": datetime.now(timezone.utc).isoformat()})
+    outputs = {"completed": paths.completed, "failed": paths.failed, "log": paths.log, "parquet": paths.parquet}
+    if plan.settings.output_as_csv:
+        outputs["csv"] = paths.csv
+    if complete:
+        outputs["input"] = paths.input
+    return {
+        "experiment": plan.name,
+        "prompts": plan.prompts,
+        "answered": answered,
+        "failed": failed,
+        "unfinished": plan.prompts - answered - failed,
+        "complete": complete,
+        "resumed": plan.resumed,
+        "retries": sum(q["retries"] for q in queue_stats),
+        "wall_s": max((q["wall_s"] for q in queue_stats), default=0.0),
+        "queues": queue_stats,
+        "models": per_model.to_dicts(),
+        "outputs": {k: str(v) for k, v in outputs.items() if Path(v).exists()},
+    }
+
+
+@contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Mirror promptfleet's log lines into the run's `-log-` file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("promptfleet")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+

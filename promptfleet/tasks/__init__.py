@@ -1,0 +1,5 @@
+"""Prefect tasks: thin wrappers over `promptfleet.runs`; parameters are paths and plans."""
+
+from promptfleet.tasks.experiment import load_and_validate, run_queue, write_results
+
+__all__ = ["load_and_validate", "run_queue", "write_results"]
