@@ -16,7 +16,7 @@ from rich.console import Console
 from promptfleet.experiment import ExperimentError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # never wrap a file:line message
 
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
@@ -142,7 +142,7 @@ async def _run_flow(file: str, settings, move_to_input: bool) -> dict[str, Any] 
 
 
 def _print_inspection(found) -> None:
-    out = Console()
+    out = Console(soft_wrap=True)
     for issue in found.issues:
         err.print(issue, markup=False, highlight=False)
     if found.issue_count > len(found.issues):

@@ -1,7 +1,7 @@
 """Pacing for one queue: an even send rate, a cap on requests in flight, and pauses
 when the provider says `Retry-After`.
 
-aiolimiter's bucket is sized to a twentieth of a second of sends (at least one), so
+aiolimiter's bucket holds 10 ms of sends (at least one: timers are not finer), so
 a queue starts at its rate instead of bursting a minute's quota, which providers
 enforce per second.
 """
@@ -18,7 +18,7 @@ class Pacer:
         if rate_per_minute <= 0:
             raise ValueError("rate must be positive")
         self.rate_per_minute = rate_per_minute
-        burst = max(1, int(rate_per_minute / 60 / 20))
+        burst = max(1, int(rate_per_minute / 60 / 100))
         self._limiter = AsyncLimiter(burst, burst * 60 / rate_per_minute)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._resume_at = 0.0

@@ -37,7 +37,7 @@ def provider_class(api: str) -> type[Provider]:
     raise KeyError(f"unknown api {api!r}")
 
 
-_KEY_SHAPES = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|AIza[0-9A-Za-z_\-]{20,}|hf_[A-Za-z0-9]{20,})")
+_KEY_SHAPES = re.compile(r"\b(sk-[A-Za-z0-9_\-*]{6,}|AIza[0-9A-Za-z_\-]{20,}|hf_[A-Za-z0-9]{20,})")
 
 
 def redact(text: str, secrets: tuple[str, ...] = ()) -> str:
