@@ -21,7 +21,7 @@ for _name in list(os.environ):
 
 import pytest  # noqa: E402
 
-from tests.fakes import FakeOpenAI  # noqa: E402
+from tests.fakes import FakeServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +35,13 @@ def prefect_api() -> Iterator[str]:
 
 
 @pytest.fixture
-def fake_openai() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as server:
+def fake_openai() -> Iterator[FakeServer]:
+    with FakeServer() as server:
         yield server
 
 
 @pytest.fixture
-def openai_env(fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> FakeOpenAI:
+def openai_env(fake_openai: FakeServer, monkeypatch: pytest.MonkeyPatch) -> FakeServer:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret-0123456789")
     monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
     return fake_openai

@@ -1,13 +1,16 @@
-"""Local fake provider servers that speak the real wire protocol, on 127.0.0.1 only.
+"""A local fake LLM server on 127.0.0.1 that speaks each provider's wire protocol:
+OpenAI chat completions (also Azure's deployment paths and TGI's Messages API),
+Anthropic messages, Gemini/Vertex generateContent, and Ollama chat/generate.
 
-Behaviour is scripted per prompt text: a list of responses to give before answering
-normally, each a status code (with optional Retry-After) or "malformed"/"slow".
-Every request is counted per prompt, so duplicates and losses are visible.
+Behaviour is scripted per prompt text: a list of steps to play before answering
+normally, each a status code (with optional Retry-After and body) or "malformed" /
+"slow". Every request is counted per prompt, so duplicates and losses are visible.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import Counter, defaultdict
@@ -20,7 +23,15 @@ from typing import Any
 class Scripted:
     status: int | str
     retry_after: float | None = None
-    body: dict[str, Any] | None = None
+    body: Any = None
+
+
+@dataclass
+class Seen:
+    protocol: str
+    path: str
+    headers: dict[str, str]
+    payload: dict[str, Any]
 
 
 @dataclass
@@ -28,20 +39,119 @@ class FakeState:
     latency: float = 0.0
     script: dict[str, list[Scripted]] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    auth_headers: list[str] = field(default_factory=list)
+    seen: list[Seen] = field(default_factory=list)
     times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return [s.payload for s in self.seen]
 
-def _last_text(messages: list[dict[str, Any]]) -> str:
-    content = messages[-1]["content"]
+    @property
+    def auth_headers(self) -> list[str]:
+        return [s.headers.get("authorization", "") for s in self.seen]
+
+
+def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    return " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    if isinstance(content, dict):
+        content = [content]
+    return " ".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and "text" in p)
 
 
-class _OpenAIHandler(BaseHTTPRequestHandler):
+# Each protocol: how to find the prompt text, a success body, an error body.
+def _openai_text(p: dict) -> str:
+    return _text(p["messages"][-1]["content"])
+
+
+def _openai_ok(p: dict, answer: str, n: int) -> dict:
+    return {
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": p.get("model", "tgi"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": n, "completion_tokens": n + 2, "total_tokens": 2 * n + 2},
+    }  # fmt: skip
+
+
+def _openai_err(status: int, message: str) -> dict:
+    return {"error": {"message": message, "type": "fake_error", "code": None}}
+
+
+def _anthropic_text(p: dict) -> str:
+    return _text(p["messages"][-1]["content"])
+
+
+def _anthropic_ok(p: dict, answer: str, n: int) -> dict:
+    return {
+        "id": "msg_fake", "type": "message", "role": "assistant", "model": p["model"],
+        "content": [{"type": "text", "text": answer}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": n, "output_tokens": n + 2},
+    }  # fmt: skip
+
+
+def _anthropic_err(status: int, message: str) -> dict:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}.get(status, "api_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _gemini_text(p: dict) -> str:
+    return _text(p["contents"][-1]["parts"])
+
+
+def _gemini_ok(p: dict, answer: str, n: int) -> dict:
+    return {
+        "candidates": [{"content": {"role": "model", "parts": [{"text": answer}]}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": {"promptTokenCount": n, "candidatesTokenCount": n + 2, "totalTokenCount": 2 * n + 2},
+        "modelVersion": "fake",
+    }
+
+
+def _gemini_err(status: int, message: str) -> dict:
+    name = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+            429: "RESOURCE_EXHAUSTED"}.get(status, "INTERNAL")  # fmt: skip
+    return {"error": {"code": status, "message": message, "status": name}}
+
+
+def _ollama_text(p: dict) -> str:
+    return p["messages"][-1]["content"] if "messages" in p else p["prompt"]
+
+
+def _ollama_ok(p: dict, answer: str, n: int) -> dict:
+    body = {"model": p["model"], "created_at": "2026-01-01T00:00:00Z", "done": True, "done_reason": "stop",
+            "prompt_eval_count": n, "eval_count": n + 2}  # fmt: skip
+    if "messages" in p:
+        body["message"] = {"role": "assistant", "content": answer}
+    else:
+        body["response"] = answer
+    return body
+
+
+def _ollama_err(status: int, message: str) -> dict:
+    return {"error": message}
+
+
+PROTOCOLS = {
+    "openai": (_openai_text, _openai_ok, _openai_err),
+    "anthropic": (_anthropic_text, _anthropic_ok, _anthropic_err),
+    "gemini": (_gemini_text, _gemini_ok, _gemini_err),
+    "ollama": (_ollama_text, _ollama_ok, _ollama_err),
+}
+
+
+def protocol_of(path: str) -> str | None:
+    path = path.split("?")[0]
+    if path.endswith("/chat/completions"):
+        return "openai"
+    if path.endswith("/v1/messages"):
+        return "anthropic"
+    if re.search(r"/models/[^/]+:generateContent$", path):
+        return "gemini"
+    if path in ("/api/chat", "/api/generate"):
+        return "ollama"
+    return None
+
+
+class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     state: FakeState
 
@@ -59,16 +169,16 @@ class _OpenAIHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_POST(self) -> None:  # noqa: N802
-        length = int(self.headers.get("content-length", 0))
-        payload = json.loads(self.rfile.read(length))
-        if self.path.rstrip("/") != "/v1/chat/completions":
-            return self._send(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
-        text = _last_text(payload["messages"])
+        payload = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+        protocol = protocol_of(self.path)
+        if protocol is None:
+            return self._send(404, {"error": {"message": f"no route {self.path}"}})
+        text_of, ok, error = PROTOCOLS[protocol]
+        text = text_of(payload)
         state = self.state
         with state.lock:
             state.calls[text] += 1
-            state.requests.append(payload)
-            state.auth_headers.append(self.headers.get("authorization", ""))
+            state.seen.append(Seen(protocol, self.path, {k.lower(): v for k, v in self.headers.items()}, payload))
             state.times[text].append(time.monotonic())
             pending = state.script.get(text)
             step = pending.pop(0) if pending else None
@@ -81,42 +191,42 @@ class _OpenAIHandler(BaseHTTPRequestHandler):
                 time.sleep(step.retry_after or 5)
             else:
                 headers = {"retry-after": str(step.retry_after)} if step.retry_after is not None else {}
-                body = step.body or {"error": {"message": f"fake error {step.status}", "type": "fake", "code": None}}
+                body = step.body if step.body is not None else error(int(step.status), f"fake error {step.status}")
                 return self._send(int(step.status), body, headers)
-        words = len(text.split())
-        self._send(
-            200,
-            {
-                "id": "chatcmpl-fake",
-                "object": "chat.completion",
-                "created": int(time.time()),
-                "model": payload["model"],
-                "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": f"answer to: {text}"}, "finish_reason": "stop"}
-                ],
-                "usage": {"prompt_tokens": words, "completion_tokens": words + 2, "total_tokens": 2 * words + 2},
-            },
-        )
+        self._send(200, ok(payload, f"answer to: {text}", len(text.split())))
 
 
-class FakeOpenAI:
-    """A threaded OpenAI-compatible server; use as a context manager."""
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that timed out and hung up is part of the script, not an error
+
+
+class FakeServer:
+    """A threaded fake LLM server; use as a context manager."""
 
     def __init__(self) -> None:
         self.state = FakeState()
-        handler = type("Handler", (_OpenAIHandler,), {"state": self.state})
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        handler = type("Handler", (_Handler,), {"state": self.state})
+        self._server = _QuietServer(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_port}/v1"
+        """The OpenAI-style base URL."""
+        return f"{self.url}/v1"
 
-    def __enter__(self) -> FakeOpenAI:
+    def __enter__(self) -> FakeServer:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from promptfleet.cli import app
 from tests.conftest import read_jsonl, write_jsonl
-from tests.fakes import FakeOpenAI
+from tests.fakes import FakeServer
 
 runner = CliRunner()
 GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}
@@ -96,10 +96,10 @@ def test_flow_records_one_task_per_queue(tmp_path: Path, prefect_api: str):
 
     # Task runs reach the server as events, recorded asynchronously: give it a moment.
     deadline = time.monotonic() + 15
-    while (names := asyncio.run(task_names())) and time.monotonic() < deadline:
-        if {"g1", "g2", "test"} <= set(names):
-            break
+    names = asyncio.run(task_names())
+    while not {"g1", "g2", "test"} <= set(names) and time.monotonic() < deadline:
         time.sleep(0.2)
+        names = asyncio.run(task_names())
     assert sorted(n for n in names if not n.startswith(("load_and_validate", "write_results"))) == ["g1", "g2", "test"]
     assert len(names) == 5
 
@@ -107,7 +107,7 @@ def test_flow_records_one_task_per_queue(tmp_path: Path, prefect_api: str):
 @pytest.mark.slow
 def test_resume_after_kill_9_answers_each_prompt_once(tmp_path: Path, prefect_api: str):
     n = 60
-    with FakeOpenAI() as server:
+    with FakeServer() as server:
         server.state.latency = 0.1
         path = write_jsonl(tmp_path / "exp.jsonl", [{"id": i, "api": "openai", "model_name": "gpt-fake", "prompt": f"q{i}"} for i in range(n)])
         data = tmp_path / "data"
@@ -142,7 +142,7 @@ def test_resume_after_kill_9_answers_each_prompt_once(tmp_path: Path, prefect_ap
 @pytest.mark.slow
 def test_ctrl_c_drains_in_flight_then_resume_sends_nothing_twice(tmp_path: Path, prefect_api: str):
     n = 40
-    with FakeOpenAI() as server:
+    with FakeServer() as server:
         server.state.latency = 0.3
         path = write_jsonl(tmp_path / "exp.jsonl", [{"api": "openai", "model_name": "gpt-fake", "prompt": f"q{i}"} for i in range(n)])
         data = tmp_path / "data"

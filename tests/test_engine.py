@@ -17,7 +17,7 @@ from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderOptions
 from promptfleet.results import Journal, RunPaths
 from tests.conftest import read_jsonl, write_jsonl
-from tests.fakes import FakeOpenAI, Scripted
+from tests.fakes import FakeServer, Scripted
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.05, max_delay=0.2)
 
@@ -35,7 +35,7 @@ async def run_file(path: Path, tmp: Path, policy: RetryPolicy = FAST, **settings
     return plan.paths, summary
 
 
-async def test_retries_with_backoff_until_success(tmp_path: Path, openai_env: FakeOpenAI):
+async def test_retries_with_backoff_until_success(tmp_path: Path, openai_env: FakeServer):
     openai_env.state.script["flaky"] = [Scripted(500), Scripted(503)]
     paths, summary = await run_file(write_jsonl(tmp_path / "exp.jsonl", openai_rows(["flaky", "fine"])), tmp_path)
     [flaky] = [r for r in read_jsonl(paths.completed) if r["prompt"] == "flaky"]
@@ -47,7 +47,7 @@ async def test_retries_with_backoff_until_success(tmp_path: Path, openai_env: Fa
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
-async def test_client_errors_fail_at_once_with_the_reason(tmp_path: Path, openai_env: FakeOpenAI, status: int):
+async def test_client_errors_fail_at_once_with_the_reason(tmp_path: Path, openai_env: FakeServer, status: int):
     openai_env.state.script["bad"] = [Scripted(status, body={"error": {"message": f"nope {status}", "type": "x"}})]
     paths, _ = await run_file(write_jsonl(tmp_path / "exp.jsonl", openai_rows(["bad"])), tmp_path)
     [failed] = read_jsonl(paths.failed)
@@ -57,7 +57,7 @@ async def test_client_errors_fail_at_once_with_the_reason(tmp_path: Path, openai
     assert "response" not in failed and read_jsonl(paths.completed) == []
 
 
-async def test_retry_after_is_honoured(tmp_path: Path, openai_env: FakeOpenAI):
+async def test_retry_after_is_honoured(tmp_path: Path, openai_env: FakeServer):
     openai_env.state.script["limited"] = [Scripted(429, retry_after=0.5)]
     paths, summary = await run_file(write_jsonl(tmp_path / "exp.jsonl", openai_rows(["limited"])), tmp_path)
     t = openai_env.state.times["limited"]
@@ -66,7 +66,7 @@ async def test_retry_after_is_honoured(tmp_path: Path, openai_env: FakeOpenAI):
     assert summary["queues"][0]["rate_limited"] == 1
 
 
-async def test_gives_up_after_max_attempts(tmp_path: Path, openai_env: FakeOpenAI):
+async def test_gives_up_after_max_attempts(tmp_path: Path, openai_env: FakeServer):
     openai_env.state.script["down"] = [Scripted(500)] * 10
     paths, _ = await run_file(write_jsonl(tmp_path / "exp.jsonl", openai_rows(["down"])), tmp_path)
     [failed] = read_jsonl(paths.failed)
@@ -74,7 +74,7 @@ async def test_gives_up_after_max_attempts(tmp_path: Path, openai_env: FakeOpenA
     assert failed["error"]["type"] == "server"
 
 
-async def test_malformed_body_and_timeouts_are_retried(tmp_path: Path, openai_env: FakeOpenAI):
+async def test_malformed_body_and_timeouts_are_retried(tmp_path: Path, openai_env: FakeServer):
     openai_env.state.script["garbled"] = [Scripted("malformed")]
     openai_env.state.script["slow"] = [Scripted("slow", retry_after=1.0)]
     paths, summary = await run_file(write_jsonl(tmp_path / "exp.jsonl", openai_rows(["garbled", "slow"])), tmp_path, timeout=0.3)
@@ -116,7 +116,7 @@ async def test_failed_file_is_a_runnable_experiment(tmp_path: Path):
     assert summary["failed"] == 0
 
 
-async def test_multi_turn_sends_the_conversation_so_far(tmp_path: Path, openai_env: FakeOpenAI):
+async def test_multi_turn_sends_the_conversation_so_far(tmp_path: Path, openai_env: FakeServer):
     openai_env.state.script["second"] = [Scripted(500)]
     rows = [{"id": "c", "api": "openai", "model_name": "gpt-fake", "prompt": ["first", "second", "third"]}]
     paths, _ = await run_file(write_jsonl(tmp_path / "exp.jsonl", rows), tmp_path)
@@ -130,7 +130,7 @@ async def test_multi_turn_sends_the_conversation_so_far(tmp_path: Path, openai_e
     assert done["usage"] == {"input_tokens": 3, "output_tokens": 9}
 
 
-async def test_chat_messages_and_parameters_reach_the_api(tmp_path: Path, openai_env: FakeOpenAI):
+async def test_chat_messages_and_parameters_reach_the_api(tmp_path: Path, openai_env: FakeServer):
     rows = [{"api": "openai", "model_name": "gpt-fake", "parameters": {"temperature": 0.1, "max_tokens": 5},
              "prompt": [{"role": "system", "content": "terse"}, {"role": "user", "content": "hello"}]}]  # fmt: skip
     await run_file(write_jsonl(tmp_path / "exp.jsonl", rows), tmp_path)
@@ -140,7 +140,7 @@ async def test_chat_messages_and_parameters_reach_the_api(tmp_path: Path, openai
     assert openai_env.state.auth_headers == ["Bearer sk-test-secret-0123456789"]
 
 
-async def test_api_key_never_reaches_outputs_or_logs(tmp_path: Path, openai_env: FakeOpenAI):
+async def test_api_key_never_reaches_outputs_or_logs(tmp_path: Path, openai_env: FakeServer):
     key = "sk-test-secret-0123456789"
     openai_env.state.script["leak"] = [Scripted(401, body={"error": {"message": f"Incorrect API key provided: {key}", "type": "x"}})]
     settings = Settings(data_folder=tmp_path / "data", max_queries=60_000)
@@ -153,7 +153,7 @@ async def test_api_key_never_reaches_outputs_or_logs(tmp_path: Path, openai_env:
     assert "Incorrect API key provided: ***" in failed["error"]["message"]
 
 
-async def test_stop_leaves_the_rest_resumable_and_resume_sends_nothing_twice(tmp_path: Path, openai_env: FakeOpenAI):
+async def test_stop_leaves_the_rest_resumable_and_resume_sends_nothing_twice(tmp_path: Path, openai_env: FakeServer):
     openai_env.state.latency = 0.02
     path = write_jsonl(tmp_path / "exp.jsonl", openai_rows([f"q{i}" for i in range(40)]))
     settings = Settings(data_folder=tmp_path / "data", max_queries=1200)  # 20/s: ~2 s in all

@@ -16,6 +16,12 @@ from promptfleet.providers.base import Provider, ProviderError, ProviderOptions,
 BUILTIN = {
     "test": "promptfleet.providers.test:TestProvider",
     "openai": "promptfleet.providers.openai:OpenAIProvider",
+    "azure-openai": "promptfleet.providers.openai:AzureOpenAIProvider",
+    "huggingface-tgi": "promptfleet.providers.openai:HuggingFaceTGIProvider",
+    "anthropic": "promptfleet.providers.anthropic:AnthropicProvider",
+    "gemini": "promptfleet.providers.gemini:GeminiProvider",
+    "vertexai": "promptfleet.providers.gemini:VertexAIProvider",
+    "ollama": "promptfleet.providers.ollama:OllamaProvider",
 }
 
 

@@ -1,5 +1,6 @@
 """`openai`: chat completions through the official SDK, for OpenAI and any compatible server
-(vLLM, llama.cpp, LM Studio, a proxy) via OPENAI_BASE_URL.
+(vLLM, llama.cpp, LM Studio, a proxy) via OPENAI_BASE_URL. `azure-openai` and
+`huggingface-tgi` are the same protocol with other endpoints and credentials.
 
 Parameters go to the API as they are (`extra_body`), so a misspelt one is reported by the
 server instead of being dropped here.
@@ -12,15 +13,7 @@ from typing import Any, ClassVar
 
 import openai
 
-from promptfleet.providers.base import (
-    Message,
-    ProviderError,
-    ProviderOptions,
-    Reply,
-    error_for_status,
-    parse_retry_after,
-    read_media,
-)
+from promptfleet.providers.base import Message, ProviderError, ProviderOptions, Reply, error_from_sdk, read_media
 
 
 def to_openai_messages(messages: list[Message], options: ProviderOptions) -> list[dict[str, Any]]:
@@ -29,9 +22,8 @@ def to_openai_messages(messages: list[Message], options: ProviderOptions) -> lis
     for message in messages:
         role = "assistant" if message["role"] == "model" else message["role"]
         content = message.get("content", message.get("parts"))
-        if isinstance(content, list) or isinstance(content, dict):
-            parts = content if isinstance(content, list) else [content]
-            content = [_part(p, options) for p in parts]
+        if isinstance(content, (list, dict)):
+            content = [_part(p, options) for p in (content if isinstance(content, list) else [content])]
         out.append({"role": role, "content": content})
     return out
 
@@ -55,19 +47,6 @@ def _part(part: Any, options: ProviderOptions) -> dict[str, Any]:
     return part
 
 
-def map_error(err: openai.OpenAIError) -> ProviderError:
-    if isinstance(err, openai.APITimeoutError):
-        return ProviderError("request timed out", kind="timeout", retryable=True)
-    if isinstance(err, openai.APIConnectionError):
-        return ProviderError(f"connection error: {err.__cause__ or err}", kind="connection", retryable=True)
-    if isinstance(err, openai.APIResponseValidationError):
-        return ProviderError(f"malformed response: {err.message}", kind="invalid_response", status=err.status_code, retryable=True)
-    if isinstance(err, openai.APIStatusError):
-        headers = err.response.headers
-        return error_for_status(err.status_code, err.message, parse_retry_after(headers))
-    return ProviderError(str(err), kind="invalid_response", retryable=True)
-
-
 class OpenAIProvider:
     api: ClassVar[str] = "openai"
     required_env: ClassVar[tuple[str, ...]] = ("OPENAI_API_KEY",)
@@ -76,14 +55,13 @@ class OpenAIProvider:
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
-        self._client = self._make_client(env, options)
+        self._client = self.make_client(env, options)
 
-    def _make_client(self, env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:
+    @staticmethod
+    def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:
+        # max_retries=0: the engine owns retrying.
         return openai.AsyncOpenAI(
-            api_key=env["OPENAI_API_KEY"],
-            base_url=env.get("OPENAI_BASE_URL"),
-            max_retries=0,  # the engine owns retrying
-            timeout=options.timeout,
+            api_key=env["OPENAI_API_KEY"], base_url=env.get("OPENAI_BASE_URL"), max_retries=0, timeout=options.timeout
         )
 
     async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply:
@@ -91,10 +69,8 @@ class OpenAIProvider:
             completion = await self._client.chat.completions.create(
                 model=model, messages=to_openai_messages(messages, self._options), extra_body=parameters or None
             )
-        except openai.OpenAIError as err:
-            raise map_error(err) from None
-        except ValueError as err:  # the SDK lets a body that is not JSON through as JSONDecodeError
-            raise ProviderError(f"malformed response: {err}", kind="invalid_response", retryable=True) from None
+        except (openai.OpenAIError, ValueError) as err:  # a body that is not JSON comes as a ValueError
+            raise error_from_sdk(err, openai) from None
         if not completion.choices:
             raise ProviderError("response has no choices", kind="invalid_response", retryable=True)
         choice = completion.choices[0]
@@ -108,3 +84,40 @@ class OpenAIProvider:
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+class AzureOpenAIProvider(OpenAIProvider):
+    """`azure-openai`: `model_name` is the deployment name."""
+
+    api: ClassVar[str] = "azure-openai"
+    required_env: ClassVar[tuple[str, ...]] = ("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_API_ENDPOINT")
+    optional_env: ClassVar[tuple[str, ...]] = ("AZURE_OPENAI_API_VERSION",)
+    default_api_version: ClassVar[str] = "2024-10-21"
+
+    @staticmethod
+    def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:
+        return openai.AsyncAzureOpenAI(
+            api_key=env["AZURE_OPENAI_API_KEY"],
+            azure_endpoint=env["AZURE_OPENAI_API_ENDPOINT"],
+            api_version=env.get("AZURE_OPENAI_API_VERSION", AzureOpenAIProvider.default_api_version),
+            max_retries=0,
+            timeout=options.timeout,
+        )
+
+
+class HuggingFaceTGIProvider(OpenAIProvider):
+    """`huggingface-tgi`: Text Generation Inference's OpenAI-compatible Messages API."""
+
+    api: ClassVar[str] = "huggingface-tgi"
+    required_env: ClassVar[tuple[str, ...]] = ("HUGGINGFACE_TGI_API_ENDPOINT",)
+    optional_env: ClassVar[tuple[str, ...]] = ("HUGGINGFACE_TGI_API_KEY",)
+
+    @staticmethod
+    def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:
+        endpoint = env["HUGGINGFACE_TGI_API_ENDPOINT"].rstrip("/")
+        return openai.AsyncOpenAI(
+            api_key=env.get("HUGGINGFACE_TGI_API_KEY", "-"),  # TGI without auth ignores it
+            base_url=endpoint if endpoint.endswith("/v1") else f"{endpoint}/v1",
+            max_retries=0,
+            timeout=options.timeout,
+        )

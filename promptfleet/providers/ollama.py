@@ -1,0 +1,100 @@
+"""`ollama`: a local or remote Ollama server over its REST API (/api/generate for a
+single prompt, /api/chat for conversations), with one pooled httpx client per endpoint.
+
+`parameters` are Ollama's `options` (num_predict, temperature, ...); `keep_alive`,
+`format` and `think`, if given, go next to them at the top level of the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import httpx
+
+from promptfleet.providers.base import (
+    Message,
+    ProviderError,
+    ProviderOptions,
+    Reply,
+    error_for_status,
+    parse_retry_after,
+    read_media,
+)
+
+TOP_LEVEL = ("keep_alive", "format", "think")
+
+
+def to_ollama(message: Message, options: ProviderOptions) -> dict[str, Any]:
+    content = message.get("content", message.get("parts"))
+    role = "assistant" if message["role"] == "model" else message["role"]
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    texts, images = [], []
+    for part in content if isinstance(content, list) else [content]:
+        if isinstance(part, str):
+            texts.append(part)
+        elif part.get("type") == "image":
+            images.append(read_media(options.media_dir, part["media"])[1])
+        else:
+            texts.append(part.get("text", part.get("media", "")))
+    out: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
+    if images:
+        out["images"] = images
+    return out
+
+
+class OllamaProvider:
+    api: ClassVar[str] = "ollama"
+    required_env: ClassVar[tuple[str, ...]] = ("OLLAMA_API_ENDPOINT",)
+    optional_env: ClassVar[tuple[str, ...]] = ()
+    default_rate_per_minute: ClassVar[int] = 10
+
+    def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
+        self._options = options
+        self._client = httpx.AsyncClient(
+            base_url=env["OLLAMA_API_ENDPOINT"].rstrip("/"),
+            timeout=options.timeout,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
+
+    async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply:
+        converted = [to_ollama(m, self._options) for m in messages]
+        body: dict[str, Any] = {"model": model, "stream": False}
+        body.update({k: parameters[k] for k in TOP_LEVEL if k in parameters})
+        if options := {k: v for k, v in parameters.items() if k not in TOP_LEVEL}:
+            body["options"] = options
+        single = len(converted) == 1 and converted[0]["role"] == "user"
+        if single:  # a plain prompt: generate, as prompto does
+            body["prompt"] = converted[0]["content"]
+            if "images" in converted[0]:
+                body["images"] = converted[0]["images"]
+        else:
+            body["messages"] = converted
+        try:
+            response = await self._client.post("/api/generate" if single else "/api/chat", json=body)
+        except httpx.TimeoutException:
+            raise ProviderError("request timed out", kind="timeout", retryable=True) from None
+        except httpx.TransportError as err:
+            raise ProviderError(f"connection error: {err}", kind="connection", retryable=True) from None
+        try:
+            data = response.json()
+        except ValueError:
+            if response.is_success:
+                raise ProviderError("malformed response: not JSON", kind="invalid_response", retryable=True) from None
+            data = {"error": response.text[:500]}
+        if not response.is_success:
+            message = data.get("error", response.reason_phrase) if isinstance(data, dict) else response.reason_phrase
+            raise error_for_status(response.status_code, str(message), parse_retry_after(response.headers))
+        text = data.get("response") if single else (data.get("message") or {}).get("content")
+        if text is None:
+            raise ProviderError("malformed response: no answer in body", kind="invalid_response", retryable=True)
+        return Reply(
+            text=text,
+            input_tokens=data.get("prompt_eval_count"),
+            output_tokens=data.get("eval_count"),
+            finish_reason=data.get("done_reason"),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -1,0 +1,215 @@
+"""Every provider through its real SDK/client against a local server speaking its wire
+protocol: success, usage, system messages, images, and the mapping of every failure."""
+
+from __future__ import annotations
+
+import base64
+import re
+from pathlib import Path
+
+import pytest
+
+from promptfleet.providers import Clients
+from promptfleet.providers.base import ProviderError, ProviderOptions
+from tests.fakes import FakeServer, Scripted
+
+KEY = "sk-provider-test-key-0123456789"
+
+
+def provider_env(api: str, url: str) -> dict[str, str]:
+    return {
+        "openai": {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": f"{url}/v1"},
+        "azure-openai": {"AZURE_OPENAI_API_KEY": KEY, "AZURE_OPENAI_API_ENDPOINT": url, "AZURE_OPENAI_API_VERSION": "2024-10-21"},
+        "huggingface-tgi": {"HUGGINGFACE_TGI_API_ENDPOINT": url, "HUGGINGFACE_TGI_API_KEY": KEY},
+        "anthropic": {"ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": url},
+        "gemini": {"GEMINI_API_KEY": KEY, "GEMINI_BASE_URL": url},
+        "vertexai": {"VERTEXAI_PROJECT_ID": "proj", "VERTEXAI_LOCATION_ID": "europe-west2", "VERTEXAI_BASE_URL": url,
+                     "VERTEXAI_ACCESS_TOKEN": KEY},  # fmt: skip
+        "ollama": {"OLLAMA_API_ENDPOINT": url},
+    }[api]
+
+
+APIS = ["openai", "azure-openai", "huggingface-tgi", "anthropic", "gemini", "vertexai", "ollama"]
+
+
+@pytest.fixture
+def server():
+    with FakeServer() as s:
+        yield s
+
+
+def make_clients(api: str, server: FakeServer, tmp_path: Path, timeout: float = 30) -> Clients:
+    return Clients(ProviderOptions(media_dir=tmp_path, timeout=timeout), environ=provider_env(api, server.url))
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_answer_usage_and_finish_reason(api: str, server: FakeServer, tmp_path: Path):
+    clients = make_clients(api, server, tmp_path)
+    reply = await clients.get(api, "model-x").chat("model-x", [{"role": "user", "content": "hello there"}], {})
+    await clients.aclose()
+    assert reply.text == "answer to: hello there"
+    assert (reply.input_tokens, reply.output_tokens) == (2, 4)
+    assert reply.finish_reason in {"stop", "end_turn", "STOP"}
+    assert server.state.calls["hello there"] == 1
+
+
+@pytest.mark.parametrize(
+    ("api", "path", "header", "value"),
+    [
+        ("openai", "/v1/chat/completions", "authorization", f"Bearer {KEY}"),
+        ("azure-openai", r"/openai/deployments/model-x/chat/completions\?api-version=2024-10-21", "api-key", KEY),
+        ("huggingface-tgi", "/v1/chat/completions", "authorization", f"Bearer {KEY}"),
+        ("anthropic", "/v1/messages", "anthropic-version", None),
+        ("gemini", r"/v1(beta)?/models/model-x:generateContent", "x-goog-api-key", KEY),
+        ("vertexai", r"/v1(beta1)?/projects/proj/locations/europe-west2/publishers/google/models/model-x:generateContent",
+         "authorization", f"Bearer {KEY}"),  # fmt: skip
+        ("ollama", "/api/generate", None, None),
+    ],
+)
+async def test_wire_paths_and_credentials(api, path, header, value, server: FakeServer, tmp_path: Path):
+    clients = make_clients(api, server, tmp_path)
+    await clients.get(api, "model-x").chat("model-x", [{"role": "user", "content": "hi"}], {})
+    await clients.aclose()
+    [seen] = server.state.seen
+    assert re.fullmatch(path, seen.path), seen.path
+    if header:
+        assert header in seen.headers and seen.headers[header] == (value or seen.headers[header])
+    if api != "ollama":  # the key travels in the header the SDK chose, and nowhere in the URL
+        assert any(KEY in v for v in seen.headers.values()) and KEY not in seen.path
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_system_messages_and_history_map_to_the_api(api: str, server: FakeServer, tmp_path: Path):
+    messages = [
+        {"role": "system", "content": "be terse"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "reply"},
+        {"role": "user", "content": "second"},
+    ]
+    clients = make_clients(api, server, tmp_path)
+    await clients.get(api, "m").chat("m", messages, {})
+    await clients.aclose()
+    payload = server.state.requests[0]
+    if api == "anthropic":
+        assert payload["system"] == "be terse"
+        assert [m["role"] for m in payload["messages"]] == ["user", "assistant", "user"]
+        assert payload["max_tokens"] == 1024  # Anthropic requires it; we default it
+    elif api in ("gemini", "vertexai"):
+        assert payload["systemInstruction"]["parts"][0]["text"] == "be terse"
+        assert [c["role"] for c in payload["contents"]] == ["user", "model", "user"]
+    else:
+        assert [m["role"] for m in payload["messages"]] == ["system", "user", "assistant", "user"]
+        assert payload["messages"][0]["content"] == "be terse"
+
+
+@pytest.mark.parametrize("api", ["openai", "azure-openai", "anthropic", "gemini", "vertexai", "ollama"])
+async def test_images_from_the_media_folder_are_encoded(api: str, server: FakeServer, tmp_path: Path):
+    image = b"\x89PNG\r\n\x1a\nfake-image-bytes"
+    (tmp_path / "cat.png").write_bytes(image)
+    encoded = base64.b64encode(image).decode()
+    clients = make_clients(api, server, tmp_path)
+    message = {"role": "user", "content": ["what is this?", {"type": "image", "media": "cat.png"}]}
+    reply = await clients.get(api, "m").chat("m", [message], {})
+    await clients.aclose()
+    assert reply.text == "answer to: what is this?"
+    payload = server.state.requests[0]
+    if api in ("openai", "azure-openai"):
+        assert payload["messages"][0]["content"][1] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}"}}
+    elif api == "anthropic":
+        assert payload["messages"][0]["content"][1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": encoded}}
+    elif api in ("gemini", "vertexai"):
+        inline = payload["contents"][0]["parts"][1]["inlineData"]
+        assert inline["data"] == encoded and inline.get("mimeType", inline.get("mime_type")) == "image/png"
+    else:
+        assert payload["images"] == [encoded]
+
+
+@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize(
+    ("step", "kind", "status", "retryable", "retry_after"),
+    [
+        (Scripted(400), "bad_request", 400, False, None),
+        (Scripted(401), "auth", 401, False, None),
+        (Scripted(403), "auth", 403, False, None),
+        (Scripted(404), "not_found", 404, False, None),
+        (Scripted(429, retry_after=7), "rate_limit", 429, True, 7.0),
+        (Scripted(500), "server", 500, True, None),
+        (Scripted(503, retry_after=2), "server", 503, True, 2.0),
+        (Scripted("malformed"), "invalid_response", None, True, None),
+        (Scripted("slow", retry_after=2), "timeout", None, True, None),
+    ],
+    ids=["400", "401", "403", "404", "429", "500", "503", "malformed", "timeout"],
+)
+async def test_failures_map_to_the_taxonomy(api, step, kind, status, retryable, retry_after, server: FakeServer, tmp_path: Path):
+    server.state.script["q"] = [step]
+    clients = make_clients(api, server, tmp_path, timeout=0.5)
+    with pytest.raises(ProviderError) as info:
+        await clients.get(api, "m").chat("m", [{"role": "user", "content": "q"}], {})
+    await clients.aclose()
+    err = info.value
+    assert (err.kind, err.retryable, err.retry_after) == (kind, retryable, retry_after)
+    if status is not None:
+        assert err.status == status
+        assert f"fake error {status}" in err.message  # the server's own words reach the user
+    assert KEY not in clients.redact(err.message)
+
+
+@pytest.mark.parametrize("api", APIS)
+async def test_connection_refused_is_retryable(api: str, tmp_path: Path):
+    with FakeServer() as dead:
+        url = dead.url
+    clients = Clients(ProviderOptions(media_dir=tmp_path, timeout=2), environ=provider_env(api, url))
+    with pytest.raises(ProviderError) as info:
+        await clients.get(api, "m").chat("m", [{"role": "user", "content": "q"}], {})
+    await clients.aclose()
+    assert info.value.kind == "connection" and info.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("api", "parameters", "check"),
+    [
+        ("openai", {"temperature": 0.3, "max_tokens": 9, "stop": ["\n"]}, lambda p: p["temperature"] == 0.3 and p["max_tokens"] == 9 and p["stop"] == ["\n"]),
+        ("anthropic", {"temperature": 0.3, "max_tokens": 9}, lambda p: p["temperature"] == 0.3 and p["max_tokens"] == 9),
+        ("gemini", {"temperature": 0.3, "max_output_tokens": 9, "top_k": 4},
+         lambda p: p["generationConfig"] == {"temperature": 0.3, "maxOutputTokens": 9, "topK": 4}),
+        ("ollama", {"num_predict": 9, "temperature": 0.3, "keep_alive": "5m"},
+         lambda p: p["options"] == {"num_predict": 9, "temperature": 0.3} and p["keep_alive"] == "5m"),
+    ],  # fmt: skip
+)
+async def test_parameters_reach_the_api(api, parameters, check, server: FakeServer, tmp_path: Path):
+    clients = make_clients(api, server, tmp_path)
+    await clients.get(api, "m").chat("m", [{"role": "user", "content": "q"}], parameters)
+    await clients.aclose()
+    assert check(server.state.requests[0]), server.state.requests[0]
+
+
+async def test_unknown_gemini_parameter_is_refused_by_the_sdk(server: FakeServer, tmp_path: Path):
+    clients = make_clients("gemini", server, tmp_path)
+    with pytest.raises(ProviderError) as info:
+        await clients.get("gemini", "m").chat("m", [{"role": "user", "content": "q"}], {"temprature": 1})
+    await clients.aclose()
+    assert info.value.kind == "bad_request" and not info.value.retryable and "temprature" in info.value.message
+    assert server.state.seen == []
+
+
+async def test_unknown_openai_parameter_goes_to_the_server(server: FakeServer, tmp_path: Path):
+    clients = make_clients("openai", server, tmp_path)
+    await clients.get("openai", "m").chat("m", [{"role": "user", "content": "q"}], {"temprature": 1})
+    await clients.aclose()
+    assert server.state.requests[0]["temprature"] == 1  # not dropped: the real API answers 400 with its reason
+
+
+def test_model_specific_env_var_wins_and_one_client_per_credentials(tmp_path: Path):
+    environ = {"OPENAI_API_KEY": "sk-generic-000000", "OPENAI_API_KEY_gpt_4o_mini": "sk-special-000000"}
+    clients = Clients(ProviderOptions(media_dir=tmp_path), environ=environ)
+    generic_a, generic_b = clients.get("openai", "gpt-4"), clients.get("openai", "gpt-3.5")
+    special = clients.get("openai", "gpt-4o-mini")
+    assert generic_a is generic_b and special is not generic_a
+    assert special._client.api_key == "sk-special-000000"
+
+
+def test_missing_env_is_named_not_valued(tmp_path: Path):
+    clients = Clients(ProviderOptions(media_dir=tmp_path), environ={"AZURE_OPENAI_API_KEY": "secret-value-1"})
+    with pytest.raises(ProviderError, match="AZURE_OPENAI_API_ENDPOINT") as info:
+        clients.get("azure-openai", "dep")
+    assert "secret-value-1" not in str(info.value)
