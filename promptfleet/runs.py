@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from promptfleet import runtime
 from promptfleet.engine import QueueStats, RetryPolicy, run_queue
-from promptfleet.experiment import ExperimentError, Issue, check_extension, iter_valid, read_records
+from promptfleet.experiment import ExperimentError, Issue, check_extension, iter_valid, media_references, read_records
 from promptfleet.limiter import Pacer
 from promptfleet.providers import known_apis, provider_class
 from promptfleet.providers.base import ProviderOptions, missing_env
@@ -125,6 +125,10 @@ def inspect(file: Path, settings: Settings, done: set[int] = frozenset()) -> Ins
                 result.issues.append(str(record))
             continue
         result.prompts += 1
+        if not provider_class(record["api"]).accepts_images and any(media_references(record)):
+            result.issue_count += 1
+            result.issues.append(str(Issue(str(file), line, "multimedia", f"the {record['api']} api does not take images")))
+            continue
         name = queue_for(record, settings.parallel, limits)
         default = settings.max_queries or provider_class(record["api"]).default_rate_per_minute
         rate = rate_for(name, record, settings.parallel, limits, default)

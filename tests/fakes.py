@@ -37,6 +37,7 @@ class Seen:
 @dataclass
 class FakeState:
     latency: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every response
     script: dict[str, list[Scripted]] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
     seen: list[Seen] = field(default_factory=list)
@@ -163,7 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(data)))
-        for key, value in (headers or {}).items():
+        for key, value in {**self.state.headers, **(headers or {})}.items():
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(data)

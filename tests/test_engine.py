@@ -197,3 +197,25 @@ async def test_run_queue_journals_each_answer_as_it_lands(tmp_path: Path):
     assert stats.answered == 20
     assert any(0 < n < 20 for n in seen_during_run)  # lines appeared while the queue was still running
     assert [json.loads(line)["input_line"] for line in paths.completed.read_text().splitlines()] == list(range(1, 21))
+
+
+async def test_one_file_with_all_seven_apis_runs_in_parallel_queues(tmp_path: Path, monkeypatch):
+    from tests.test_providers import APIS, provider_env
+
+    with FakeServer() as server:
+        for api in APIS:
+            for name, value in provider_env(api, server.url).items():
+                monkeypatch.setenv(name, value)
+        rows = [{"id": f"{api}-{i}", "api": api, "model_name": f"{api}-model", "prompt": f"{api} question {i}"}
+                for api in APIS for i in range(3)]  # fmt: skip
+        rows.append({"id": "multi", "api": "anthropic", "model_name": "claude", "prompt": ["one", "two"]})
+        path = write_jsonl(tmp_path / "exp.jsonl", rows)
+        settings = Settings(data_folder=tmp_path / "data", parallel=True, max_queries=6000)
+        summary = await Experiment(path, settings).process()
+
+    assert summary["complete"] and summary["answered"] == len(rows) and summary["failed"] == 0
+    assert {q["queue"] for q in summary["queues"]} == set(APIS)
+    for record in read_jsonl(Path(summary["outputs"]["completed"])):
+        expected = ["answer to: one", "answer to: two"] if record["id"] == "multi" else f"answer to: {record['prompt']}"
+        assert record["response"] == expected, record
+    assert max(server.state.calls.values()) == 1

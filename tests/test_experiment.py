@@ -106,3 +106,12 @@ def test_inspect_reports_queues_and_missing_env_names_only(tmp_path: Path, monke
     assert found.missing_env == {"openai/gpt-3.5": ["OPENAI_API_KEY"]}
     assert "sk-model" not in found.model_dump_json()
     assert not found.ok
+
+
+def test_images_for_an_api_that_cannot_take_them_are_refused(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HUGGINGFACE_TGI_API_ENDPOINT", "http://127.0.0.1:9")
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "cat.png").write_bytes(b"png")
+    row = {"api": "huggingface-tgi", "model_name": "tgi", "prompt": "what?", "multimedia": [{"type": "image", "media": "cat.png"}]}
+    found = inspect(write_jsonl(tmp_path / "exp.jsonl", [GOOD, row]), Settings(data_folder=tmp_path))
+    assert found.issues == [f"{tmp_path / 'exp.jsonl'}:2: multimedia: the huggingface-tgi api does not take images"]

@@ -213,3 +213,28 @@ def test_missing_env_is_named_not_valued(tmp_path: Path):
     with pytest.raises(ProviderError, match="AZURE_OPENAI_API_ENDPOINT") as info:
         clients.get("azure-openai", "dep")
     assert "secret-value-1" not in str(info.value)
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+async def test_rate_limit_headers_are_surfaced_on_answers_and_429s(api: str, server: FakeServer, tmp_path: Path):
+    server.state.headers = {"x-ratelimit-remaining-requests": "7", "anthropic-ratelimit-requests-remaining": "3", "x-other": "1"}
+    server.state.script["limited"] = [Scripted(429, retry_after=1)]
+    clients = make_clients(api, server, tmp_path)
+    provider = clients.get(api, "m")
+    reply = await provider.chat("m", [{"role": "user", "content": "fine"}], {})
+    with pytest.raises(ProviderError) as info:
+        await provider.chat("m", [{"role": "user", "content": "limited"}], {})
+    await clients.aclose()
+    expected = {"x-ratelimit-remaining-requests": "7", "anthropic-ratelimit-requests-remaining": "3"}
+    assert reply.rate_limits == expected and info.value.rate_limits == expected
+
+
+def test_third_party_provider_from_an_entry_point(monkeypatch):
+    from importlib.metadata import EntryPoint
+
+    from promptfleet import providers
+
+    ep = EntryPoint(name="my-api", value="promptfleet.providers.test:TestProvider", group="promptfleet.providers")
+    monkeypatch.setattr(providers, "_entry_points", lambda: {"my-api": ep})
+    assert "my-api" in providers.known_apis()
+    assert providers.provider_class("my-api").__name__ == "TestProvider"

@@ -11,7 +11,15 @@ from typing import Any, ClassVar
 
 import anthropic
 
-from promptfleet.providers.base import Message, ProviderError, ProviderOptions, Reply, error_from_sdk, read_media
+from promptfleet.providers.base import (
+    Message,
+    ProviderError,
+    ProviderOptions,
+    Reply,
+    error_from_sdk,
+    rate_limit_headers,
+    read_media,
+)
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -50,6 +58,7 @@ class AnthropicProvider:
     required_env: ClassVar[tuple[str, ...]] = ("ANTHROPIC_API_KEY",)
     optional_env: ClassVar[tuple[str, ...]] = ("ANTHROPIC_BASE_URL",)
     default_rate_per_minute: ClassVar[int] = 10
+    accepts_images: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -64,9 +73,10 @@ class AnthropicProvider:
         if system is not None:
             params["system"] = system
         try:
-            response = await self._client.messages.create(
+            raw = await self._client.messages.with_raw_response.create(
                 model=model, max_tokens=max_tokens, messages=turns, extra_body=params or None
             )
+            response = await raw.parse()
         except (anthropic.AnthropicError, ValueError) as err:
             raise error_from_sdk(err, anthropic) from None
         texts = [block.text for block in response.content if getattr(block, "type", None) == "text"]
@@ -77,6 +87,7 @@ class AnthropicProvider:
             input_tokens=response.usage.input_tokens,
             output_tokens=response.usage.output_tokens,
             finish_reason=response.stop_reason,
+            rate_limits=rate_limit_headers(raw.headers),
         )
 
     async def aclose(self) -> None:

@@ -24,6 +24,18 @@ class Reply:
     input_tokens: int | None = None
     output_tokens: int | None = None
     finish_reason: str | None = None
+    rate_limits: dict[str, str] | None = None  # the provider's rate-limit headers, for the limiter
+
+
+RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+
+
+def rate_limit_headers(headers: Mapping[str, str] | None) -> dict[str, str] | None:
+    """OpenAI `x-ratelimit-*` and Anthropic `anthropic-ratelimit-*` headers, lower-cased."""
+    if not headers:
+        return None
+    found = {k.lower(): v for k, v in headers.items() if k.lower().startswith(RATE_LIMIT_PREFIXES)}
+    return found or None
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class ProviderError(Exception):
         status: int | None = None,
         retryable: bool = False,
         retry_after: float | None = None,
+        rate_limits: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.message = message
@@ -56,16 +69,24 @@ class ProviderError(Exception):
         self.status = status
         self.retryable = retryable
         self.retry_after = retry_after
+        self.rate_limits = rate_limits
 
 
 _KIND_BY_STATUS = {400: "bad_request", 401: "auth", 403: "auth", 404: "not_found", 408: "timeout", 429: "rate_limit"}
 
 
-def error_for_status(status: int, message: str, retry_after: float | None = None) -> ProviderError:
+def error_for_status(status: int, message: str, headers: Mapping[str, str] | None = None) -> ProviderError:
     """408, 409, 429 and 5xx are worth retrying; any other status fails at once."""
     retryable = status in (408, 409, 429) or status >= 500
     kind = _KIND_BY_STATUS.get(status, "server" if status >= 500 else "bad_request")
-    return ProviderError(message, kind=kind, status=status, retryable=retryable, retry_after=retry_after)
+    return ProviderError(
+        message,
+        kind=kind,
+        status=status,
+        retryable=retryable,
+        retry_after=parse_retry_after(headers),
+        rate_limits=rate_limit_headers(headers),
+    )
 
 
 def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
@@ -97,7 +118,7 @@ def error_from_sdk(err: Exception, sdk: Any) -> ProviderError:
     if isinstance(err, sdk.APIResponseValidationError):
         return ProviderError(f"malformed response: {err.message}", kind="invalid_response", status=err.status_code, retryable=True)
     if isinstance(err, sdk.APIStatusError):
-        return error_for_status(err.status_code, err.message, parse_retry_after(err.response.headers))
+        return error_for_status(err.status_code, err.message, err.response.headers)
     # Anything else from the SDK, e.g. a body that is not JSON: worth another try.
     return ProviderError(f"malformed response: {type(err).__name__}: {err}", kind="invalid_response", retryable=True)
 
@@ -114,6 +135,7 @@ class Provider(Protocol):
     required_env: ClassVar[tuple[str, ...]]
     optional_env: ClassVar[tuple[str, ...]]
     default_rate_per_minute: ClassVar[int]  # used when neither -mq nor -mqj says otherwise
+    accepts_images: ClassVar[bool]  # False: a record with media is refused at validation
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None: ...
 

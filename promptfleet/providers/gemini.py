@@ -22,7 +22,6 @@ from promptfleet.providers.base import (
     ProviderOptions,
     Reply,
     error_for_status,
-    parse_retry_after,
     media_bytes,
 )
 
@@ -59,7 +58,7 @@ def _parts(message: Message, options: ProviderOptions) -> list[types.Part]:
 def map_error(err: Exception) -> ProviderError:
     if isinstance(err, errors.APIError):
         headers = getattr(getattr(err, "response", None), "headers", None)
-        return error_for_status(err.code, err.message or str(err), parse_retry_after(headers))
+        return error_for_status(err.code, err.message or str(err), headers)
     if isinstance(err, httpx2.TimeoutException):
         return ProviderError("request timed out", kind="timeout", retryable=True)
     if isinstance(err, httpx2.TransportError):
@@ -74,6 +73,7 @@ class GeminiProvider:
     required_env: ClassVar[tuple[str, ...]] = ("GEMINI_API_KEY",)
     optional_env: ClassVar[tuple[str, ...]] = ("GEMINI_BASE_URL",)
     default_rate_per_minute: ClassVar[int] = 10
+    accepts_images: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options

@@ -18,7 +18,6 @@ from promptfleet.providers.base import (
     ProviderOptions,
     Reply,
     error_for_status,
-    parse_retry_after,
     read_media,
 )
 
@@ -49,6 +48,7 @@ class OllamaProvider:
     required_env: ClassVar[tuple[str, ...]] = ("OLLAMA_API_ENDPOINT",)
     optional_env: ClassVar[tuple[str, ...]] = ()
     default_rate_per_minute: ClassVar[int] = 10
+    accepts_images: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -85,7 +85,7 @@ class OllamaProvider:
             data = {"error": response.text[:500]}
         if not response.is_success:
             message = data.get("error", response.reason_phrase) if isinstance(data, dict) else response.reason_phrase
-            raise error_for_status(response.status_code, str(message), parse_retry_after(response.headers))
+            raise error_for_status(response.status_code, str(message), response.headers)
         text = data.get("response") if single else (data.get("message") or {}).get("content")
         if text is None:
             raise ProviderError("malformed response: no answer in body", kind="invalid_response", retryable=True)

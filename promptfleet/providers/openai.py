@@ -13,7 +13,15 @@ from typing import Any, ClassVar
 
 import openai
 
-from promptfleet.providers.base import Message, ProviderError, ProviderOptions, Reply, error_from_sdk, read_media
+from promptfleet.providers.base import (
+    Message,
+    ProviderError,
+    ProviderOptions,
+    Reply,
+    error_from_sdk,
+    rate_limit_headers,
+    read_media,
+)
 
 
 def to_openai_messages(messages: list[Message], options: ProviderOptions) -> list[dict[str, Any]]:
@@ -52,6 +60,7 @@ class OpenAIProvider:
     required_env: ClassVar[tuple[str, ...]] = ("OPENAI_API_KEY",)
     optional_env: ClassVar[tuple[str, ...]] = ("OPENAI_BASE_URL",)
     default_rate_per_minute: ClassVar[int] = 10
+    accepts_images: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -66,9 +75,10 @@ class OpenAIProvider:
 
     async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply:
         try:
-            completion = await self._client.chat.completions.create(
+            raw = await self._client.chat.completions.with_raw_response.create(
                 model=model, messages=to_openai_messages(messages, self._options), extra_body=parameters or None
             )
+            completion = raw.parse()
         except (openai.OpenAIError, ValueError) as err:  # a body that is not JSON comes as a ValueError
             raise error_from_sdk(err, openai) from None
         if not completion.choices:
@@ -80,6 +90,7 @@ class OpenAIProvider:
             input_tokens=usage.prompt_tokens if usage else None,
             output_tokens=usage.completion_tokens if usage else None,
             finish_reason=choice.finish_reason,
+            rate_limits=rate_limit_headers(raw.headers),
         )
 
     async def aclose(self) -> None:
@@ -111,6 +122,7 @@ class HuggingFaceTGIProvider(OpenAIProvider):
     api: ClassVar[str] = "huggingface-tgi"
     required_env: ClassVar[tuple[str, ...]] = ("HUGGINGFACE_TGI_API_ENDPOINT",)
     optional_env: ClassVar[tuple[str, ...]] = ("HUGGINGFACE_TGI_API_KEY",)
+    accepts_images: ClassVar[bool] = False  # TGI's Messages API serves text models
 
     @staticmethod
     def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:

@@ -26,6 +26,7 @@ class TestProvider:
     required_env: ClassVar[tuple[str, ...]] = ()
     optional_env: ClassVar[tuple[str, ...]] = ()
     default_rate_per_minute: ClassVar[int] = 600  # nothing to protect; keeps the example quick
+    accepts_images: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._attempts: Counter[str] = Counter()
@@ -40,9 +41,8 @@ class TestProvider:
             self._attempts[key] += 1
             if self._attempts[key] <= int(parameters.get("fail_attempts", 1 << 30)):
                 retry_after = parameters.get("retry_after")
-                raise error_for_status(
-                    status, f"test provider: injected {status}", float(retry_after) if retry_after is not None else None
-                )
+                headers = {"retry-after": str(retry_after)} if retry_after is not None else None
+                raise error_for_status(status, f"test provider: injected {status}", headers)
         question = text_of(messages[-1])
         digest = hashlib.sha1(f"{model}\n{question}".encode()).hexdigest()[:8]
         words = len(question.split())
