@@ -8,6 +8,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Optional
 
 import typer
@@ -87,16 +88,22 @@ def run(
         max_in_flight=max_in_flight,
         timeout=timeout,
     )
-    try:  # refuse a bad file in a second, before Prefect starts
+    try:  # refuse a bad file in a second, before Prefect starts (env vars may still come from Secret blocks)
         found = inspect(file, settings)
     except ExperimentError as error:
         _report_issues(error)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    if not found.ok:
+    if found.issue_count:
         _print_inspection(found)
         raise typer.Exit(EXIT_BAD_INPUT)
 
-    summary = asyncio.run(_run_flow(str(file), settings, move_to_input))
+    from promptfleet.flows import run_experiment
+
+    try:
+        summary = asyncio.run(_in_flow(lambda: run_experiment(file=str(file), settings=settings, move_to_input=move_to_input)))
+    except ExperimentError as error:
+        _report_issues(error)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
     if summary is None:
         raise typer.Exit(EXIT_INTERRUPTED)
     from promptfleet.report import print_summary
@@ -108,9 +115,10 @@ def run(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-async def _run_flow(file: str, settings, move_to_input: bool) -> dict[str, Any] | None:
+async def _in_flow(start: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a flow with Ctrl-C/SIGTERM meaning 'stop sending, keep what landed' and a
+    live progress display; None when a second interrupt abandoned it."""
     from promptfleet import runtime
-    from promptfleet.flows import run_experiment
     from promptfleet.report import show_progress
 
     loop = asyncio.get_running_loop()
@@ -134,7 +142,7 @@ async def _run_flow(file: str, settings, move_to_input: bool) -> dict[str, Any] 
         )
     progress = asyncio.create_task(show_progress(err))
     try:
-        return await run_experiment(file=file, settings=settings, move_to_input=move_to_input)
+        return await start()
     except asyncio.CancelledError:
         return None
     finally:
@@ -152,6 +160,52 @@ def _print_inspection(found) -> None:
     out.print(f"{found.file}: {found.prompts} valid prompt(s), {found.issue_count} bad line(s)")
     for queue in found.queues.values():
         out.print(f"  queue {queue.name}: {queue.prompts} prompt(s) at {queue.rate_per_minute}/min")
+
+
+@app.command()
+def pipeline(
+    data_folder: DataFolder = Path("data"),
+    env_file: EnvFile = Path(".env"),
+    max_queries: MaxQueries = None,
+    max_attempts: MaxAttempts = 5,
+    parallel: Parallel = False,
+    max_queries_json: MaxQueriesJson = None,
+    poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.1, help="Seconds between looks at input/.")] = 30.0,
+    once: Annotated[bool, typer.Option("--once", help="Process what is waiting, then exit.")] = False,
+) -> None:
+    """Keep running every experiment dropped into DATA/input/ (prompto's pipeline), as the
+    Prefect flow `watch_input`; bad files go to DATA/rejected/ with their error report."""
+    _load_env(env_file)
+    from promptfleet import pipeline as work, runtime
+    from promptfleet.flows import watch_input
+
+    settings = _settings(
+        data_folder=data_folder, max_queries=max_queries, max_attempts=max_attempts,
+        parallel=parallel, max_queries_json=max_queries_json,
+    )  # fmt: skip
+    settings.input_folder.mkdir(parents=True, exist_ok=True)
+
+    async def loop() -> int:
+        stop = runtime.stop_event()
+        runs = 0
+        while not stop.is_set():
+            if work.waiting_files(settings.input_folder) or work.requeue_orphans(settings.input_folder):
+                for summary in await watch_input(settings=settings):
+                    runs += 1
+                    err.print(f"{summary['experiment']}: {summary['answered']} answered, {summary['failed']} failed", markup=False)
+            if once:
+                break
+            try:  # sleep until the next poll, or until Ctrl-C
+                await asyncio.wait_for(stop.wait(), timeout=poll_interval)
+            except asyncio.TimeoutError:
+                pass
+        return runs
+
+    err.print(f"watching {settings.input_folder} every {poll_interval:g}s (Ctrl-C to stop)" if not once else f"processing {settings.input_folder}")
+    runs = asyncio.run(_in_flow(loop))
+    if runs is None:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    err.print(f"pipeline stopped after {runs} run(s)")
 
 
 @app.command()

@@ -36,7 +36,7 @@ class Issue:
 class ExperimentError(Exception):
     """A file that cannot be run, with every issue found in it."""
 
-    def __init__(self, issues: list[Issue]):
+    def __init__(self, issues: list[Issue | str]):
         self.issues = issues
         super().__init__("\n".join(str(i) for i in issues))
 

@@ -170,18 +170,19 @@ def prepare(file: Path, settings: Settings, move_to_input: bool = False) -> Plan
 
     found = inspect(file, settings, done)
     if not found.ok:
-        issues = [Issue(str(file), 0, None, text) for text in found.issues]
+        issues: list[Issue | str] = list(found.issues)
         if found.issue_count > len(found.issues):
-            issues.append(Issue(str(file), 0, None, f"... and {found.issue_count - len(found.issues)} more"))
+            issues.append(f"{file}: ... and {found.issue_count - len(found.issues)} more")
         issues += [
-            Issue(str(file), 0, "env", f"{where} needs {', '.join(names)} (set it in the environment or the .env file)")
+            Issue(str(file), 0, "env", f"{where} needs {', '.join(names)} (set it in the environment, the .env file or a Prefect Secret block)")
             for where, names in found.missing_env.items()
         ]
         raise ExperimentError(issues)
 
     settings.input_folder.mkdir(parents=True, exist_ok=True)
-    target = settings.input_folder / file.name
-    if file.resolve() != target.resolve():
+    target = file
+    if not file.resolve().is_relative_to(settings.input_folder.resolve()):  # prompto: a file in input/ runs in place
+        target = settings.input_folder / file.name
         (shutil.move if move_to_input else shutil.copyfile)(file, target)
     write_state(
         paths,

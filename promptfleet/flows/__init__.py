@@ -1,5 +1,6 @@
 """Prefect flows."""
 
-from promptfleet.flows.run_experiment import run_experiment
+from promptfleet.flows.run_experiment import COMPLETED_EVENT, run_experiment
+from promptfleet.flows.watch_input import watch_input
 
-__all__ = ["run_experiment"]
+__all__ = ["COMPLETED_EVENT", "run_experiment", "watch_input"]

@@ -1,35 +1,82 @@
-"""Flow `run_experiment`: load_and_validate -> one run_queue per queue, concurrently -> write_results."""
+"""Flow `run_experiment`: load_and_validate -> one run_queue per queue, concurrently -> write_results.
+
+While queues run, a progress artifact follows them; at the end a summary artifact and the
+event `promptfleet.experiment.completed` (which judge deployments and automations can
+trigger on) carry the output paths.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
-from prefect.artifacts import acreate_markdown_artifact
+from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, aupdate_progress_artifact
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 
+from promptfleet import runtime
 from promptfleet.report import summary_markdown
-from promptfleet.runs import Settings, run_log
+from promptfleet.runs import Plan, Settings, run_log
 from promptfleet.tasks import load_and_validate, run_queue, write_results
+from promptfleet.tasks.secrets import env_from_secret_blocks
+
+log = logging.getLogger("promptfleet")
+
+COMPLETED_EVENT = "promptfleet.experiment.completed"
 
 
 def _run_name() -> str:
     return Path(str(flow_run.parameters["file"])).stem
 
 
+async def _follow_progress(plan: Plan, interval: float = 2.0) -> None:
+    artifact = await acreate_progress_artifact(0.0, key=f"progress-{_artifact_key(plan.name)}", description=f"{plan.name}: prompts done")
+    last = -1.0
+    while True:
+        state = runtime.get_run(plan.run_id)
+        done = sum(s.done + s.skipped for s in state.stats.values()) if state else 0
+        percent = round(100.0 * done / max(plan.prompts, 1), 1)
+        if percent != last:
+            await aupdate_progress_artifact(artifact, percent)
+            last = percent
+        await asyncio.sleep(interval)
+
+
+def _artifact_key(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "experiment"
+
+
 @flow(name="run_experiment", flow_run_name=_run_name, log_prints=True)
 async def run_experiment(file: str, settings: Settings | None = None, move_to_input: bool = False) -> dict[str, Any]:
     """Run one prompto-format experiment file; every queue is a task in one event loop."""
     settings = settings or Settings()
+    if filled := await env_from_secret_blocks():
+        log.info("API keys from Prefect Secret blocks: %s", ", ".join(filled))
     plan = load_and_validate(Path(file), settings, move_to_input)
     with run_log(plan.paths.log):
-        stats = await asyncio.gather(*(run_queue(plan, queue) for queue in plan.queues))
+        progress = asyncio.create_task(_follow_progress(plan))
+        try:
+            stats = await asyncio.gather(*(run_queue(plan, queue) for queue in plan.queues))
+        finally:
+            progress.cancel()
         summary = await write_results(plan, list(stats))
     await acreate_markdown_artifact(
-        key="experiment-summary",
+        key=f"summary-{_artifact_key(plan.name)}",
         markdown=summary_markdown(summary),
         description=f"promptfleet summary of {plan.name}",
     )
+    if summary["complete"]:
+        emit_event(
+            event=COMPLETED_EVENT,
+            resource={"prefect.resource.id": f"promptfleet.experiment.{plan.name}", "prefect.resource.name": plan.name},
+            related=[
+                {"prefect.resource.id": f"promptfleet.file.{path}", "prefect.resource.role": kind}
+                for kind, path in summary["outputs"].items()
+            ],
+            payload={k: summary[k] for k in ("experiment", "prompts", "answered", "failed", "outputs")}
+            | {"data_folder": str(settings.data_folder)},
+        )
     return summary
