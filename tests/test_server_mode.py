@@ -1,0 +1,114 @@
+"""Server mode for real: a `prefect server` on a free port with a temporary home, the
+deployments from deployments/prefect.yaml, and a worker that runs the pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import read_jsonl, write_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("prefect server did not start in 90 s")
+        yield api, {**env, "PREFECT_API_URL": api}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 120) -> str:
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_pipeline_deployment_runs_through_a_worker(tmp_path: Path, prefect_server):
+    api, env = prefect_server
+    work = tmp_path / "project"
+    shutil.copytree(REPO / "data" / "examples", work / "data" / "input")
+    write_jsonl(work / "data" / "input" / "broken.jsonl", [{"api": "test", "model_name": "m"}])
+
+    run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
+    run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
+    run([PREFECT, "deployment", "run", "watch_input/pipeline"], env, work)
+    run([PREFECT, "worker", "start", "--pool", "promptfleet", "--run-once"], env, work, timeout=180)
+
+    [out] = (work / "data" / "output").iterdir()
+    assert out.name == "quickstart"
+    completed = read_jsonl(next(out.glob("*-completed-quickstart.jsonl")))
+    failed = read_jsonl(next(out.glob("*-failed-quickstart.jsonl")))
+    assert len(completed) + len(failed) == 12 and len(failed) == 1
+    rejected = list((work / "data" / "rejected").glob("*broken.jsonl.errors.txt"))
+    assert rejected and "prompt: is required" in rejected[0].read_text()
+    assert not any((work / "data" / "input").glob("*.jsonl"))
+
+    flows = httpx.post(f"{api}/flow_runs/filter", json={}).json()
+    by_name = {f["name"]: f for f in flows}
+    assert by_name["quickstart"]["state_type"] == "COMPLETED"
+    assert by_name["broken"]["state_type"] == "FAILED"  # the bad file shows up as a failed subflow
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        tasks = httpx.post(f"{api}/task_runs/filter", json={"flow_runs": {"id": {"any_": [by_name["quickstart"]["id"]]}}}).json()
+        if "test" in {t["name"] for t in tasks} and len(tasks) >= 3:
+            break
+        time.sleep(0.5)
+    assert "test" in {t["name"] for t in tasks}  # one task run per queue (parallel: by api), named after it
+    artifacts = httpx.post(f"{api}/artifacts/filter", json={}).json()
+    assert {"summary-quickstart", "progress-quickstart"} <= {a["key"] for a in artifacts}
+    summary = next(a for a in artifacts if a["key"] == "summary-quickstart")
+    assert "11 answered, 1 failed" in summary["data"]
+    deadline = time.monotonic() + 20  # events are written asynchronously
+    while time.monotonic() < deadline:
+        events = httpx.post(f"{api}/events/filter", json={"filter": {"event": {"prefix": ["promptfleet."]}}}).json()
+        if events.get("events"):
+            break
+        time.sleep(0.5)
+    [event] = events["events"]
+    assert event["event"] == "promptfleet.experiment.completed"
+    assert event["resource"]["prefect.resource.id"] == "promptfleet.experiment.quickstart"
+    assert event["payload"]["answered"] == 11 and json.dumps(event["payload"]["outputs"]).count("quickstart") >= 4
