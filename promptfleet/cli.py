@@ -131,7 +131,7 @@ async def _in_flow(start: Callable[[], Awaitable[Any]]) -> Any:
             main.cancel()  # type: ignore[union-attr]
             return
         err.print("stopping: no new requests; waiting for in-flight answers (interrupt again to abandon them)")
-        stop.set()
+        runtime.request_stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -159,7 +159,7 @@ def _print_inspection(found) -> None:
         err.print(f"{found.file}: env: {where} needs {', '.join(names)} (not set)", markup=False, highlight=False)
     out.print(f"{found.file}: {found.prompts} valid prompt(s), {found.issue_count} bad line(s)")
     for queue in found.queues.values():
-        out.print(f"  queue {queue.name}: {queue.prompts} prompt(s) at {queue.rate_per_minute}/min")
+        out.print(f"  queue {queue.name}: {queue.prompts} prompt(s) at {queue.rate_per_minute:g}/min")
 
 
 @app.command()

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from promptfleet.costs import Budget, Spend, estimate_tokens
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
 from promptfleet.providers.base import Message, ProviderError, Reply
@@ -56,7 +57,9 @@ class QueueStats:
     retries: int = 0
     rate_limited: int = 0
     in_flight: int = 0
+    rate_now: float = 0.0
     stopped: bool = False
+    budget_stop: str | None = None
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     latencies: array = field(default_factory=lambda: array("d"))
@@ -82,10 +85,12 @@ class QueueStats:
             "requests": self.sent,
             "retries": self.retries,
             "rate_limited": self.rate_limited,
+            "rate_at_end": round(self.rate_now or self.rate, 1),
             "latency_p50_s": pick(0.5),
             "latency_p95_s": pick(0.95),
             "wall_s": round(self.elapsed, 3),
             "stopped": self.stopped,
+            "budget_stop": self.budget_stop,
         }
 
 
@@ -119,12 +124,18 @@ class _Attempt:
         self.responses: list[str] = []
         self.replies: list[Reply] = []
 
-    async def run(self, clients: Clients, record: dict[str, Any]) -> None:
+    async def run(self, clients: Clients, record: dict[str, Any], pacer: Pacer, stats: QueueStats) -> None:
         provider = clients.get(record["api"], record["model_name"])
         params = record.get("parameters") or {}
         steps = 1 + len(self.turns or [])
+        sent_now = 0
         while len(self.replies) < steps:
+            if sent_now:  # every turn is a request: it waits for its own send time
+                await pacer.pace()
+            sent_now += 1
+            stats.sent += 1
             reply = await provider.chat(record["model_name"], self.messages, params)
+            pacer.on_success(reply.rate_limits)
             self.replies.append(reply)
             self.messages = [*self.messages, {"role": "assistant", "content": reply.text}]
             if len(self.replies) < steps:
@@ -142,30 +153,34 @@ class _Attempt:
         return out
 
 
-async def run_queue(
-    items: Iterable[tuple[int, dict[str, Any]]],
-    *,
-    clients: Clients,
-    pacer: Pacer,
-    journal: Journal,
-    stats: QueueStats,
-    policy: RetryPolicy | None = None,
-    stop: asyncio.Event | None = None,
-    grace: float = 10.0,
-) -> QueueStats:
-    """Send every item through `pacer`, journal each outcome as it lands.
+@dataclass
+class QueueContext:
+    """What every prompt of a queue shares."""
 
-    When `stop` is set, no new prompt is sent, in-flight ones get `grace` seconds to
-    land, and whatever is left stays unjournaled for a resume.
+    clients: Clients
+    pacer: Pacer
+    journal: Journal
+    stats: QueueStats
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    spend: Spend | None = None
+    budget: Budget | None = None
+
+
+async def run_queue(items: Iterable[tuple[int, dict[str, Any]]], ctx: QueueContext, grace: float = 10.0) -> QueueStats:
+    """Send every item through the pacer, journal each outcome as it lands.
+
+    When `ctx.stop` is set (Ctrl-C, or the budget), no new prompt is sent, in-flight ones
+    get `grace` seconds to land, and whatever is left stays unjournaled for a resume.
     """
-    policy = policy or RetryPolicy()
-    stop = stop or asyncio.Event()
+    stats, stop = ctx.stats, ctx.stop
     tasks: set[asyncio.Task] = set()
 
     async def dispatch() -> None:
         for line, record in items:
-            await pacer.acquire()
-            task = asyncio.create_task(_handle(line, record, clients, pacer, journal, stats, policy, stop))
+            estimate = sum(estimate_tokens(record))
+            await ctx.pacer.acquire(estimate)
+            task = asyncio.create_task(_handle(line, record, estimate, ctx))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -175,55 +190,41 @@ async def run_queue(
         await asyncio.wait({dispatcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if stop.is_set():
             dispatcher.cancel()
-            stats.stopped = True
         await asyncio.gather(dispatcher, return_exceptions=True)
-        if dispatcher.done() and not dispatcher.cancelled() and dispatcher.exception():
+        if not dispatcher.cancelled() and dispatcher.exception():
             raise dispatcher.exception()  # type: ignore[misc]
-        if tasks:
-            pending = set(tasks)
-            if not stop.is_set():
-                # Wait for everything, but react to a stop that comes while we wait.
-                waiter = asyncio.ensure_future(asyncio.wait(pending))
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                pending = {t for t in pending if not t.done()}
-                stats.stopped = stats.stopped or bool(pending)
-            if pending:
-                _, late = await asyncio.wait(pending, timeout=grace)
-                for task in late:
-                    task.cancel()
-                await asyncio.gather(*late, return_exceptions=True)
+        if tasks and not stop.is_set():  # wait for everything, but react to a stop meanwhile
+            waiter = asyncio.ensure_future(asyncio.wait(set(tasks)))
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        if pending := {t for t in tasks if not t.done()}:
+            _, late = await asyncio.wait(pending, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
     finally:
         stopper.cancel()
+        stats.stopped = stop.is_set()
         stats.finished = time.monotonic()
     return stats
 
 
-async def _handle(
-    line: int,
-    record: dict[str, Any],
-    clients: Clients,
-    pacer: Pacer,
-    journal: Journal,
-    stats: QueueStats,
-    policy: RetryPolicy,
-    stop: asyncio.Event,
-) -> None:
+async def _handle(line: int, record: dict[str, Any], estimate: int, ctx: QueueContext) -> None:
     """One prompt, from first send to its journal line. Holds a pacer slot while sending."""
+    stats, pacer = ctx.stats, ctx.pacer
     attempt = _Attempt(record)
     base = {k: v for k, v in record.items() if k not in OUTPUT_KEYS}
     n = 0
-    holding = True  # the dispatcher acquired the first slot for us
     first_sent = None
     while True:
         n += 1
-        if not holding:
-            await pacer.acquire()
+        if n > 1:
+            await pacer.acquire(estimate)
         sent_at = time.monotonic()
         first_sent = first_sent or now_stamp()
-        stats.sent += 1
         stats.in_flight += 1
         try:
-            await attempt.run(clients, record)
+            await attempt.run(ctx.clients, record, pacer, stats)
         except ProviderError as err:
             error = err
         except Exception as err:  # a provider bug must not take the queue down
@@ -231,25 +232,27 @@ async def _handle(
         else:
             latency = time.monotonic() - sent_at
             stats.latencies.append(latency)
-            journal.write(
+            output = attempt.output()
+            ctx.journal.write(
                 "completed",
-                {**base, **attempt.output(), "timestamp_sent": first_sent, "latency_s": round(latency, 4), "attempts": n, "input_line": line},
+                {**base, **output, "timestamp_sent": first_sent, "latency_s": round(latency, 4), "attempts": n, "input_line": line},
             )
             stats.answered += 1
+            pacer.release()
+            _account(record, output.get("usage"), estimate, ctx)
             return
         finally:
             stats.in_flight -= 1
-            pacer.release()
-            holding = False
+            stats.rate_now = pacer.rate
 
+        pacer.release()
         if error.kind == "rate_limit":
             stats.rate_limited += 1
-            if error.retry_after:
-                pacer.pause(error.retry_after)
-        message = clients.redact(error.message)
-        if not error.retryable or n >= policy.max_attempts:
+            pacer.on_rate_limited(error.retry_after, error.rate_limits)
+        message = ctx.clients.redact(error.message)
+        if not error.retryable or n >= ctx.policy.max_attempts:
             log.warning("line %d (%s/%s) failed after %d attempt(s): %s", line, record["api"], record["model_name"], n, message)
-            journal.write(
+            ctx.journal.write(
                 "failed",
                 {
                     **base,
@@ -260,11 +263,27 @@ async def _handle(
             )
             stats.failed += 1
             return
-        delay = policy.delay(n, error.retry_after)
-        log.info("line %d: %s (%s), retry %d in %.1fs", line, error.kind, error.status or "-", n, delay)
+        delay = ctx.policy.delay(n, error.retry_after)
+        log.info("line %d: %s (%s), retry %d in %.1fs, queue rate now %.0f/min", line, error.kind, error.status or "-", n, delay, pacer.rate)
         stats.retries += 1
         try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
+            await asyncio.wait_for(ctx.stop.wait(), timeout=delay)
             return  # stopped while backing off: left for the resume
         except asyncio.TimeoutError:
             pass
+
+
+def _account(record: dict[str, Any], usage: dict[str, Any] | None, estimate: int, ctx: QueueContext) -> None:
+    """Spend, budget and the token estimate's correction, after an answer landed."""
+    if not usage:
+        return
+    used = (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0)
+    if used > estimate:
+        asyncio.ensure_future(ctx.pacer.charge_tokens(used - estimate))
+    if ctx.spend is None:
+        return
+    ctx.spend.add(record["model_name"], usage.get("input_tokens"), usage.get("output_tokens"))
+    if ctx.budget and (reason := ctx.budget.exceeded_by(ctx.spend)) and not ctx.stop.is_set():
+        log.warning("budget reached: %s; no new requests, in-flight answers still land", reason)
+        ctx.stats.budget_stop = reason
+        ctx.stop.set()

@@ -17,8 +17,25 @@ SINGLE_QUEUE = "all"
 Limits = dict[str, int | dict[str, int]]
 
 
+SPEC_KEYS = {"rpm", "tpm"}
+
+
+def is_spec(value: Any) -> bool:
+    """A limit: an int (requests per minute, prompto's form) or {"rpm": int, "tpm": int}."""
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, dict) and bool(value) and set(value) <= SPEC_KEYS
+    )
+
+
+def _spec(value: Any, default_rpm: int) -> tuple[int, int | None]:
+    if isinstance(value, int):
+        return value, None
+    return value.get("rpm", default_rpm), value.get("tpm")
+
+
 def load_limits(path: Path) -> Limits:
-    """Read and check a `--max-queries-json` file; values are ints or {model: int} dicts."""
+    """Read and check a `--max-queries-json` file: per api/group an int, an {"rpm", "tpm"}
+    object, or per model (and "default") one of those."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -29,11 +46,14 @@ def load_limits(path: Path) -> Limits:
         raise ExperimentError([Issue(str(path), 0, None, "must be a JSON object")])
     issues = []
     for key, value in data.items():
-        values = value.items() if isinstance(value, dict) else [(None, value)]
-        for model, rate in values:
-            field = f"{key}.{model}" if model else key
-            if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
-                issues.append(Issue(str(path), 0, field, f"rate limit must be a positive integer, got {rate!r}"))
+        values = [(None, value)] if is_spec(value) or not isinstance(value, dict) else list(value.items())
+        for model, limit in values:
+            numbers = limit.values() if isinstance(limit, dict) and is_spec(limit) else [limit]
+            for number in numbers:
+                if isinstance(number, bool) or not isinstance(number, int) or number <= 0:
+                    field = f"{key}.{model}" if model else key
+                    issues.append(Issue(str(path), 0, field, f"rate limit must be a positive integer or {{rpm, tpm}}, got {limit!r}"))
+                    break
     if issues:
         raise ExperimentError(issues)
     return data
@@ -46,21 +66,26 @@ def queue_for(record: dict[str, Any], parallel: bool, limits: Limits | None) -> 
     key = record.get("group") or record["api"]
     per_model = (limits or {}).get(key)
     model = record.get("model_name")
-    if isinstance(per_model, dict) and model in per_model and model != "default":
+    if isinstance(per_model, dict) and not is_spec(per_model) and model in per_model and model != "default":
         return f"{key}-{model}"
     return key
 
 
-def rate_for(queue: str, record: dict[str, Any], parallel: bool, limits: Limits | None, default: int) -> int:
-    """Queries per minute for the queue `queue_for` gave this record."""
+def limit_for(queue: str, record: dict[str, Any], parallel: bool, limits: Limits | None, default: int) -> tuple[int, int | None]:
+    """(requests, tokens) per minute for the queue `queue_for` gave this record."""
     if not parallel or not limits:
-        return default
+        return default, None
     key = record.get("group") or record["api"]
     value = limits.get(key)
-    if isinstance(value, int):
-        return value
-    if isinstance(value, dict):
-        if queue != key:
-            return value[record["model_name"]]
-        return value.get("default", default)
-    return default
+    if value is None:
+        return default, None
+    if is_spec(value):
+        return _spec(value, default)
+    if queue != key:
+        return _spec(value[record["model_name"]], default)
+    return _spec(value.get("default", default), default)
+
+
+def rate_for(queue: str, record: dict[str, Any], parallel: bool, limits: Limits | None, default: int) -> int:
+    """Requests per minute for the queue (prompto's rule)."""
+    return limit_for(queue, record, parallel, limits, default)[0]

@@ -18,12 +18,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from promptfleet import runtime
-from promptfleet.engine import QueueStats, RetryPolicy, run_queue
+from promptfleet.costs import Budget, Spend, estimate_tokens, load_prices, price_of
+from promptfleet.engine import QueueContext, QueueStats, RetryPolicy, run_queue
 from promptfleet.experiment import ExperimentError, Issue, check_extension, iter_valid, media_references, read_records
-from promptfleet.limiter import Pacer
 from promptfleet.providers import known_apis, provider_class
 from promptfleet.providers.base import ProviderOptions, missing_env
-from promptfleet.queues import Limits, load_limits, queue_for, rate_for
+from promptfleet.queues import Limits, limit_for, load_limits, queue_for
 from promptfleet.results import (
     Journal,
     RunPaths,
@@ -50,6 +50,10 @@ class Settings(BaseModel):
     max_in_flight: int = 512
     timeout: float = 120.0
     output_as_csv: bool = False
+    max_cost: float | None = None
+    max_tokens_total: int | None = None
+    prices: Path | None = None
+    rate_share: float = 1.0  # this process's share of every rate, when several processes share a key
 
     @property
     def input_folder(self) -> Path:
@@ -69,9 +73,11 @@ class Settings(BaseModel):
 
 class QueuePlan(BaseModel):
     name: str
-    rate_per_minute: int
+    rate_per_minute: float
     prompts: int
     already_done: int = 0
+    tokens_per_minute: float | None = None
+    target: str | None = None  # "api/model" when every prompt of the queue goes to one model
 
 
 class Plan(BaseModel):
@@ -105,6 +111,10 @@ class Inspection(BaseModel):
     issue_count: int = 0
     queues: dict[str, QueuePlan] = {}
     missing_env: dict[str, list[str]] = {}
+    worst_case_input_tokens: int = 0
+    worst_case_output_tokens: int = 0
+    worst_case_cost: float = 0.0
+    unpriced_models: list[str] = []
 
     @property
     def ok(self) -> bool:
@@ -117,7 +127,9 @@ def inspect(file: Path, settings: Settings, done: set[int] = frozenset()) -> Ins
     limits = settings.limits()
     result = Inspection(file=file)
     apis = known_apis()
+    prices = load_prices(settings.prices)
     models: set[tuple[str, str]] = set()
+    unpriced: set[str] = set()
     for line, record in read_records(file, settings.media_folder, apis):
         if isinstance(record, Issue):
             result.issue_count += 1
@@ -131,20 +143,34 @@ def inspect(file: Path, settings: Settings, done: set[int] = frozenset()) -> Ins
             continue
         name = queue_for(record, settings.parallel, limits)
         default = settings.max_queries or provider_class(record["api"]).default_rate_per_minute
-        rate = rate_for(name, record, settings.parallel, limits, default)
-        if name not in result.queues:
-            result.queues[name] = QueuePlan(name=name, rate_per_minute=rate, prompts=0)
-        elif rate < result.queues[name].rate_per_minute:  # a queue mixing apis takes the strictest default
-            result.queues[name].rate_per_minute = rate
-        result.queues[name].prompts += 1
-        result.queues[name].already_done += line in done
+        rpm, tpm = limit_for(name, record, settings.parallel, limits, default)
+        rpm, tpm = rpm * settings.rate_share, tpm * settings.rate_share if tpm else None
+        target = f"{record['api']}/{record['model_name']}"
+        queue = result.queues.get(name)
+        if queue is None:
+            queue = result.queues[name] = QueuePlan(name=name, rate_per_minute=rpm, tokens_per_minute=tpm, prompts=0, target=target)
+        elif rpm < queue.rate_per_minute:  # a queue mixing apis takes the strictest default
+            queue.rate_per_minute = rpm
+        if queue.target != target:
+            queue.target = None
+        queue.prompts += 1
+        queue.already_done += line in done
         models.add((record["api"], record["model_name"]))
+        if line not in done:
+            ins, outs = estimate_tokens(record)
+            result.worst_case_input_tokens += ins
+            result.worst_case_output_tokens += outs
+            if (price := price_of(record["model_name"], prices)) is None:
+                unpriced.add(record["model_name"])
+            else:
+                result.worst_case_cost += (ins * price["input"] + outs * price["output"]) / 1e6
     if result.prompts == 0 and not result.issue_count:
         result.issue_count = 1
         result.issues.append(f"{file}: no prompts in the file")
     for api, model in sorted(models):
         if missing := missing_env(provider_class(api), model):
             result.missing_env[f"{api}/{model}"] = missing
+    result.unpriced_models = sorted(unpriced)
     return result
 
 
@@ -214,27 +240,32 @@ def _queue_items(plan: Plan, queue: str, done: set[int]) -> Iterator[tuple[int, 
 
 async def run_one_queue(plan: Plan, queue: QueuePlan, policy: RetryPolicy | None = None) -> dict[str, Any]:
     """Send one queue's unfinished prompts; returns its stats as a dict."""
-    state = runtime.open_run(plan.run_id, ProviderOptions(plan.settings.media_folder, plan.settings.timeout))
+    settings = plan.settings
+    state = runtime.open_run(
+        plan.run_id,
+        ProviderOptions(settings.media_folder, settings.timeout),
+        Spend(load_prices(settings.prices)),
+        Budget(settings.max_cost, settings.max_tokens_total),
+    )
     stats = QueueStats(queue.name, queue.rate_per_minute, total=queue.prompts, skipped=queue.already_done)
     state.stats[queue.name] = stats
     done = finished_lines(plan.paths) if plan.resumed else set()
     journal = Journal(plan.paths)
-    log.info("queue %s: %d prompts at %d/min (%d already done)", queue.name, queue.prompts, queue.rate_per_minute, queue.already_done)
+    pacer = runtime.pacer_for(plan.run_id, queue.name, queue.target, queue.rate_per_minute, queue.tokens_per_minute, settings.max_in_flight)
+    tpm = f", {queue.tokens_per_minute:g} tokens/min" if queue.tokens_per_minute else ""
+    log.info("queue %s: %d prompts at %g/min%s (%d already done)", queue.name, queue.prompts, queue.rate_per_minute, tpm, queue.already_done)
+    ctx = QueueContext(
+        state.clients, pacer, journal, stats,
+        policy or RetryPolicy(max_attempts=settings.max_attempts), state.stop, state.spend, state.budget,
+    )  # fmt: skip
     try:
-        await run_queue(
-            _queue_items(plan, queue.name, done),
-            clients=state.clients,
-            pacer=Pacer(queue.rate_per_minute, plan.settings.max_in_flight),
-            journal=journal,
-            stats=stats,
-            policy=policy or RetryPolicy(max_attempts=plan.settings.max_attempts),
-            stop=runtime.stop_event(),
-        )
+        await run_queue(_queue_items(plan, queue.name, done), ctx)
     finally:
         journal.close()
     log.info(
-        "queue %s: %d answered, %d failed, %d retries in %.1fs%s",
-        queue.name, stats.answered, stats.failed, stats.retries, stats.elapsed, " (stopped)" if stats.stopped else "",
+        "queue %s: %d answered, %d failed, %d retries, %d rate-limited in %.1fs, rate at end %.0f/min%s",
+        queue.name, stats.answered, stats.failed, stats.retries, stats.rate_limited, stats.elapsed, pacer.rate,
+        " (stopped)" if stats.stopped else "",
     )
     return stats.as_dict()
 
@@ -249,6 +280,8 @@ def _count_lines(path: Path) -> int:
 async def finish(plan: Plan, queue_stats: list[dict[str, Any]]) -> dict[str, Any]:
     """Tables and summary; when every prompt has landed, close the run prompto's way
     (input moved next to its outputs). An unfinished run stays resumable."""
+    state = runtime.get_run(plan.run_id)
+    spend = state.spend if state else None
     await runtime.close_run(plan.run_id)
     paths = plan.paths
     answered, failed = _count_lines(paths.completed), _count_lines(paths.failed)
@@ -273,10 +306,26 @@ async def finish(plan: Plan, queue_stats: list[dict[str, Any]]) -> dict[str, Any
         "complete": complete,
         "resumed": plan.resumed,
         "retries": sum(q["retries"] for q in queue_stats),
+        "rate_limited": sum(q["rate_limited"] for q in queue_stats),
+        "budget_stop": next((q["budget_stop"] for q in queue_stats if q.get("budget_stop")), None),
+        "cost": _cost_summary(spend),
         "wall_s": max((q["wall_s"] for q in queue_stats), default=0.0),
         "queues": queue_stats,
         "models": per_model.to_dicts(),
         "outputs": {k: str(v) for k, v in outputs.items() if Path(v).exists()},
+    }
+
+
+def _cost_summary(spend: Spend | None) -> dict[str, Any] | None:
+    """This session's tokens and estimated cost (a resumed run counts what it sent itself)."""
+    if spend is None:
+        return None
+    return {
+        "input_tokens": spend.input_tokens,
+        "output_tokens": spend.output_tokens,
+        "estimated_usd": round(spend.cost, 6),
+        "unpriced_models": sorted(spend.unpriced),
+        "by_model": spend.by_model,
     }
 
 

@@ -1,32 +1,40 @@
-"""What the queues of a run share inside one process and cannot receive as parameters:
-provider clients, live queue stats for the progress display, and the stop signal.
-
-Prefect task parameters stay paths and plans; the tasks look these up by run id.
+"""What the queues of runs share inside one process and cannot receive as parameters:
+provider clients, spend, live queue stats, pacers shared by model and key, and the stop
+signals. Prefect task parameters stay paths and plans; tasks look these up by run id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass, field
 
+from promptfleet.costs import Budget, Spend
 from promptfleet.engine import QueueStats
-from promptfleet.providers import Clients
-from promptfleet.providers.base import ProviderOptions
+from promptfleet.limiter import Pacer
+from promptfleet.providers import Clients, provider_class
+from promptfleet.providers.base import ProviderOptions, resolve_env
 
 
 @dataclass
 class RunState:
     clients: Clients
+    spend: Spend
+    budget: Budget
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
     stats: dict[str, QueueStats] = field(default_factory=dict)
 
 
 _runs: dict[str, RunState] = {}
+_pacers: dict[tuple, Pacer] = {}
 _stop: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
 
-def open_run(run_id: str, options: ProviderOptions) -> RunState:
+def open_run(run_id: str, options: ProviderOptions, spend: Spend, budget: Budget) -> RunState:
     if run_id not in _runs:
-        _runs[run_id] = RunState(Clients(options))
+        _runs[run_id] = RunState(Clients(options), spend, budget)
+        if stop_event().is_set():
+            _runs[run_id].stop.set()
     return _runs[run_id]
 
 
@@ -43,6 +51,23 @@ async def close_run(run_id: str) -> None:
         await state.clients.aclose()
 
 
+def pacer_for(run_id: str, queue: str, target: str | None, rpm: float, tpm: float | None, max_in_flight: int) -> Pacer:
+    """One pacer per model and credentials in this process, so queues of several runs that
+    hit the same model with the same key share its limit (the first one sets the ceiling).
+    A queue that mixes models keeps a pacer of its own."""
+    if target is None:
+        key: tuple = ("queue", run_id, queue)
+    else:
+        api, _, model = target.partition("/")
+        cls = provider_class(api)
+        creds = sorted(resolve_env(cls.required_env + cls.optional_env, model).items())
+        key = ("model", target, hashlib.sha256(repr(creds).encode()).hexdigest())
+    pacer = _pacers.get(key)
+    if pacer is None or pacer.loop is not asyncio.get_running_loop():
+        pacer = _pacers[key] = Pacer(rpm, max_in_flight, tpm)
+    return pacer
+
+
 def stop_event() -> asyncio.Event:
     """The process-wide 'stop sending' signal (Ctrl-C, SIGTERM), bound to the running loop."""
     global _stop
@@ -54,3 +79,9 @@ def stop_event() -> asyncio.Event:
 
 def request_stop() -> None:
     stop_event().set()
+    for run in _runs.values():
+        run.stop.set()
+
+
+def reset_stop() -> None:
+    stop_event().clear()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from promptfleet import Experiment, Settings, runs, runtime
-from promptfleet.engine import QueueStats, RetryPolicy, run_queue
+from promptfleet.engine import QueueContext, QueueStats, RetryPolicy, run_queue
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderOptions
@@ -168,7 +168,7 @@ async def test_stop_leaves_the_rest_resumable_and_resume_sends_nothing_twice(tmp
     await stopper
     assert not first["complete"] and 0 < first["answered"] < 40
     assert (settings.input_folder / "exp.jsonl").exists()  # stays in input/ until complete
-    runtime.stop_event().clear()
+    runtime.reset_stop()
 
     second = await Experiment(path, settings).process()
     assert second["resumed"] and second["complete"] and second["answered"] == 40
@@ -191,7 +191,7 @@ async def test_run_queue_journals_each_answer_as_it_lands(tmp_path: Path):
     items = [(i, {"api": "test", "model_name": "m", "prompt": f"p{i}", "parameters": {"latency": 0.01}}) for i in range(1, 21)]
     watcher = asyncio.create_task(watch())
     stats = QueueStats("q", 600)
-    await run_queue(iter(items), clients=Clients(ProviderOptions()), pacer=Pacer(600), journal=journal, stats=stats)
+    await run_queue(iter(items), QueueContext(Clients(ProviderOptions()), Pacer(600), journal, stats))
     watcher.cancel()
     journal.close()
     assert stats.answered == 20
