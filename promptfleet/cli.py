@@ -35,6 +35,10 @@ Parallel = Annotated[bool, typer.Option("--parallel", "-p", help="One queue per 
 MaxQueriesJson = Annotated[
     Optional[Path], typer.Option("--max-queries-json", "-mqj", help="JSON of rate limits per api/group/model.")
 ]
+Prices = Annotated[Optional[Path], typer.Option("--prices", help="JSON of USD per million tokens per model (extends ours).")]
+RateShare = Annotated[
+    float, typer.Option("--rate-share", min=0.01, max=1.0, help="This process's share of every rate (several workers, one key).")
+]
 
 
 def _load_env(env_file: Path) -> None:
@@ -73,6 +77,10 @@ def run(
     output_as_csv: Annotated[bool, typer.Option("--output-as-csv", help="Also write the results as CSV.")] = False,
     max_in_flight: Annotated[int, typer.Option(min=1, help="Cap on requests in flight per queue.")] = 512,
     timeout: Annotated[float, typer.Option(help="Seconds before a request times out.")] = 120.0,
+    max_cost: Annotated[Optional[float], typer.Option(help="Stop sending when the estimated cost (USD) reaches this.")] = None,
+    max_tokens_total: Annotated[Optional[int], typer.Option(help="Stop sending when this many tokens were used.")] = None,
+    prices: Prices = None,
+    rate_share: RateShare = 1.0,
 ) -> None:
     """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume."""
     _load_env(env_file)
@@ -87,6 +95,10 @@ def run(
         output_as_csv=output_as_csv,
         max_in_flight=max_in_flight,
         timeout=timeout,
+        max_cost=max_cost,
+        max_tokens_total=max_tokens_total,
+        prices=prices,
+        rate_share=rate_share,
     )
     try:  # refuse a bad file in a second, before Prefect starts (env vars may still come from Secret blocks)
         found = inspect(file, settings)
@@ -159,7 +171,13 @@ def _print_inspection(found) -> None:
         err.print(f"{found.file}: env: {where} needs {', '.join(names)} (not set)", markup=False, highlight=False)
     out.print(f"{found.file}: {found.prompts} valid prompt(s), {found.issue_count} bad line(s)")
     for queue in found.queues.values():
-        out.print(f"  queue {queue.name}: {queue.prompts} prompt(s) at {queue.rate_per_minute:g}/min")
+        tpm = f", {queue.tokens_per_minute:g} tokens/min" if queue.tokens_per_minute else ""
+        out.print(f"  queue {queue.name}: {queue.prompts} prompt(s) at {queue.rate_per_minute:g}/min{tpm}")
+    unpriced = f"; no price for {', '.join(found.unpriced_models)}" if found.unpriced_models else ""
+    out.print(
+        f"worst case: {found.worst_case_input_tokens} input + {found.worst_case_output_tokens} output tokens, "
+        f"about ${found.worst_case_cost:.4f}{unpriced} (see --prices)"
+    )
 
 
 @app.command()
@@ -218,12 +236,16 @@ def check(
     max_queries_json: MaxQueriesJson = None,
     move_to_input: MoveToInput = False,
     log_file: Annotated[Optional[Path], typer.Option("--log-file", "-l", help="Also write the report here.")] = None,
+    prices: Prices = None,
 ) -> None:
-    """Validate an experiment file without sending anything: bad lines, queues, missing env vars."""
+    """Validate an experiment file without sending anything: bad lines, queues, missing env
+    vars, and the worst-case tokens and cost."""
     _load_env(env_file)
     from promptfleet.runs import inspect
 
-    settings = _settings(data_folder=data_folder, max_queries=max_queries, parallel=parallel, max_queries_json=max_queries_json)
+    settings = _settings(
+        data_folder=data_folder, max_queries=max_queries, parallel=parallel, max_queries_json=max_queries_json, prices=prices
+    )
     try:
         found = inspect(file, settings)
     except ExperimentError as error:

@@ -42,7 +42,6 @@ class Pacer:
         self._resume_at = 0.0
         self._next_at = 0.0
         self._last_decrease = 0.0
-        self.loop = asyncio.get_running_loop()
 
     async def acquire(self, tokens: int = 0) -> None:
         """Wait for a free in-flight slot, then for this send's turn."""
@@ -97,11 +96,16 @@ class Pacer:
         if self._tokens is not None and extra > 0:
             await self._tokens.acquire(min(float(extra), self._token_bucket))
 
+    def lower_ceiling(self, rate_per_minute: float) -> None:
+        """Never send faster than this again (the even pacing below it is the adaptive gate's)."""
+        if rate_per_minute < self.ceiling:
+            self.ceiling = rate_per_minute
+            self.rate = min(self.rate, rate_per_minute)
+
     def _follow_headers(self, headers: Mapping[str, str]) -> None:
         limit = _number(_first(headers, "x-ratelimit-limit-requests", "anthropic-ratelimit-requests-limit"))
-        if limit and limit < self.ceiling:
-            self.ceiling = limit  # the provider's stated limit is the real ceiling
-            self.rate = min(self.rate, limit)
+        if limit:
+            self.lower_ceiling(limit)  # the provider's stated limit is the real ceiling
         for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
             remaining = _number(_first(headers, f"x-ratelimit-remaining-{kind}", f"anthropic-ratelimit-{kind}-remaining"))
             reset = _seconds_until(_first(headers, f"x-ratelimit-reset-{kind}", f"anthropic-ratelimit-{kind}-reset"))

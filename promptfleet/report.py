@@ -13,10 +13,11 @@ from rich.table import Table
 
 from promptfleet import runtime
 
-QUEUE_COLUMNS = ("queue", "rate_per_minute", "prompts", "already_done", "answered", "failed", "retries", "rate_limited", "latency_p50_s", "latency_p95_s", "wall_s")
+QUEUE_COLUMNS = ("queue", "rate_per_minute", "rate_at_end", "prompts", "already_done", "answered", "failed", "retries", "rate_limited", "latency_p50_s", "latency_p95_s", "wall_s")
 MODEL_COLUMNS = ("api", "model_name", "prompts", "answered", "failed", "latency_p50_s", "latency_p95_s", "input_tokens", "output_tokens")
 LABELS = {
     "rate_per_minute": "rate/min",
+    "rate_at_end": "now/min",
     "already_done": "resumed",
     "rate_limited": "429s",
     "latency_p50_s": "p50 s",
@@ -38,10 +39,16 @@ def _fmt(value: Any) -> str:
 
 def _headline(summary: dict[str, Any]) -> str:
     state = "complete" if summary["complete"] else f"stopped with {summary['unfinished']} unfinished"
+    if summary.get("budget_stop"):
+        state += f" ({summary['budget_stop']})"
     resumed = " (resumed)" if summary["resumed"] else ""
+    cost = summary.get("cost") or {}
+    spent = f", {cost.get('input_tokens', 0) + cost.get('output_tokens', 0)} tokens, about ${cost.get('estimated_usd') or 0:.4f}"
+    if cost.get("unpriced_models"):
+        spent += f" + unpriced {', '.join(cost['unpriced_models'])}"
     return (
         f"{summary['experiment']}{resumed}: {summary['prompts']} prompts, {summary['answered']} answered, "
-        f"{summary['failed']} failed, {summary['retries']} retries, {summary['wall_s']:.1f}s — {state}"
+        f"{summary['failed']} failed, {summary['retries']} retries{spent}, {summary['wall_s']:.1f}s — {state}"
     )
 
 
@@ -72,17 +79,19 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
 
 def _progress_table() -> Table:
     table = Table(title="progress", title_justify="left")
-    for column in ("queue", "rate/min", "done", "answered", "failed", "retries", "in flight", "sent/s"):
+    for column in ("queue", "rate/min", "now/min", "done", "answered", "failed", "retries", "429s", "in flight", "sent/s"):
         table.add_column(column, justify="left" if column == "queue" else "right")
     for run in runtime.active_runs():
         for stats in run.stats.values():
             table.add_row(
                 stats.name,
                 _fmt(stats.rate),
+                _fmt(stats.rate_now or stats.rate),
                 f"{stats.done + stats.skipped}/{stats.total}",
                 str(stats.answered),
                 str(stats.failed),
                 str(stats.retries),
+                str(stats.rate_limited),
                 str(stats.in_flight),
                 f"{stats.sent / max(stats.elapsed, 1e-9):.1f}",
             )
@@ -93,7 +102,10 @@ def _progress_line() -> str:
     parts = []
     for run in runtime.active_runs():
         for s in run.stats.values():
-            parts.append(f"{s.name}: {s.done + s.skipped}/{s.total} done, {s.failed} failed, {s.retries} retries")
+            parts.append(
+                f"{s.name}: {s.done + s.skipped}/{s.total} done, {s.failed} failed, {s.retries} retries, "
+                f"{s.rate_limited} rate-limited, rate {s.rate_now or s.rate:.0f}/min"
+            )
     return "; ".join(parts)
 
 

@@ -251,15 +251,16 @@ async def run_one_queue(plan: Plan, queue: QueuePlan, policy: RetryPolicy | None
     state.stats[queue.name] = stats
     done = finished_lines(plan.paths) if plan.resumed else set()
     journal = Journal(plan.paths)
-    pacer = runtime.pacer_for(plan.run_id, queue.name, queue.target, queue.rate_per_minute, queue.tokens_per_minute, settings.max_in_flight)
     tpm = f", {queue.tokens_per_minute:g} tokens/min" if queue.tokens_per_minute else ""
     log.info("queue %s: %d prompts at %g/min%s (%d already done)", queue.name, queue.prompts, queue.rate_per_minute, tpm, queue.already_done)
-    ctx = QueueContext(
-        state.clients, pacer, journal, stats,
-        policy or RetryPolicy(max_attempts=settings.max_attempts), state.stop, state.spend, state.budget,
-    )  # fmt: skip
+    limits = (queue.rate_per_minute, queue.tokens_per_minute, settings.max_in_flight)
     try:
-        await run_queue(_queue_items(plan, queue.name, done), ctx)
+        with runtime.shared_pacer(plan.run_id, queue.name, queue.target, *limits) as pacer:
+            ctx = QueueContext(
+                state.clients, pacer, journal, stats,
+                policy or RetryPolicy(max_attempts=settings.max_attempts), state.stop, state.spend, state.budget,
+            )  # fmt: skip
+            await run_queue(_queue_items(plan, queue.name, done), ctx)
     finally:
         journal.close()
     log.info(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from promptfleet.costs import Budget, Spend
@@ -26,7 +28,7 @@ class RunState:
 
 
 _runs: dict[str, RunState] = {}
-_pacers: dict[tuple, Pacer] = {}
+_pacers: dict[tuple, tuple[Pacer, int]] = {}
 _stop: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
 
@@ -51,10 +53,11 @@ async def close_run(run_id: str) -> None:
         await state.clients.aclose()
 
 
-def pacer_for(run_id: str, queue: str, target: str | None, rpm: float, tpm: float | None, max_in_flight: int) -> Pacer:
-    """One pacer per model and credentials in this process, so queues of several runs that
-    hit the same model with the same key share its limit (the first one sets the ceiling).
-    A queue that mixes models keeps a pacer of its own."""
+@contextmanager
+def shared_pacer(run_id: str, queue: str, target: str | None, rpm: float, tpm: float | None, max_in_flight: int) -> Iterator[Pacer]:
+    """One pacer per model and credentials while queues use it, so queues of runs going on
+    at once in this process that hit the same model with the same key share its limit (the
+    strictest ceiling wins). A queue that mixes models keeps a pacer of its own."""
     if target is None:
         key: tuple = ("queue", run_id, queue)
     else:
@@ -62,10 +65,20 @@ def pacer_for(run_id: str, queue: str, target: str | None, rpm: float, tpm: floa
         cls = provider_class(api)
         creds = sorted(resolve_env(cls.required_env + cls.optional_env, model).items())
         key = ("model", target, hashlib.sha256(repr(creds).encode()).hexdigest())
-    pacer = _pacers.get(key)
-    if pacer is None or pacer.loop is not asyncio.get_running_loop():
-        pacer = _pacers[key] = Pacer(rpm, max_in_flight, tpm)
-    return pacer
+    if key in _pacers:
+        pacer, users = _pacers[key]
+        pacer.lower_ceiling(rpm)
+    else:
+        pacer, users = Pacer(rpm, max_in_flight, tpm), 0
+    _pacers[key] = (pacer, users + 1)
+    try:
+        yield pacer
+    finally:
+        pacer, users = _pacers[key]
+        if users == 1:
+            del _pacers[key]
+        else:
+            _pacers[key] = (pacer, users - 1)
 
 
 def stop_event() -> asyncio.Event:

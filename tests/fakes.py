@@ -38,6 +38,11 @@ class Seen:
 class FakeState:
     latency: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)  # sent with every response
+    limit: int | None = None  # requests allowed per `window` seconds; more get 429 + Retry-After
+    window: float = 1.0
+    limit_headers: bool = False  # also send OpenAI-style x-ratelimit-* headers
+    accepted: list[float] = field(default_factory=list)
+    rejected: int = 0
     script: dict[str, list[Scripted]] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
     seen: list[Seen] = field(default_factory=list)
@@ -183,6 +188,10 @@ class _Handler(BaseHTTPRequestHandler):
             state.times[text].append(time.monotonic())
             pending = state.script.get(text)
             step = pending.pop(0) if pending else None
+            limit_headers, over = self._enforce_limit(state)
+        if over is not None:
+            body = error(429, "rate limit exceeded")
+            return self._send(429, body, {"retry-after": f"{over:.3f}", **limit_headers})
         if state.latency:
             time.sleep(state.latency)
         if step is not None:
@@ -194,7 +203,31 @@ class _Handler(BaseHTTPRequestHandler):
                 headers = {"retry-after": str(step.retry_after)} if step.retry_after is not None else {}
                 body = step.body if step.body is not None else error(int(step.status), f"fake error {step.status}")
                 return self._send(int(step.status), body, headers)
-        self._send(200, ok(payload, f"answer to: {text}", len(text.split())))
+        self._send(200, ok(payload, f"answer to: {text}", len(text.split())), limit_headers)
+
+    @staticmethod
+    def _enforce_limit(state: FakeState) -> tuple[dict[str, str], float | None]:
+        """A sliding-window request limit, as providers enforce it (called under the lock)."""
+        if state.limit is None:
+            return {}, None
+        now = time.monotonic()
+        recent = [t for t in state.accepted if t > now - state.window]
+        over = None
+        if len(recent) >= state.limit:
+            state.rejected += 1
+            over = recent[0] + state.window - now
+        else:
+            state.accepted.append(now)
+            recent.append(now)
+        headers = {}
+        if state.limit_headers:
+            reset = (recent[0] + state.window - now) if recent else 0.0
+            headers = {
+                "x-ratelimit-limit-requests": str(int(state.limit * 60 / state.window)),
+                "x-ratelimit-remaining-requests": str(max(0, state.limit - len(recent))),
+                "x-ratelimit-reset-requests": f"{max(reset, 0.001) * 1000:.0f}ms",
+            }
+        return headers, over
 
 
 class _QuietServer(ThreadingHTTPServer):
