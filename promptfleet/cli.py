@@ -41,6 +41,10 @@ RateShare = Annotated[
 ]
 
 
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
 def _load_env(env_file: Path) -> None:
     """Read the .env file and route our log lines to Prefect before Prefect is imported."""
     from dotenv import load_dotenv
@@ -81,8 +85,19 @@ def run(
     max_tokens_total: Annotated[Optional[int], typer.Option(help="Stop sending when this many tokens were used.")] = None,
     prices: Prices = None,
     rate_share: RateShare = 1.0,
+    scorers: Annotated[Optional[str], typer.Option("--scorer", "--scorers", help="Comma-separated scorers: match, includes, an entry point or module:function.")] = None,
+    judge_folder: Annotated[Optional[Path], typer.Option("--judge-folder", help="Judge folder (settings.json + templates).")] = None,
+    judge_templates: Annotated[str, typer.Option("--judge-templates", help="Comma-separated template files.")] = "template.txt",
+    judge: Annotated[Optional[str], typer.Option("--judge", help="Comma-separated judge ids from settings.json.")] = None,
+    rephrase_folder: Annotated[Optional[Path], typer.Option("--rephrase-folder", help="Rephrase folder (settings.json + templates).")] = None,
+    rephrase_templates: Annotated[str, typer.Option("--rephrase-templates", help="Comma-separated template files.")] = "template.txt",
+    rephrase_model: Annotated[Optional[str], typer.Option("--rephrase-model", help="Comma-separated rephrase model ids.")] = None,
+    rephrase_parser: Annotated[str, typer.Option("--rephrase-parser", help="'default' (strip quotes and space).")] = "default",
+    remove_original: Annotated[bool, typer.Option("--remove-original", help="Run only the rephrased prompts.")] = False,
+    only_rephrase: Annotated[bool, typer.Option("--only-rephrase", help="Stop after the rephrase experiment.")] = False,
 ) -> None:
-    """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume."""
+    """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume.
+    With --judge-folder/--judge or --rephrase-*, the evaluation is chained (flow `run_study`)."""
     _load_env(env_file)
     from promptfleet.runs import inspect
 
@@ -99,7 +114,14 @@ def run(
         max_tokens_total=max_tokens_total,
         prices=prices,
         rate_share=rate_share,
+        scorers=_split(scorers),
     )
+    if bool(judge_folder) != bool(judge) or bool(rephrase_folder) != bool(rephrase_model):
+        err.print("--judge-folder needs --judge, and --rephrase-folder needs --rephrase-model (and the other way round)")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    if rephrase_parser != "default":
+        err.print("only the 'default' rephrase parser is built in")
+        raise typer.Exit(EXIT_BAD_INPUT)
     try:  # refuse a bad file in a second, before Prefect starts (env vars may still come from Secret blocks)
         found = inspect(file, settings)
     except ExperimentError as error:
@@ -110,17 +132,48 @@ def run(
         raise typer.Exit(EXIT_BAD_INPUT)
 
     from promptfleet.flows import run_experiment
+    from promptfleet.flows.evaluate import run_study
+
+    if judge_folder or rephrase_folder:
+        from promptfleet import judge as judging
+
+        try:  # a bad judge or rephrase folder is refused before anything is sent
+            if judge_folder:
+                judging.load_judge_folder(judge_folder, _split(judge_templates), _split(judge))
+            if rephrase_folder:
+                judging.load_rephrase_folder(rephrase_folder, _split(rephrase_templates), _split(rephrase_model))
+        except ExperimentError as error:
+            _report_issues(error)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+
+        def start():
+            return run_study(
+                file=str(file), settings=settings, move_to_input=move_to_input,
+                judge_folder=str(judge_folder) if judge_folder else None, judges=_split(judge),
+                judge_templates=_split(judge_templates), rephrase_folder=str(rephrase_folder) if rephrase_folder else None,
+                rephrase_models=_split(rephrase_model), rephrase_templates=_split(rephrase_templates),
+                remove_original=remove_original, only_rephrase=only_rephrase,
+            )  # fmt: skip
+    else:
+
+        def start():
+            return run_experiment(file=str(file), settings=settings, move_to_input=move_to_input)
 
     try:
-        summary = asyncio.run(_in_flow(lambda: run_experiment(file=str(file), settings=settings, move_to_input=move_to_input)))
+        result = asyncio.run(_in_flow(start))
     except ExperimentError as error:
         _report_issues(error)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    if summary is None:
+    if result is None:
         raise typer.Exit(EXIT_INTERRUPTED)
-    from promptfleet.report import print_summary
+    from promptfleet.report import print_study, print_summary
 
-    print_summary(summary, Console(width=max(Console().width, 120)))
+    summary = result.get("run", result)
+
+    console = Console(width=max(Console().width, 120))
+    print_summary(summary, console)
+    if "run" in result:
+        print_study(result, console)
     if not summary["complete"]:
         err.print(f"stopped with {summary['unfinished']} prompt(s) unfinished; to resume, run the same command again:")
         err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
@@ -224,6 +277,34 @@ def pipeline(
     if runs is None:
         raise typer.Exit(EXIT_INTERRUPTED)
     err.print(f"pipeline stopped after {runs} run(s)")
+
+
+@app.command()
+def judge(
+    input_file: Annotated[Path, typer.Option("--input-file", "-i", "--experiment-file", help="A completed file (<stamp>-completed-<name>.jsonl).")],
+    judge_folder: Annotated[Path, typer.Option("--judge-folder", "-l", help="Judge folder (settings.json + templates).")],
+    judge: Annotated[str, typer.Option("--judge", "-j", help="Comma-separated judge ids from settings.json.")],
+    judge_templates: Annotated[str, typer.Option("--judge-templates", "-t", help="Comma-separated template files.")] = "template.txt",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Judge experiment file to write [default: ./judge-<name>.jsonl].")] = None,
+) -> None:
+    """Create a judge experiment file from a completed one (prompto_create_judge_file); run it with `promptfleet run`."""
+    from promptfleet import judge as judging
+    from promptfleet.flows.evaluate import run_paths_of
+
+    name = run_paths_of(input_file).name if "-completed-" in input_file.name else input_file.stem
+    out = output or Path(f"judge-{name}.jsonl")
+    failed = run_paths_of(input_file).failed if "-completed-" in input_file.name else None
+    try:
+        made = judging.write_judge_file(input_file, judge_folder, _split(judge_templates), _split(judge), out, failed)
+    except ExperimentError as error:
+        _report_issues(error)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except FileNotFoundError:
+        err.print(f"{input_file}: file not found")
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    Console(soft_wrap=True).print(f"wrote {made['records']} judge prompt(s) to {out}", highlight=False)
+    if made["skipped_failed"]:
+        err.print(f"{made['skipped_failed']} failed prompt(s) not judged: {made['skipped_reason']}")
 
 
 @app.command()

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from promptfleet.costs import Budget, Spend, estimate_tokens
+from promptfleet import scorers
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
 from promptfleet.providers.base import Message, ProviderError, Reply
 from promptfleet.results import Journal, now_stamp
+from promptfleet.scorers import Scorer
 
 log = logging.getLogger("promptfleet.engine")
 
@@ -63,6 +65,7 @@ class QueueStats:
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     latencies: array = field(default_factory=lambda: array("d"))
+    score_keys: set[str] = field(default_factory=set)
 
     @property
     def done(self) -> int:
@@ -91,6 +94,7 @@ class QueueStats:
             "wall_s": round(self.elapsed, 3),
             "stopped": self.stopped,
             "budget_stop": self.budget_stop,
+            "score_keys": sorted(self.score_keys),
         }
 
 
@@ -165,6 +169,7 @@ class QueueContext:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     spend: Spend | None = None
     budget: Budget | None = None
+    scorers: list[Scorer] = field(default_factory=list)
 
 
 async def run_queue(items: Iterable[tuple[int, dict[str, Any]]], ctx: QueueContext, grace: float = 10.0) -> QueueStats:
@@ -233,10 +238,12 @@ async def _handle(line: int, record: dict[str, Any], estimate: int, ctx: QueueCo
             latency = time.monotonic() - sent_at
             stats.latencies.append(latency)
             output = attempt.output()
-            ctx.journal.write(
-                "completed",
-                {**base, **output, "timestamp_sent": first_sent, "latency_s": round(latency, 4), "attempts": n, "input_line": line},
-            )
+            done = {**base, **output, "timestamp_sent": first_sent, "latency_s": round(latency, 4), "attempts": n, "input_line": line}
+            if ctx.scorers:
+                scores = scorers.apply(ctx.scorers, done)
+                done.update(scores)
+                stats.score_keys.update(scores)
+            ctx.journal.write("completed", done)
             stats.answered += 1
             pacer.release()
             _account(record, output.get("usage"), estimate, ctx)

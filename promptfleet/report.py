@@ -52,10 +52,16 @@ def _headline(summary: dict[str, Any]) -> str:
     )
 
 
+def table_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] | None = None) -> str:
+    columns = columns or tuple(rows[0]) if rows else ()
+    if not columns:
+        return "(nothing)"
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
-    def table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
-        head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-        return head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
+    table = table_markdown
 
     outputs = "".join(f"- {kind}: `{path}`\n" for kind, path in summary["outputs"].items())
     return (
@@ -121,3 +127,24 @@ async def show_progress(console: Console, interval: float | None = None) -> None
         await asyncio.sleep(interval or 10)
         if line := _progress_line():
             print(f"[progress {time.monotonic() - last:.0f}s] {line}", file=sys.stderr, flush=True)
+
+
+def print_study(result: dict[str, Any], console: Console) -> None:
+    """What the chained steps made: rephrase runs, the judge run and the study table."""
+    if rephrase := result.get("rephrase"):
+        console.print(_headline(rephrase["rephrase_run"]))
+    if judged := result.get("judge"):
+        made = judged["judge_file"]
+        skipped = f" ({made['skipped_failed']} failed prompt(s) not judged)" if made["skipped_failed"] else ""
+        console.print(f"judge file: {made['file']}: {made['records']} prompt(s){skipped}", soft_wrap=True, highlight=False)
+        console.print(_headline(judged["judge_run"]))
+        study = judged["study"]
+        if study["summary"]:
+            table = Table(title="verdicts per model and judge", title_justify="left")
+            columns = list(study["summary"][0])
+            for column in columns:
+                table.add_column(column)
+            for row in study["summary"]:
+                table.add_row(*(_fmt(row.get(c)) for c in columns))
+            console.print(table)
+        console.print(f"  study     {study['parquet']}\n  study     {study['csv']}", soft_wrap=True, highlight=False)

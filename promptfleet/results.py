@@ -195,7 +195,7 @@ def _as_text(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _row(record: dict[str, Any], status: str) -> dict[str, Any]:
+def _row(record: dict[str, Any], status: str, score_keys: list[str]) -> dict[str, Any]:
     usage = record.get("usage") or {}
     error = record.get("error") or {}
     return {
@@ -217,10 +217,16 @@ def _row(record: dict[str, Any], status: str) -> dict[str, Any]:
         "error_status": error.get("status"),
         "error_message": error.get("message"),
         "parameters": _as_text(record.get("parameters")),
+        **{f"score_{k}": _score(record.get(k)) for k in score_keys},
     }
 
 
-def write_tables(paths: RunPaths, csv: bool = False) -> pl.DataFrame:
+def _score(value: Any) -> float | None:
+    """Scores in the table are numbers (True is 1) so they average; others stay in the JSONL."""
+    return float(value) if isinstance(value, (bool, int, float)) else None
+
+
+def write_tables(paths: RunPaths, csv: bool = False, score_keys: list[str] = ()) -> pl.DataFrame:
     """Parquet (and CSV) of every prompt in the run, one row each; returns a per-model summary.
 
     Rows are flattened through a temporary JSONL file and streamed by polars, so a
@@ -232,18 +238,18 @@ def write_tables(paths: RunPaths, csv: bool = False) -> pl.DataFrame:
             if path.exists():
                 with path.open(encoding="utf-8") as fh:
                     for text in fh:
-                        out.write(json.dumps(_row(json.loads(text), status), ensure_ascii=False) + "\n")
+                        out.write(json.dumps(_row(json.loads(text), status, list(score_keys)), ensure_ascii=False) + "\n")
     try:
-        table = pl.scan_ndjson(flat, schema=TABLE_SCHEMA)
+        table = pl.scan_ndjson(flat, schema=TABLE_SCHEMA | {f"score_{k}": pl.Float64 for k in score_keys})
         table.sort("input_line").sink_parquet(paths.parquet)
         if csv:
             table.sort("input_line").sink_csv(paths.csv)
-        return summarise(pl.scan_parquet(paths.parquet))
+        return summarise(pl.scan_parquet(paths.parquet), score_keys)
     finally:
         flat.unlink(missing_ok=True)
 
 
-def summarise(table: pl.LazyFrame) -> pl.DataFrame:
+def summarise(table: pl.LazyFrame, score_keys: list[str] = ()) -> pl.DataFrame:
     return (
         table.group_by("api", "model_name")
         .agg(
@@ -254,6 +260,7 @@ def summarise(table: pl.LazyFrame) -> pl.DataFrame:
             pl.col("latency_s").quantile(0.95).alias("latency_p95_s"),
             pl.col("input_tokens").sum().alias("input_tokens"),
             pl.col("output_tokens").sum().alias("output_tokens"),
+            *(pl.col(f"score_{k}").mean().alias(f"mean_{k}") for k in score_keys),
         )
         .sort("api", "model_name")
         .collect()

@@ -24,6 +24,7 @@ from promptfleet.experiment import ExperimentError, Issue, check_extension, iter
 from promptfleet.providers import known_apis, provider_class
 from promptfleet.providers.base import ProviderOptions, missing_env
 from promptfleet.queues import Limits, limit_for, load_limits, queue_for
+from promptfleet.scorers import load_scorer
 from promptfleet.results import (
     Journal,
     RunPaths,
@@ -54,6 +55,7 @@ class Settings(BaseModel):
     max_tokens_total: int | None = None
     prices: Path | None = None
     rate_share: float = 1.0  # this process's share of every rate, when several processes share a key
+    scorers: list[str] = []
 
     @property
     def input_folder(self) -> Path:
@@ -259,6 +261,7 @@ async def run_one_queue(plan: Plan, queue: QueuePlan, policy: RetryPolicy | None
             ctx = QueueContext(
                 state.clients, pacer, journal, stats,
                 policy or RetryPolicy(max_attempts=settings.max_attempts), state.stop, state.spend, state.budget,
+                [load_scorer(name) for name in settings.scorers],
             )  # fmt: skip
             await run_queue(_queue_items(plan, queue.name, done), ctx)
     finally:
@@ -287,7 +290,8 @@ async def finish(plan: Plan, queue_stats: list[dict[str, Any]]) -> dict[str, Any
     paths = plan.paths
     answered, failed = _count_lines(paths.completed), _count_lines(paths.failed)
     complete = answered + failed == plan.prompts
-    per_model = write_tables(paths, csv=plan.settings.output_as_csv)
+    score_keys = sorted({k for q in queue_stats for k in q.get("score_keys", [])})
+    per_model = write_tables(paths, csv=plan.settings.output_as_csv, score_keys=score_keys)
     if complete:
         if plan.input_file.exists():
             shutil.move(plan.input_file, paths.input)

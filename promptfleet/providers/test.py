@@ -7,6 +7,8 @@ Parameters it reads (all optional):
   fail_attempts  fail only the first N attempts of a prompt, then answer (default: always)
   retry_after    seconds sent as Retry-After with a failure
   raise_error    "true"/"yes" fails every attempt with a 400 (prompto's test api option)
+  reply_with     "score": answer "Score: N" with N from 1 to 10, derived from the prompt
+                 (a judge stand-in); any other string is answered as it is
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class TestProvider:
         digest = hashlib.sha1(f"{model}\n{question}".encode()).hexdigest()[:8]
         words = len(question.split())
         answer = f"test reply {digest} from {model} to: {question[:200]}"
+        if (reply := parameters.get("reply_with")) is not None:
+            answer = f"Score: {int(digest, 16) % 10 + 1}" if reply == "score" else str(reply)
         return Reply(answer, input_tokens=sum(len(text_of(m).split()) for m in messages), output_tokens=words + 5, finish_reason="stop")
 
     async def aclose(self) -> None:

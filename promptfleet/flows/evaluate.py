@@ -1,0 +1,121 @@
+"""Evaluation flows chained on finished runs: `judge_experiment` (LLM-as-a-judge and the
+study table) and `rephrase_experiment` (prompto's rephrase, then the rephrased run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import acreate_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from promptfleet import judge as judging
+from promptfleet.flows.run_experiment import _artifact_key, run_experiment
+from promptfleet.report import table_markdown
+from promptfleet.results import RunPaths
+from promptfleet.runs import Settings
+from promptfleet.study import write_study
+
+
+def run_paths_of(completed: Path) -> RunPaths:
+    """The RunPaths of a `<stamp>-completed-<name>.jsonl` file."""
+    stamp, _, name = completed.name.removesuffix(".jsonl").partition("-completed-")
+    return RunPaths(completed.parent, stamp, name)
+
+
+@task(name="create_judge_file", cache_policy=NO_CACHE)
+def create_judge_file(completed: Path, folder: Path, templates: list[str], judges: list[str], out: Path) -> dict[str, Any]:
+    return judging.write_judge_file(completed, folder, templates, judges, out, failed=run_paths_of(completed).failed)
+
+
+@task(name="write_study_table", cache_policy=NO_CACHE)
+def write_study_table(original: RunPaths, judge_run: RunPaths, judges: list[str], templates: list[str]) -> dict[str, Any]:
+    out = original.out_dir / f"{original.stamp}-study-{original.name}"
+    return write_study(original.parquet, [judge_run.completed, judge_run.failed], judges, templates, out)
+
+
+def _judge_flow_name() -> str:
+    from prefect.runtime import flow_run
+
+    return "judge-" + run_paths_of(Path(str(flow_run.parameters["completed"]))).name
+
+
+@flow(name="judge_experiment", flow_run_name=_judge_flow_name, log_prints=True)
+async def judge_experiment(
+    completed: str, judge_folder: str, judges: list[str], templates: list[str] | None = None, settings: Settings | None = None
+) -> dict[str, Any]:
+    """Judge every answer of a finished run, then join answers and verdicts in one table."""
+    settings = settings or Settings()
+    templates = templates or ["template.txt"]
+    original = run_paths_of(Path(completed))
+    judge_file = settings.input_folder / f"judge-{original.name}.jsonl"
+    created = create_judge_file(Path(completed), Path(judge_folder), templates, judges, judge_file)
+    if created["skipped_failed"]:
+        print(f"{created['skipped_failed']} failed prompt(s) not judged: {created['skipped_reason']}")
+    summary = await run_experiment(file=str(judge_file), settings=settings)
+    judge_run = RunPaths(Path(summary["outputs"]["completed"]).parent, Path(summary["outputs"]["completed"]).name.partition("-completed-")[0], judge_file.stem)
+    names = [t.removesuffix(".txt") for t in templates]
+    study = write_study_table(original, judge_run, judges, names)
+    await acreate_markdown_artifact(
+        key=f"study-{_artifact_key(original.name)}",
+        markdown=f"# Study: {original.name}\n\n{table_markdown(study['summary'])}\n\n- table: `{study['parquet']}`\n",
+        description=f"answers and verdicts of {original.name}",
+    )
+    return {"judge_file": created, "judge_run": summary, "study": study}
+
+
+@flow(name="rephrase_experiment", log_prints=True)
+async def rephrase_experiment(
+    file: str,
+    rephrase_folder: str,
+    models: list[str],
+    templates: list[str] | None = None,
+    remove_original: bool = False,
+    only_rephrase: bool = False,
+    settings: Settings | None = None,
+) -> dict[str, Any]:
+    """Rephrase every prompt, then run the rephrased prompts (and the originals) on their models."""
+    settings = settings or Settings()
+    source = Path(file)
+    lines, models_settings = judging.load_rephrase_folder(Path(rephrase_folder), templates or ["template.txt"], models)
+    rephrase_file = settings.input_folder / f"rephrase-{source.stem}.jsonl"
+    judging.write_records(rephrase_file, judging.rephrase_records(source, lines, models_settings))
+    rephrased = await run_experiment(file=str(rephrase_file), settings=settings)
+    result: dict[str, Any] = {"rephrase_run": rephrased}
+    if not only_rephrase:
+        post_file = settings.input_folder / f"post-rephrased-{source.stem}.jsonl"
+        original = None if remove_original else source
+        judging.write_records(post_file, judging.post_rephrase_records(Path(rephrased["outputs"]["completed"]), original))
+        result["post_rephrase_run"] = await run_experiment(file=str(post_file), settings=settings)
+    return result
+
+
+@flow(name="run_study", flow_run_name=lambda: "study-" + Path(str(__import__("prefect").runtime.flow_run.parameters["file"])).stem, log_prints=True)
+async def run_study(
+    file: str,
+    settings: Settings | None = None,
+    move_to_input: bool = False,
+    judge_folder: str | None = None,
+    judges: list[str] | None = None,
+    judge_templates: list[str] | None = None,
+    rephrase_folder: str | None = None,
+    rephrase_models: list[str] | None = None,
+    rephrase_templates: list[str] | None = None,
+    remove_original: bool = False,
+    only_rephrase: bool = False,
+) -> dict[str, Any]:
+    """An experiment with its evaluation chained: rephrase first (if asked), run, then judge."""
+    settings = settings or Settings()
+    result: dict[str, Any] = {}
+    if rephrase_folder:
+        result["rephrase"] = await rephrase_experiment(
+            file, rephrase_folder, rephrase_models or [], rephrase_templates, remove_original, only_rephrase, settings
+        )
+        run = result["rephrase"].get("post_rephrase_run") or result["rephrase"]["rephrase_run"]
+    else:
+        run = await run_experiment(file=file, settings=settings, move_to_input=move_to_input)
+    result["run"] = run
+    if judge_folder and run["complete"] and not only_rephrase:
+        result["judge"] = await judge_experiment(run["outputs"]["completed"], judge_folder, judges or [], judge_templates, settings)
+    return result
