@@ -71,6 +71,7 @@ def test_pipeline_deployment_runs_through_a_worker(tmp_path: Path, prefect_serve
     api, env = prefect_server
     work = tmp_path / "project"
     shutil.copytree(REPO / "data" / "examples", work / "data" / "input")
+    shutil.copytree(REPO / "data" / "judge", work / "data" / "judge")
     write_jsonl(work / "data" / "input" / "broken.jsonl", [{"api": "test", "model_name": "m"}])
 
     run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
@@ -112,3 +113,18 @@ def test_pipeline_deployment_runs_through_a_worker(tmp_path: Path, prefect_serve
     assert event["event"] == "promptfleet.experiment.completed"
     assert event["resource"]["prefect.resource.id"] == "promptfleet.experiment.quickstart"
     assert event["payload"]["answered"] == 11 and json.dumps(event["payload"]["outputs"]).count("quickstart") >= 4
+
+    # The judge deployment's trigger has scheduled a judge run of the finished experiment.
+    [judge_deployment] = httpx.post(f"{api}/deployments/filter", json={"deployments": {"name": {"any_": ["judge"]}}}).json()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        judged = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [judge_deployment["id"]]}}}).json()
+        if judged:
+            break
+        time.sleep(0.5)
+    assert judged, "the completed event did not trigger the judge deployment"
+    worker = run([PREFECT, "worker", "start", "--pool", "promptfleet", "--run-once"], env, work, timeout=180)
+    states = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [judge_deployment["id"]]}}}).json()
+    assert any(s["state_type"] == "COMPLETED" for s in states), [(s["state_type"], s["expected_start_time"], s["parameters"]) for s in states]
+    [study] = out.glob("*-study-quickstart.parquet")
+    assert (work / "data" / "output" / "judge-quickstart").is_dir()

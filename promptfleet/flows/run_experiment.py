@@ -71,7 +71,12 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
     if summary["complete"]:
         emit_event(
             event=COMPLETED_EVENT,
-            resource={"prefect.resource.id": f"promptfleet.experiment.{plan.name}", "prefect.resource.name": plan.name},
+            resource={
+                "prefect.resource.id": f"promptfleet.experiment.{plan.name}",
+                "prefect.resource.name": plan.name,
+                # judge runs say so, so a judge trigger does not judge its own verdicts
+                "promptfleet.role": "judge" if plan.name.startswith("judge-") else "experiment",
+            },
             related=[
                 {"prefect.resource.id": f"promptfleet.file.{path}", "prefect.resource.role": kind}
                 for kind, path in summary["outputs"].items()
