@@ -1,0 +1,1 @@
+"""Reproducible side-by-side benchmarks against local fake servers: `python -m benchmarks`."""

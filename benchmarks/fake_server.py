@@ -1,0 +1,149 @@
+"""A fast fake LLM server for benchmarks (asyncio: starlette + uvicorn), speaking the
+OpenAI, Gemini and Ollama wire protocols, with per-model latency, per-model rate limits
+enforced with 429 + Retry-After, injected faults, a serial mode (one request at a time,
+like a local Ollama), and per-prompt request counts at GET /stats.
+
+    python -m benchmarks.fake_server --port 8123 --config '{"latency": {"default": 0.3}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections import Counter, defaultdict, deque
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+class Fake:
+    def __init__(self, config: dict):
+        self.latency: dict = config.get("latency", {"default": 0.0})
+        self.rpm: dict = config.get("rpm", {})  # model -> requests per window
+        self.window: float = config.get("window", 60.0)
+        self.faults: dict = config.get("faults", {})  # {"429": p, "500": p, "retry_after": s}
+        self.serial = asyncio.Lock() if config.get("serial") else None
+        self.calls: Counter = Counter()
+        self.answered: Counter = Counter()
+        self.rejected = 0
+        self.seen: dict[str, deque] = defaultdict(deque)
+        self.random = random.Random(config.get("seed", 7))
+
+    def _limited(self, model: str) -> float | None:
+        limit = self.rpm.get(model, self.rpm.get("default"))
+        if not limit:
+            return None
+        now = time.monotonic()
+        seen = self.seen[model]
+        while seen and seen[0] <= now - self.window:
+            seen.popleft()
+        if len(seen) >= limit:
+            return seen[0] + self.window - now
+        seen.append(now)
+        return None
+
+    async def answer(self, model: str, text: str) -> tuple[int, dict, dict]:
+        self.calls[text] += 1
+        if (wait := self._limited(model)) is not None:
+            self.rejected += 1
+            return 429, {"retry-after": f"{max(wait, 0.05):.2f}"}, {}
+        roll = self.random.random()
+        if roll < self.faults.get("429", 0):
+            return 429, {"retry-after": str(self.faults.get("retry_after", 1))}, {}
+        if roll < self.faults.get("429", 0) + self.faults.get("500", 0):
+            return 500, {}, {}
+        delay = self.latency.get(model, self.latency.get("default", 0.0))
+        if self.serial:
+            async with self.serial:
+                await asyncio.sleep(delay)
+        else:
+            await asyncio.sleep(delay)
+        self.answered[text] += 1
+        return 200, {}, {"text": f"answer to: {text}", "n": len(text.split())}
+
+
+def build(fake: Fake) -> Starlette:
+    async def openai(request: Request) -> Response:
+        body = json.loads(await request.body())
+        content = body["messages"][-1]["content"]
+        text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+        status, headers, out = await fake.answer(body["model"], text)
+        if status != 200:
+            return JSONResponse({"error": {"message": f"fake {status}", "type": "fake"}}, status, headers)
+        n = out["n"]
+        return JSONResponse({
+            "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": n, "completion_tokens": n + 2, "total_tokens": 2 * n + 2},
+        })  # fmt: skip
+
+    async def gemini(request: Request) -> Response:
+        body = json.loads(await request.body())
+        model = request.path_params["model"].removeprefix("models/").split(":")[0]
+        text = " ".join(p.get("text", "") for p in body["contents"][-1]["parts"])
+        status, headers, out = await fake.answer(model, text)
+        if status != 200:
+            return JSONResponse({"error": {"code": status, "message": f"fake {status}", "status": "X"}}, status, headers)
+        n = out["n"]
+        return JSONResponse({
+            "candidates": [{"content": {"role": "model", "parts": [{"text": out["text"]}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": n, "candidatesTokenCount": n + 2, "totalTokenCount": 2 * n + 2},
+        })  # fmt: skip
+
+    async def ollama(request: Request) -> Response:
+        body = json.loads(await request.body())
+        text = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+        status, headers, out = await fake.answer(body["model"], text)
+        if status != 200:
+            return JSONResponse({"error": f"fake {status}"}, status, headers)
+        n = out["n"]
+        reply = {"model": body["model"], "created_at": "2026-01-01T00:00:00Z", "done": True, "done_reason": "stop",
+                 "prompt_eval_count": n, "eval_count": n + 2}  # fmt: skip
+        if "messages" in body:
+            reply["message"] = {"role": "assistant", "content": out["text"]}
+        else:
+            reply["response"] = out["text"]
+        return JSONResponse(reply)
+
+    async def tags(request: Request) -> Response:  # Ollama's model list, which clients check
+        return JSONResponse({"models": [{"name": "llama3", "model": "llama3"}]})
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse({"calls": dict(fake.calls), "answered": dict(fake.answered), "rejected": fake.rejected,
+                             "requests": sum(fake.calls.values())})  # fmt: skip
+
+    async def reset(request: Request) -> Response:
+        fake.calls.clear()
+        fake.answered.clear()
+        fake.rejected = 0
+        fake.seen.clear()
+        return JSONResponse({})
+
+    return Starlette(routes=[
+        Route("/v1/chat/completions", openai, methods=["POST"]),
+        Route("/{version}/models/{model:path}", gemini, methods=["POST"]),
+        Route("/api/chat", ollama, methods=["POST"]),
+        Route("/api/generate", ollama, methods=["POST"]),
+        Route("/api/tags", tags),
+        Route("/stats", stats),
+        Route("/reset", reset, methods=["POST"]),
+    ])  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--config", default="{}")
+    args = parser.parse_args()
+    uvicorn.run(build(Fake(json.loads(args.config))), host="127.0.0.1", port=args.port, log_level="warning",
+                backlog=4096, timeout_keep_alive=60)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
