@@ -30,9 +30,7 @@ async def run_promptfleet(file: Path, data: Path, mq: int, ma: int, parallel: bo
         mqj.write_text(json.dumps(limits))
     summary = await Experiment(file, Settings(data_folder=data, max_queries=mq, max_attempts=ma, parallel=parallel,
                                               max_queries_json=mqj, timeout=60)).process()  # fmt: skip
-    completed = [json.loads(x) for x in Path(summary["outputs"]["completed"]).read_text().splitlines()]
-    return {"answered": summary["answered"], "failed": summary["failed"], "answered_ids": [r.get("id") for r in completed],
-            "queues": {q["queue"]: q["wall_s"] for q in summary["queues"]}}  # fmt: skip
+    return {"answered": summary["answered"], "failed": summary["failed"], "queues": {q["queue"]: q["wall_s"] for q in summary["queues"]}}
 
 
 async def run_prompto(file: Path, data: Path, mq: int, ma: int, parallel: bool, limits: dict) -> dict:
@@ -49,7 +47,7 @@ async def run_prompto(file: Path, data: Path, mq: int, ma: int, parallel: bool, 
     responses, _ = await experiment.process()
     failed = [r for r in responses if isinstance(r.get("response"), str) and r["response"].startswith(("NotImplementedError", "Exception", "ValueError", "RateLimitError", "InternalServerError", "APIStatusError", "ResponseError", "ResourceExhausted"))]  # noqa: E501
     # prompto writes failures into `response` after its last attempt
-    return {"answered": len(responses) - len(failed), "failed": len(failed), "answered_ids": [r.get("id") for r in responses if r not in failed]}
+    return {"answered": len(responses) - len(failed), "failed": len(failed)}
 
 
 def main() -> None:
