@@ -260,7 +260,7 @@ def prefect_overhead() -> list[str]:
                 time.sleep(0.5)
         engine = run("promptfleet", "prefect-engine", rows, {}, mq=RATE)
         walls = []
-        for i in range(2):  # the first run also creates the flow; the second is warm
+        for _ in range(2):  # the first run also creates the flow; the second is warm
             data = WORK / "data" / f"prefect-{time.time_ns()}"
             start = time.monotonic()
             subprocess.run([sys.executable, "-m", "promptfleet.cli", "run", "-f", str(file), "-d", str(data), "-mq", str(RATE)],

@@ -17,8 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from promptfleet.costs import Budget, Spend, estimate_tokens
 from promptfleet import scorers
+from promptfleet.costs import Budget, Spend, estimate_tokens
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
 from promptfleet.providers.base import Message, ProviderError, Reply

@@ -33,7 +33,6 @@ class Pacer:
             raise ValueError("rate must be positive")
         self.ceiling = float(rate_per_minute)
         self.rate = self.ceiling
-        self.rate_limited = 0
         burst = max(1, int(rate_per_minute / 60 / 100))
         self._limiter = AsyncLimiter(burst, burst * 60 / rate_per_minute)
         self._token_bucket = max(1.0, tokens_per_minute / 6) if tokens_per_minute else 0.0
@@ -81,7 +80,6 @@ class Pacer:
             self._follow_headers(headers)
 
     def on_rate_limited(self, retry_after: float | None, headers: Mapping[str, str] | None = None) -> None:
-        self.rate_limited += 1
         now = time.monotonic()
         if now - self._last_decrease >= COOLDOWN_S:  # many 429s of one burst count once
             self.rate = max(self.ceiling * MIN_FRACTION, self.rate * DECREASE)

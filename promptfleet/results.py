@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -226,28 +227,35 @@ def _score(value: Any) -> float | None:
     return float(value) if isinstance(value, (bool, int, float)) else None
 
 
-def write_tables(paths: RunPaths, csv: bool = False, score_keys: list[str] = ()) -> pl.DataFrame:
+def write_tables(paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000) -> pl.DataFrame:
     """Parquet (and CSV) of every prompt in the run, one row each (answers, then failures, as they
     landed; `input_line` gives the input order); returns a per-model summary.
 
-    Rows are flattened through a temporary JSONL file and streamed by polars, so a
-    million-line run does not need to fit in memory.
+    Rows go to Parquet parts `batch` at a time, which polars then streams into one file, so a
+    million-line run needs the memory of one batch (polars' NDJSON reader would hold it all).
     """
-    flat = paths.out_dir / f".{paths.stamp}-table-{paths.name}.jsonl"
-    with flat.open("w", encoding="utf-8") as out:
-        for path, status in ((paths.completed, "completed"), (paths.failed, "failed")):
-            if path.exists():
-                with path.open(encoding="utf-8") as fh:
-                    for text in fh:
-                        out.write(json.dumps(_row(json.loads(text), status, list(score_keys)), ensure_ascii=False) + "\n")
+    schema = TABLE_SCHEMA | {f"score_{k}": pl.Float64 for k in score_keys}
+    parts = paths.out_dir / f".{paths.stamp}-table-{paths.name}"
+    parts.mkdir(exist_ok=True)
     try:
-        table = pl.scan_ndjson(flat, schema=TABLE_SCHEMA | {f"score_{k}": pl.Float64 for k in score_keys})
-        table.sink_parquet(paths.parquet)  # in the order answers landed; not sorted, to stay streaming
+        rows: list[dict[str, Any]] = []
+        for path, status in ((paths.completed, "completed"), (paths.failed, "failed")):
+            if not path.exists():
+                continue
+            with path.open(encoding="utf-8") as fh:
+                for text in fh:
+                    rows.append(_row(json.loads(text), status, list(score_keys)))
+                    if len(rows) == batch:
+                        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{len(list(parts.iterdir())):06d}.parquet")
+                        rows = []
+        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{len(list(parts.iterdir())):06d}.parquet")
+        table = pl.scan_parquet(parts / "*.parquet")
+        table.sink_parquet(paths.parquet)
         if csv:
             table.sink_csv(paths.csv)
-        return summarise(pl.scan_parquet(paths.parquet), score_keys)
     finally:
-        flat.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    return summarise(pl.scan_parquet(paths.parquet), score_keys)
 
 
 def summarise(table: pl.LazyFrame, score_keys: list[str] = ()) -> pl.DataFrame:

@@ -123,7 +123,7 @@ def test_pipeline_deployment_runs_through_a_worker(tmp_path: Path, prefect_serve
             break
         time.sleep(0.5)
     assert judged, "the completed event did not trigger the judge deployment"
-    worker = run([PREFECT, "worker", "start", "--pool", "promptfleet", "--run-once"], env, work, timeout=180)
+    run([PREFECT, "worker", "start", "--pool", "promptfleet", "--run-once"], env, work, timeout=180)
     states = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [judge_deployment["id"]]}}}).json()
     assert any(s["state_type"] == "COMPLETED" for s in states), [(s["state_type"], s["expected_start_time"], s["parameters"]) for s in states]
     [study] = out.glob("*-study-quickstart.parquet")

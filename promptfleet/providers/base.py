@@ -11,7 +11,7 @@ import mimetypes
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -184,20 +184,3 @@ def text_of(message: Message) -> str:
     parts = content if isinstance(content, list) else [content]
     texts = [p if isinstance(p, str) else p.get("text", p.get("media", "")) for p in parts if p is not None]
     return " ".join(t for t in texts if isinstance(t, str))
-
-
-@dataclass
-class Usage:
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    calls: int = 0
-    finish_reasons: list[str] = field(default_factory=list)
-
-    def add(self, reply: Reply) -> None:
-        self.calls += 1
-        if reply.input_tokens is not None:
-            self.input_tokens = (self.input_tokens or 0) + reply.input_tokens
-        if reply.output_tokens is not None:
-            self.output_tokens = (self.output_tokens or 0) + reply.output_tokens
-        if reply.finish_reason:
-            self.finish_reasons.append(reply.finish_reason)
