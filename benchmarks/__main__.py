@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import httpx
 
@@ -73,10 +73,12 @@ def stats(url: str) -> dict:
     return httpx.get(f"{url}/stats", timeout=10).json()
 
 
-def experiment(name: str, rows: list[dict]) -> Path:
+def experiment(name: str, rows: Iterable[dict]) -> Path:
     path = WORK / "files" / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with path.open("w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
     return path
 
 
@@ -85,7 +87,7 @@ def prompts(api: str, n: int, model: str | None = None, tag: str = "") -> list[d
     return [{"id": f"{api}-{model}-{tag}{i}", "api": api, "model_name": model, "prompt": f"{api} {model} {tag} question {i}"} for i in range(n)]
 
 
-def run(tool: str, name: str, rows: list[dict], env: dict, mq: int = RATE, parallel: bool = False, limits: dict | None = None,
+def run(tool: str, name: str, rows: Iterable[dict], env: dict, mq: int = RATE, parallel: bool = False, limits: dict | None = None,
         ma: int = 5, timeout: float = 900) -> dict:  # fmt: skip
     file = experiment(name, rows)
     data = WORK / "data" / f"{tool}-{name}-{time.time_ns()}"
@@ -189,7 +191,7 @@ def high_rate() -> list[str]:
 def memory() -> list[str]:
     out = ["## 5. Memory: the `test` provider, peak RSS", "", "| tool | prompts | wall s | peak RSS MB |", "|---|---|---|---|"]
     for tool, n in (("promptfleet", 100_000), ("promptfleet", 1_000_000), ("prompto", 100_000)):
-        rows = [{"id": i, "api": "test", "model_name": "test-m", "prompt": f"question {i}", "parameters": {"raise_error": "False"}} for i in range(n)]
+        rows = ({"id": i, "api": "test", "model_name": "test-m", "prompt": f"question {i}", "parameters": {"raise_error": "False"}} for i in range(n))
         r = run(tool, f"mem-{n}", rows, {}, mq=6_000_000, timeout=1800)
         out.append(f"| {tool} | {n:,} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     return out + ["", "prompto's `test` api sleeps 1 s per prompt and holds every record in memory; it is measured at 100,000 prompts.", ""]

@@ -17,8 +17,11 @@ from pathlib import Path
 
 
 def usage() -> tuple[float, float]:
+    """CPU seconds and peak RSS in MB. The peak is VmHWM: ru_maxrss survives exec on Linux
+    and would report the (large) harness that started us."""
     r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime, r.ru_maxrss / 1024
+    hwm = next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM"))
+    return r.ru_utime + r.ru_stime, int(hwm) / 1024
 
 
 async def run_promptfleet(file: Path, data: Path, mq: int, ma: int, parallel: bool, limits: dict) -> dict:
