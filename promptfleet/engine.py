@@ -285,7 +285,7 @@ def _account(record: dict[str, Any], usage: dict[str, Any] | None, estimate: int
     if not usage:
         return
     used = (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0)
-    if used > estimate:
+    if used > estimate and ctx.pacer.limits_tokens:
         asyncio.ensure_future(ctx.pacer.charge_tokens(used - estimate))
     if ctx.spend is None:
         return

@@ -89,6 +89,10 @@ class Pacer:
         if headers:
             self._follow_headers(headers)
 
+    @property
+    def limits_tokens(self) -> bool:
+        return self._tokens is not None
+
     async def charge_tokens(self, extra: int) -> None:
         """Take tokens the estimate missed (the API reported more than we guessed)."""
         if self._tokens is not None and extra > 0:
