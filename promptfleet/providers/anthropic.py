@@ -16,6 +16,7 @@ from promptfleet.providers.base import (
     ProviderError,
     ProviderOptions,
     Reply,
+    content_parts,
     error_from_sdk,
     rate_limit_headers,
     read_media,
@@ -40,14 +41,12 @@ def _content(message: Message, options: ProviderOptions) -> Any:
     if isinstance(content, str):
         return content
     blocks = []
-    for part in content if isinstance(content, list) else [content]:
+    for part in content_parts(message):
         if isinstance(part, str):
             blocks.append({"type": "text", "text": part})
         elif part.get("type") == "image":
             mime, data = read_media(options.media_dir, part["media"])
             blocks.append({"type": "image", "source": {"type": "base64", "media_type": mime, "data": data}})
-        elif part.get("type") == "text":
-            blocks.append({"type": "text", "text": part.get("text", part.get("media", ""))})
         else:
             blocks.append(part)
     return blocks

@@ -176,11 +176,18 @@ def read_media(media_dir: Path, ref: str) -> tuple[str, str]:
     return mime, base64.b64encode(data).decode("ascii")
 
 
+def content_parts(message: Message) -> list[str | dict[str, Any]]:
+    """A message's content (or Gemini-style `parts`) as a list in which text is a plain
+    string and anything else (images, files, API-specific parts) stays a dict."""
+    content = message.get("content", message.get("parts"))
+    parts = content if isinstance(content, list) else [content]
+    return [
+        p.get("text", p.get("media", "")) if isinstance(p, dict) and p.get("type") == "text" else p
+        for p in parts
+        if p is not None
+    ]
+
+
 def text_of(message: Message) -> str:
     """The text of a message whose content may be a list of parts."""
-    content = message.get("content", message.get("parts"))
-    if isinstance(content, str):
-        return content
-    parts = content if isinstance(content, list) else [content]
-    texts = [p if isinstance(p, str) else p.get("text", p.get("media", "")) for p in parts if p is not None]
-    return " ".join(t for t in texts if isinstance(t, str))
+    return " ".join(p for p in content_parts(message) if isinstance(p, str))

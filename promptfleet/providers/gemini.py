@@ -21,6 +21,7 @@ from promptfleet.providers.base import (
     ProviderError,
     ProviderOptions,
     Reply,
+    content_parts,
     error_for_status,
     media_bytes,
 )
@@ -38,16 +39,13 @@ def to_contents(messages: list[Message], options: ProviderOptions) -> tuple[str 
 
 
 def _parts(message: Message, options: ProviderOptions) -> list[types.Part]:
-    content = message.get("parts", message.get("content"))
     parts = []
-    for part in content if isinstance(content, list) else [content]:
+    for part in content_parts(message):
         if isinstance(part, str):
             parts.append(types.Part(text=part))
         elif part.get("type") == "image":
             mime, data = media_bytes(options.media_dir, part["media"])
             parts.append(types.Part.from_bytes(data=data, mime_type=mime))
-        elif part.get("type") == "text":
-            parts.append(types.Part(text=part.get("text", part.get("media", ""))))
         elif part.get("type") == "file":  # a file already uploaded to the Files API
             parts.append(types.Part.from_uri(file_uri=part["media"], mime_type=part.get("mime_type")))
         else:

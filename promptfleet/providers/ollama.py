@@ -17,6 +17,7 @@ from promptfleet.providers.base import (
     ProviderError,
     ProviderOptions,
     Reply,
+    content_parts,
     error_for_status,
     read_media,
 )
@@ -30,13 +31,11 @@ def to_ollama(message: Message, options: ProviderOptions) -> dict[str, Any]:
     if isinstance(content, str):
         return {"role": role, "content": content}
     texts, images = [], []
-    for part in content if isinstance(content, list) else [content]:
+    for part in content_parts(message):
         if isinstance(part, str):
             texts.append(part)
         elif part.get("type") == "image":
             images.append(read_media(options.media_dir, part["media"])[1])
-        else:
-            texts.append(part.get("text", part.get("media", "")))
     out: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
     if images:
         out["images"] = images

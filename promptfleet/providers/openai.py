@@ -18,6 +18,7 @@ from promptfleet.providers.base import (
     ProviderError,
     ProviderOptions,
     Reply,
+    content_parts,
     error_from_sdk,
     rate_limit_headers,
     read_media,
@@ -30,8 +31,8 @@ def to_openai_messages(messages: list[Message], options: ProviderOptions) -> lis
     for message in messages:
         role = "assistant" if message["role"] == "model" else message["role"]
         content = message.get("content", message.get("parts"))
-        if isinstance(content, (list, dict)):
-            content = [_part(p, options) for p in (content if isinstance(content, list) else [content])]
+        if not isinstance(content, str):
+            content = [_part(p, options) for p in content_parts(message)]
         out.append({"role": role, "content": content})
     return out
 
@@ -40,8 +41,6 @@ def _part(part: Any, options: ProviderOptions) -> dict[str, Any]:
     if isinstance(part, str):
         return {"type": "text", "text": part}
     kind = part.get("type")
-    if kind == "text":
-        return {"type": "text", "text": part.get("text", part.get("media", ""))}
     if kind == "image":
         mime, data = read_media(options.media_dir, part["media"])
         return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
