@@ -183,7 +183,7 @@ async def run_queue(items: Iterable[tuple[int, dict[str, Any]]], ctx: QueueConte
 
     async def dispatch() -> None:
         for line, record in items:
-            estimate = sum(estimate_tokens(record))
+            estimate = sum(estimate_tokens(record)) if ctx.pacer.limits_tokens else 0  # only a TPM limit needs it
             await ctx.pacer.acquire(estimate)
             task = asyncio.create_task(_handle(line, record, estimate, ctx))
             tasks.add(task)
@@ -285,7 +285,7 @@ def _account(record: dict[str, Any], usage: dict[str, Any] | None, estimate: int
     if not usage:
         return
     used = (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0)
-    if used > estimate and ctx.pacer.limits_tokens:
+    if ctx.pacer.limits_tokens and used > estimate:
         asyncio.ensure_future(ctx.pacer.charge_tokens(used - estimate))
     if ctx.spend is None:
         return

@@ -53,7 +53,7 @@ def _headline(summary: dict[str, Any]) -> str:
 
 
 def table_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] | None = None) -> str:
-    columns = columns or tuple(rows[0]) if rows else ()
+    columns = columns or (tuple(rows[0]) if rows else ())
     if not columns:
         return "(nothing)"
     head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
@@ -61,12 +61,10 @@ def table_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] | None =
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
-    table = table_markdown
-
     outputs = "".join(f"- {kind}: `{path}`\n" for kind, path in summary["outputs"].items())
     return (
-        f"# {summary['experiment']}\n\n{_headline(summary)}\n\n## Queues\n\n{table(summary['queues'], QUEUE_COLUMNS)}"
-        f"\n## Models\n\n{table(summary['models'], MODEL_COLUMNS)}\n## Outputs\n\n{outputs}"
+        f"# {summary['experiment']}\n\n{_headline(summary)}\n\n## Queues\n\n{table_markdown(summary['queues'], QUEUE_COLUMNS)}"
+        f"\n## Models\n\n{table_markdown(summary['models'], MODEL_COLUMNS)}\n## Outputs\n\n{outputs}"
     )
 
 

@@ -239,6 +239,7 @@ def write_tables(paths: RunPaths, csv: bool = False, score_keys: list[str] = (),
     parts.mkdir(exist_ok=True)
     try:
         rows: list[dict[str, Any]] = []
+        written = 0
         for path, status in ((paths.completed, "completed"), (paths.failed, "failed")):
             if not path.exists():
                 continue
@@ -246,9 +247,9 @@ def write_tables(paths: RunPaths, csv: bool = False, score_keys: list[str] = (),
                 for text in fh:
                     rows.append(_row(json.loads(text), status, list(score_keys)))
                     if len(rows) == batch:
-                        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{len(list(parts.iterdir())):06d}.parquet")
-                        rows = []
-        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{len(list(parts.iterdir())):06d}.parquet")
+                        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
+                        written, rows = written + 1, []
+        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
         table = pl.scan_parquet(parts / "*.parquet")
         table.sink_parquet(paths.parquet)
         if csv:

@@ -91,7 +91,13 @@ async def rephrase_experiment(
     return result
 
 
-@flow(name="run_study", flow_run_name=lambda: "study-" + Path(str(__import__("prefect").runtime.flow_run.parameters["file"])).stem, log_prints=True)
+def _study_flow_name() -> str:
+    from prefect.runtime import flow_run
+
+    return "study-" + Path(str(flow_run.parameters["file"])).stem
+
+
+@flow(name="run_study", flow_run_name=_study_flow_name, log_prints=True)
 async def run_study(
     file: str,
     settings: Settings | None = None,
