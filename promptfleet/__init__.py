@@ -12,9 +12,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from promptfleet import runs
+from promptfleet import run
 from promptfleet.experiment import ExperimentError
-from promptfleet.runs import Plan, Settings
+from promptfleet.config import Settings
+from promptfleet.plan import Plan
 
 __all__ = ["Experiment", "ExperimentError", "Settings"]
 
@@ -36,7 +37,7 @@ class Experiment:
 
     async def process(self) -> dict[str, Any]:
         """Validate, send every prompt, write the outputs; returns the run summary."""
-        self.plan = runs.prepare(self.file, self.settings, self.move_to_input)
-        with runs.run_log(self.plan.paths.log):
-            stats = await asyncio.gather(*(runs.run_one_queue(self.plan, q) for q in self.plan.queues))
-            return await runs.finish(self.plan, list(stats))
+        self.plan = run.prepare(self.file, self.settings, self.move_to_input)
+        with run.run_log(self.plan.paths.log):
+            stats = await asyncio.gather(*(run.run_one_queue(self.plan, q) for q in self.plan.queues))
+            return await run.finish(self.plan, list(stats))

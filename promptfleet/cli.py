@@ -57,7 +57,7 @@ def _load_env(env_file: Path) -> None:
 
 
 def _settings(**values: Any):
-    from promptfleet.runs import Settings
+    from promptfleet.config import Settings
 
     return Settings(**values)
 
@@ -99,7 +99,7 @@ def run(
     """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume.
     With --judge-folder/--judge or --rephrase-*, the evaluation is chained (flow `run_study`)."""
     _load_env(env_file)
-    from promptfleet.runs import inspect
+    from promptfleet.plan import inspect
 
     settings = _settings(
         data_folder=data_folder,
@@ -166,7 +166,7 @@ def run(
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if result is None:
         raise typer.Exit(EXIT_INTERRUPTED)
-    from promptfleet.report import print_study, print_summary
+    from promptfleet.console import print_study, print_summary
 
     summary = result.get("run", result)
 
@@ -184,7 +184,7 @@ async def _in_flow(start: Callable[[], Awaitable[Any]]) -> Any:
     """Run a flow with Ctrl-C/SIGTERM meaning 'stop sending, keep what landed' and a
     live progress display; None when a second interrupt abandoned it."""
     from promptfleet import runtime
-    from promptfleet.report import show_progress
+    from promptfleet.console import show_progress
 
     loop = asyncio.get_running_loop()
     stop = runtime.stop_event()
@@ -247,7 +247,7 @@ def pipeline(
     """Keep running every experiment dropped into DATA/input/ (prompto's pipeline), as the
     Prefect flow `watch_input`; bad files go to DATA/rejected/ with their error report."""
     _load_env(env_file)
-    from promptfleet import pipeline as work, runtime
+    from promptfleet import inbox, runtime
     from promptfleet.flows import watch_input
 
     settings = _settings(
@@ -260,7 +260,7 @@ def pipeline(
         stop = runtime.stop_event()
         runs = 0
         while not stop.is_set():
-            if work.waiting_files(settings.input_folder) or work.requeue_orphans(settings.input_folder):
+            if inbox.waiting_files(settings.input_folder) or inbox.requeue_orphans(settings.input_folder):
                 for summary in await watch_input(settings=settings):
                     runs += 1
                     err.print(f"{summary['experiment']}: {summary['answered']} answered, {summary['failed']} failed", markup=False)
@@ -322,7 +322,7 @@ def check(
     """Validate an experiment file without sending anything: bad lines, queues, missing env
     vars, and the worst-case tokens and cost."""
     _load_env(env_file)
-    from promptfleet.runs import inspect
+    from promptfleet.plan import inspect
 
     settings = _settings(
         data_folder=data_folder, max_queries=max_queries, parallel=parallel, max_queries_json=max_queries_json, prices=prices

@@ -22,7 +22,7 @@ from promptfleet.costs import Budget, Spend, estimate_tokens
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
 from promptfleet.providers.base import Message, ProviderError, Reply
-from promptfleet.results import Journal, now_stamp
+from promptfleet.rundir import Journal, now_stamp
 from promptfleet.scorers import Scorer
 
 log = logging.getLogger("promptfleet.engine")

@@ -81,7 +81,7 @@ def test_flow_records_one_task_per_queue(tmp_path: Path, prefect_api: str):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
 
     from promptfleet.flows import run_experiment
-    from promptfleet.runs import Settings
+    from promptfleet.config import Settings
 
     rows = [{**GOOD, "model_name": "a"}, {**GOOD, "group": "g1"}, {**GOOD, "group": "g2"}]
     path = write_jsonl(tmp_path / "multi.jsonl", rows)

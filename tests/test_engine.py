@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from promptfleet import Experiment, Settings, runs, runtime
+from promptfleet import Experiment, Settings, runtime
+from promptfleet import run as runs
 from promptfleet.engine import QueueContext, QueueStats, RetryPolicy, run_queue
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderOptions
-from promptfleet.results import Journal, RunPaths
+from promptfleet.rundir import Journal, RunPaths
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer, Scripted
 

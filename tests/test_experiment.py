@@ -8,7 +8,8 @@ import pytest
 
 from promptfleet.experiment import ExperimentError, Issue, check_extension, read_records
 from promptfleet.providers import known_apis
-from promptfleet.runs import Settings, inspect
+from promptfleet.config import Settings
+from promptfleet.plan import inspect
 from tests.conftest import write_jsonl
 
 GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}

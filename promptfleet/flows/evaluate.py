@@ -12,9 +12,9 @@ from prefect.cache_policies import NO_CACHE
 
 from promptfleet import judge as judging
 from promptfleet.flows.run_experiment import _artifact_key, run_experiment
-from promptfleet.report import table_markdown
-from promptfleet.results import RunPaths
-from promptfleet.runs import Settings
+from promptfleet.console import table_markdown
+from promptfleet.rundir import RunPaths
+from promptfleet.config import Settings
 from promptfleet.study import write_study
 
 

@@ -18,8 +18,10 @@ from prefect.events import emit_event
 from prefect.runtime import flow_run
 
 from promptfleet import runtime
-from promptfleet.report import summary_markdown
-from promptfleet.runs import Plan, Settings, run_log
+from promptfleet.console import summary_markdown
+from promptfleet.config import Settings
+from promptfleet.plan import Plan
+from promptfleet.run import run_log
 from promptfleet.tasks import load_and_validate, run_queue, write_results
 from promptfleet.tasks.secrets import env_from_secret_blocks
 

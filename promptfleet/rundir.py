@@ -1,5 +1,5 @@
-"""The output folder of a run: file names, the append-only journal, the resume index
-and the result tables.
+"""The output folder of a run: file names, the state file, the append-only journal and
+the resume index.
 
 The completed and failed files *are* the journal: one JSON line per finished prompt,
 appended with a single unbuffered write, so a crash can cost at most a torn last line,
@@ -11,14 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 
 TIMESTAMP_FORMAT = "%d-%m-%Y-%H-%M-%S"  # prompto's, so output names sort and read the same
 
@@ -166,112 +164,3 @@ def finished_lines(paths: RunPaths) -> set[int]:
             for text in fh:
                 done.add(json.loads(text)["input_line"])
     return done
-
-
-TABLE_SCHEMA = {
-    "input_line": pl.Int64,
-    "id": pl.String,
-    "api": pl.String,
-    "model_name": pl.String,
-    "group": pl.String,
-    "status": pl.String,
-    "prompt": pl.String,
-    "response": pl.String,
-    "timestamp_sent": pl.String,
-    "latency_s": pl.Float64,
-    "attempts": pl.Int64,
-    "input_tokens": pl.Int64,
-    "output_tokens": pl.Int64,
-    "finish_reason": pl.String,
-    "error_type": pl.String,
-    "error_status": pl.Int64,
-    "error_message": pl.String,
-    "parameters": pl.String,
-}
-
-
-def _as_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
-
-
-def _row(record: dict[str, Any], status: str, score_keys: list[str]) -> dict[str, Any]:
-    usage = record.get("usage") or {}
-    error = record.get("error") or {}
-    return {
-        "input_line": record.get("input_line"),
-        "id": _as_text(record.get("id")),
-        "api": record.get("api"),
-        "model_name": record.get("model_name"),
-        "group": record.get("group"),
-        "status": status,
-        "prompt": _as_text(record.get("prompt")),
-        "response": _as_text(record.get("response")),
-        "timestamp_sent": record.get("timestamp_sent"),
-        "latency_s": record.get("latency_s"),
-        "attempts": record.get("attempts", error.get("attempts")),
-        "input_tokens": usage.get("input_tokens"),
-        "output_tokens": usage.get("output_tokens"),
-        "finish_reason": record.get("finish_reason"),
-        "error_type": error.get("type"),
-        "error_status": error.get("status"),
-        "error_message": error.get("message"),
-        "parameters": _as_text(record.get("parameters")),
-        **{f"score_{k}": _score(record.get(k)) for k in score_keys},
-    }
-
-
-def _score(value: Any) -> float | None:
-    """Scores in the table are numbers (True is 1) so they average; others stay in the JSONL."""
-    return float(value) if isinstance(value, (bool, int, float)) else None
-
-
-def write_tables(paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000) -> pl.DataFrame:
-    """Parquet (and CSV) of every prompt in the run, one row each (answers, then failures, as they
-    landed; `input_line` gives the input order); returns a per-model summary.
-
-    Rows go to Parquet parts `batch` at a time, which polars then streams into one file, so a
-    million-line run needs the memory of one batch (polars' NDJSON reader would hold it all).
-    """
-    schema = TABLE_SCHEMA | {f"score_{k}": pl.Float64 for k in score_keys}
-    parts = paths.out_dir / f".{paths.stamp}-table-{paths.name}"
-    parts.mkdir(exist_ok=True)
-    try:
-        rows: list[dict[str, Any]] = []
-        written = 0
-        for path, status in ((paths.completed, "completed"), (paths.failed, "failed")):
-            if not path.exists():
-                continue
-            with path.open(encoding="utf-8") as fh:
-                for text in fh:
-                    rows.append(_row(json.loads(text), status, list(score_keys)))
-                    if len(rows) == batch:
-                        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
-                        written, rows = written + 1, []
-        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
-        table = pl.scan_parquet(parts / "*.parquet")
-        table.sink_parquet(paths.parquet)
-        if csv:
-            table.sink_csv(paths.csv)
-    finally:
-        shutil.rmtree(parts, ignore_errors=True)
-    return summarise(pl.scan_parquet(paths.parquet), score_keys)
-
-
-def summarise(table: pl.LazyFrame, score_keys: list[str] = ()) -> pl.DataFrame:
-    return (
-        table.group_by("api", "model_name")
-        .agg(
-            pl.len().alias("prompts"),
-            (pl.col("status") == "completed").sum().alias("answered"),
-            (pl.col("status") == "failed").sum().alias("failed"),
-            pl.col("latency_s").median().alias("latency_p50_s"),
-            pl.col("latency_s").quantile(0.95).alias("latency_p95_s"),
-            pl.col("input_tokens").sum().alias("input_tokens"),
-            pl.col("output_tokens").sum().alias("output_tokens"),
-            *(pl.col(f"score_{k}").mean().alias(f"mean_{k}") for k in score_keys),
-        )
-        .sort("api", "model_name")
-        .collect()
-    )

@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 
 from promptfleet.experiment import EXTENSIONS
-from promptfleet.results import now_stamp
+from promptfleet.rundir import now_stamp
 
 RUNNING = ".running"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from promptfleet import pipeline
+from promptfleet import inbox
 from promptfleet.cli import app
 from tests.conftest import read_jsonl, write_jsonl
 
@@ -18,33 +18,33 @@ GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}
 
 
 def test_waiting_files_oldest_first_and_only_experiments(tmp_path: Path):
-    inbox = tmp_path / "input"
+    folder = tmp_path / "input"
     for i, name in enumerate(["b.jsonl", "a.csv", "notes.txt", ".hidden.jsonl"]):
-        (inbox / name).parent.mkdir(exist_ok=True)
-        (inbox / name).write_text("x")
-        os.utime(inbox / name, (1000 + i, 1000 + i))
-    os.utime(inbox / "a.csv", (900, 900))
-    assert [p.name for p in pipeline.waiting_files(inbox)] == ["a.csv", "b.jsonl"]
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text("x")
+        os.utime(folder / name, (1000 + i, 1000 + i))
+    os.utime(folder / "a.csv", (900, 900))
+    assert [p.name for p in inbox.waiting_files(folder)] == ["a.csv", "b.jsonl"]
 
 
 def test_a_file_can_be_claimed_once(tmp_path: Path):
     path = write_jsonl(tmp_path / "input" / "exp.jsonl", [GOOD])
-    first = pipeline.claim(path)
+    first = inbox.claim(path)
     assert first == tmp_path / "input" / ".running" / "exp.jsonl" and first.exists()
-    assert pipeline.claim(path) is None  # the second poll finds it gone
-    assert pipeline.waiting_files(tmp_path / "input") == []
-    back = pipeline.release(first)
+    assert inbox.claim(path) is None  # the second poll finds it gone
+    assert inbox.waiting_files(tmp_path / "input") == []
+    back = inbox.release(first)
     assert back == path and path.exists() and not first.exists()
 
 
 def test_orphans_of_dead_processes_are_put_back(tmp_path: Path):
     path = write_jsonl(tmp_path / "input" / "exp.jsonl", [GOOD])
-    claimed = pipeline.claim(path)
-    assert pipeline.requeue_orphans(tmp_path / "input") == []  # we are alive
+    claimed = inbox.claim(path)
+    assert inbox.requeue_orphans(tmp_path / "input") == []  # we are alive
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     owner = claimed.with_name(".exp.jsonl.owner")
     owner.write_text(json.dumps({**json.loads(owner.read_text()), "pid": int(dead.stdout)}))
-    assert pipeline.requeue_orphans(tmp_path / "input") == [path]
+    assert inbox.requeue_orphans(tmp_path / "input") == [path]
     assert path.exists() and not owner.exists()
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import polars as pl
 
-from promptfleet.results import Journal, RunPaths, find_unfinished, finished_lines, write_state, write_tables
+from promptfleet.rundir import Journal, RunPaths, find_unfinished, finished_lines, write_state
+from promptfleet.tables import write_tables
 
 
 def test_torn_last_line_is_cut_and_earlier_lines_count(tmp_path: Path):
