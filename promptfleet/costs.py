@@ -12,7 +12,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from promptfleet.providers.base import text_of
+from promptfleet.messages import parse_conversation
 
 OUTPUT_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict", "max_new_tokens")
 DEFAULT_OUTPUT_TOKENS = 1024  # worst case assumed when a prompt does not cap its answer
@@ -33,16 +33,15 @@ def price_of(model: str, prices: dict[str, dict[str, float]]) -> dict[str, float
     return prices[max(matches, key=len)] if matches else None
 
 
-def _turn_texts(prompt: Any) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt]
-    return [p if isinstance(p, str) else text_of(p) for p in prompt]
+def _turn_texts(record: dict[str, Any]) -> list[str]:
+    conv = parse_conversation(record["prompt"])
+    return [m.text for m in conv.messages] + list(conv.later_turns or ())
 
 
 def estimate_tokens(record: dict[str, Any]) -> tuple[int, int]:
     """(input, output) tokens a prompt may use at most: its text at ~4 characters a token,
     its output cap (or DEFAULT_OUTPUT_TOKENS) per request; multi-turn resends history."""
-    texts = _turn_texts(record["prompt"])
+    texts = _turn_texts(record)
     params = record.get("parameters") or {}
     cap = next((int(params[k]) for k in OUTPUT_TOKEN_KEYS if isinstance(params.get(k), (int, float))), DEFAULT_OUTPUT_TOKENS)
     multi_turn = isinstance(record["prompt"], list) and all(isinstance(p, str) for p in record["prompt"])

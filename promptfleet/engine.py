@@ -21,7 +21,9 @@ from promptfleet import scorers
 from promptfleet.costs import Budget, Spend, estimate_tokens
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
-from promptfleet.providers.base import Message, ProviderError, Reply
+from promptfleet.media import MediaError
+from promptfleet.messages import assistant, parse_conversation, user
+from promptfleet.providers.base import ProviderError, Reply
 from promptfleet.rundir import Journal, now_stamp
 from promptfleet.scorers import Scorer
 
@@ -98,33 +100,14 @@ class QueueStats:
         }
 
 
-def conversation(record: dict[str, Any]) -> tuple[list[Message], list[str] | None]:
-    """Messages to send first, and the remaining user turns of a multi-turn prompt."""
-    prompt = record["prompt"]
-    media = [dict(item, type=item.get("type", "image")) for item in record.get("multimedia") or []]
-    if isinstance(prompt, str):
-        return [_user(prompt, media)], None
-    if all(isinstance(p, str) for p in prompt):
-        return [_user(prompt[0], media)], list(prompt[1:])
-    messages = [dict(m) for m in prompt]
-    if media:
-        last = messages[-1]
-        content = last.get("content", last.get("parts"))
-        last["content"] = (content if isinstance(content, list) else [content]) + media
-    return messages, None
-
-
-def _user(text: str, media: list[dict[str, Any]]) -> Message:
-    return {"role": "user", "content": [text, *media] if media else text}
-
-
 class _Attempt:
     """What a prompt has gathered so far; multi-turn progress survives a retried turn."""
 
     __slots__ = ("messages", "turns", "responses", "replies")
 
     def __init__(self, record: dict[str, Any]):
-        self.messages, self.turns = conversation(record)
+        conv = parse_conversation(record["prompt"], record.get("multimedia"))
+        self.messages, self.turns = list(conv.messages), conv.later_turns
         self.responses: list[str] = []
         self.replies: list[Reply] = []
 
@@ -141,9 +124,9 @@ class _Attempt:
             reply = await provider.chat(record["model_name"], self.messages, params)
             pacer.on_success(reply.rate_limits)
             self.replies.append(reply)
-            self.messages = [*self.messages, {"role": "assistant", "content": reply.text}]
+            self.messages = [*self.messages, assistant(reply.text)]
             if len(self.replies) < steps:
-                self.messages.append({"role": "user", "content": self.turns[len(self.replies) - 1]})
+                self.messages.append(user(self.turns[len(self.replies) - 1]))
 
     def output(self) -> dict[str, Any]:
         texts = [r.text for r in self.replies]
@@ -232,6 +215,8 @@ async def _handle(line: int, record: dict[str, Any], estimate: int, ctx: QueueCo
             await attempt.run(ctx.clients, record, pacer, stats)
         except ProviderError as err:
             error = err
+        except MediaError as err:  # a media file swapped or removed after validation
+            error = ProviderError(str(err), kind="bad_request")
         except Exception as err:  # a provider bug must not take the queue down
             error = ProviderError(f"{type(err).__name__}: {err}", kind="unexpected")
         else:

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from promptfleet.media import MediaError, MediaFolder
+from promptfleet.messages import Conversation, LocalMedia, PromptError, parse_conversation
+
 EXTENSIONS = (".jsonl", ".csv")
-CHAT_ROLES = {"system", "user", "assistant", "model"}
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class PromptRecord(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_shape(cls, value: Any) -> Any:
-        check_prompt_shape(value)
+        parse_conversation(value)
         return value
 
     @field_validator("api", "model_name")
@@ -68,65 +70,23 @@ class PromptRecord(BaseModel):
         return value
 
 
-def check_prompt_shape(prompt: Any) -> None:
-    """Accept a string, a non-empty list of strings, or a non-empty list of chat messages."""
-    if isinstance(prompt, str):
-        return
-    if not isinstance(prompt, list) or not prompt:
-        raise ValueError(
-            "must be a string, a non-empty list of strings, or a non-empty list of "
-            "{role, content} messages"
-        )
-    if all(isinstance(p, str) for p in prompt):
-        return
-    for n, message in enumerate(prompt):
-        if not isinstance(message, dict):
-            raise ValueError(f"item {n} is a {type(message).__name__}: mix of strings and messages")
-        role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise ValueError(f"message {n} has role {role!r}; expected one of {sorted(CHAT_ROLES)}")
-        content = message.get("content", message.get("parts"))
-        if not isinstance(content, (str, list, dict)):
-            raise ValueError(f"message {n} has no 'content'")
+MediaCheck = Callable[[dict[str, Any], Conversation], "str | None"]
 
 
-def media_references(record: dict[str, Any]) -> Iterator[str]:
-    """Local media paths a record points at (top-level `multimedia` and inside chat messages)."""
-    for item in record.get("multimedia") or []:
-        if isinstance(item, dict) and item.get("type", "image") != "text" and "media" in item:
-            yield str(item["media"])
-    prompt = record.get("prompt")
-    if not isinstance(prompt, list):
-        return
-    for message in prompt:
-        if not isinstance(message, dict):
-            continue
-        parts = message.get("content", message.get("parts"))
-        for part in parts if isinstance(parts, list) else [parts]:
-            if not isinstance(part, dict):
-                continue
-            if part.get("type") in ("image", "file") and "media" in part:
-                yield str(part["media"])
-            elif part.get("type") == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                if isinstance(url, str) and not url.startswith(("http://", "https://", "data:")):
-                    yield url
-
-
-def check_media(record: dict[str, Any], media_dir: Path) -> str | None:
-    """Refuse media that is missing or outside the media folder (a path must not escape it)."""
-    root = media_dir.resolve()
-    for ref in media_references(record):
-        path = (root / ref).resolve()
-        if not path.is_relative_to(root):
-            return f"media file {ref!r} is outside the media folder {media_dir}"
-        if not path.is_file():
-            return f"media file {ref!r} not found in {media_dir}"
+def check_media(conversation: Conversation, media: MediaFolder) -> str | None:
+    """Refuse local media that is missing or resolves outside the media folder."""
+    for part in conversation.media:
+        if isinstance(part, LocalMedia):
+            try:
+                media.resolve(part.ref)
+            except MediaError as err:
+                return str(err)
     return None
 
 
-def _validate(raw: Any, file: str, line: int, media_dir: Path | None, known_apis: set[str] | None) -> Issue | None:
+def _validate(
+    raw: Any, file: str, line: int, media: MediaFolder | None, known_apis: set[str] | None, check: MediaCheck | None
+) -> Issue | None:
     if not isinstance(raw, dict):
         return Issue(file, line, None, f"expected a JSON object, got {type(raw).__name__}")
     try:
@@ -140,7 +100,13 @@ def _validate(raw: Any, file: str, line: int, media_dir: Path | None, known_apis
         return Issue(file, line, field, message)
     if known_apis is not None and record.api not in known_apis:
         return Issue(file, line, "api", f"unknown api {record.api!r}; known: {', '.join(sorted(known_apis))}")
-    if media_dir is not None and (problem := check_media(raw, media_dir)):
+    try:
+        conversation = parse_conversation(raw["prompt"], raw.get("multimedia"))
+    except PromptError as err:
+        return Issue(file, line, "multimedia", str(err))
+    if media is not None and (problem := check_media(conversation, media)):
+        return Issue(file, line, "multimedia", problem)
+    if check is not None and (problem := check(raw, conversation)):
         return Issue(file, line, "multimedia", problem)
     return None
 
@@ -186,14 +152,16 @@ def _from_csv_row(row: dict[str, str]) -> dict[str, Any]:
 
 
 def read_records(
-    path: Path, media_dir: Path | None = None, known_apis: set[str] | None = None
+    path: Path, media_dir: Path | None = None, known_apis: set[str] | None = None, check: MediaCheck | None = None
 ) -> Iterator[tuple[int, dict[str, Any] | Issue]]:
-    """Stream (line, record) pairs; a bad line comes as an Issue in place of its record."""
+    """Stream (line, record) pairs; a bad line comes as an Issue in place of its record.
+    `check` lets the caller refuse media a record's provider cannot take."""
+    media = MediaFolder(media_dir) if media_dir is not None else None
     for line, raw in _raw_lines(path):
         if isinstance(raw, Issue):
             yield line, raw
             continue
-        issue = _validate(raw, str(path), line, media_dir, known_apis)
+        issue = _validate(raw, str(path), line, media, known_apis, check)
         yield line, issue or raw
 
 

@@ -4,14 +4,16 @@ needs, worst-case tokens and cost, and the queues with their rates."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from promptfleet.config import Settings
 from promptfleet.costs import estimate_tokens, load_prices, price_of
-from promptfleet.experiment import Issue, check_extension, media_references, read_records
+from promptfleet.experiment import Issue, check_extension, read_records
+from promptfleet.messages import Conversation
 from promptfleet.providers import known_apis, provider_class
-from promptfleet.providers.base import missing_env
+from promptfleet.providers.base import media_problem, missing_env
 from promptfleet.queues import limit_for, queue_for
 from promptfleet.rundir import RunPaths
 
@@ -68,6 +70,10 @@ class Inspection(BaseModel):
         return not self.issue_count and not self.missing_env
 
 
+def _media_for_provider(record: dict[str, Any], conversation: Conversation) -> str | None:
+    return media_problem(provider_class(record["api"]), conversation) if conversation.media else None
+
+
 def inspect(file: Path, settings: Settings, done: set[int] = frozenset()) -> Inspection:  # type: ignore[assignment]
     """Stream the file once: schema per line, queue sizes and rates, missing env vars."""
     check_extension(file)
@@ -77,17 +83,13 @@ def inspect(file: Path, settings: Settings, done: set[int] = frozenset()) -> Ins
     prices = load_prices(settings.prices)
     models: set[tuple[str, str]] = set()
     unpriced: set[str] = set()
-    for line, record in read_records(file, settings.media_folder, apis):
+    for line, record in read_records(file, settings.media_folder, apis, _media_for_provider):
         if isinstance(record, Issue):
             result.issue_count += 1
             if len(result.issues) < MAX_REPORTED_ISSUES:
                 result.issues.append(str(record))
             continue
         result.prompts += 1
-        if not provider_class(record["api"]).accepts_images and any(media_references(record)):
-            result.issue_count += 1
-            result.issues.append(str(Issue(str(file), line, "multimedia", f"the {record['api']} api does not take images")))
-            continue
         name = queue_for(record, settings.parallel, limits)
         default = settings.max_queries or provider_class(record["api"]).default_rate_per_minute
         rpm, tpm = limit_for(name, record, settings.parallel, limits, default)

@@ -9,11 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from promptfleet.messages import parse_conversation
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderError, ProviderOptions
 from tests.fakes import FakeServer, Scripted
 
 KEY = "sk-provider-test-key-0123456789"
+
+
+def msgs(raw: list) -> tuple:
+    """Typed messages from the chat shape an experiment file uses."""
+    return parse_conversation(raw).messages
 
 
 def provider_env(api: str, url: str) -> dict[str, str]:
@@ -45,7 +51,7 @@ def make_clients(api: str, server: FakeServer, tmp_path: Path, timeout: float = 
 @pytest.mark.parametrize("api", APIS)
 async def test_answer_usage_and_finish_reason(api: str, server: FakeServer, tmp_path: Path):
     clients = make_clients(api, server, tmp_path)
-    reply = await clients.get(api, "model-x").chat("model-x", [{"role": "user", "content": "hello there"}], {})
+    reply = await clients.get(api, "model-x").chat("model-x", msgs([{"role": "user", "content": "hello there"}]), {})
     await clients.aclose()
     assert reply.text == "answer to: hello there"
     assert (reply.input_tokens, reply.output_tokens) == (2, 4)
@@ -68,7 +74,7 @@ async def test_answer_usage_and_finish_reason(api: str, server: FakeServer, tmp_
 )
 async def test_wire_paths_and_credentials(api, path, header, value, server: FakeServer, tmp_path: Path):
     clients = make_clients(api, server, tmp_path)
-    await clients.get(api, "model-x").chat("model-x", [{"role": "user", "content": "hi"}], {})
+    await clients.get(api, "model-x").chat("model-x", msgs([{"role": "user", "content": "hi"}]), {})
     await clients.aclose()
     [seen] = server.state.seen
     assert re.fullmatch(path, seen.path), seen.path
@@ -87,7 +93,7 @@ async def test_system_messages_and_history_map_to_the_api(api: str, server: Fake
         {"role": "user", "content": "second"},
     ]
     clients = make_clients(api, server, tmp_path)
-    await clients.get(api, "m").chat("m", messages, {})
+    await clients.get(api, "m").chat("m", msgs(messages), {})
     await clients.aclose()
     payload = server.state.requests[0]
     if api == "anthropic":
@@ -102,6 +108,24 @@ async def test_system_messages_and_history_map_to_the_api(api: str, server: Fake
         assert payload["messages"][0]["content"] == "be terse"
 
 
+@pytest.mark.parametrize("api", ["anthropic", "gemini", "vertexai", "openai", "ollama"])
+async def test_a_system_message_made_of_parts_reaches_the_api_as_text(api: str, server: FakeServer, tmp_path: Path):
+    """Once sent as the Python repr "[{'type': 'text', ...}]" to Anthropic and Gemini."""
+    system = {"role": "system", "content": [{"type": "text", "text": "be"}, {"type": "text", "text": "terse"}]}
+    clients = make_clients(api, server, tmp_path)
+    await clients.get(api, "m").chat("m", msgs([system, {"role": "user", "content": "hi"}]), {})
+    await clients.aclose()
+    payload = server.state.requests[0]
+    if api == "anthropic":
+        assert payload["system"] == "be terse"
+    elif api in ("gemini", "vertexai"):
+        assert payload["systemInstruction"]["parts"][0]["text"] == "be terse"
+    elif api == "openai":
+        assert payload["messages"][0]["content"] == [{"type": "text", "text": "be"}, {"type": "text", "text": "terse"}]
+    else:
+        assert payload["messages"][0]["content"] == "be\nterse"
+
+
 @pytest.mark.parametrize("api", ["openai", "azure-openai", "anthropic", "gemini", "vertexai", "ollama"])
 async def test_images_from_the_media_folder_are_encoded(api: str, server: FakeServer, tmp_path: Path):
     image = b"\x89PNG\r\n\x1a\nfake-image-bytes"
@@ -109,7 +133,7 @@ async def test_images_from_the_media_folder_are_encoded(api: str, server: FakeSe
     encoded = base64.b64encode(image).decode()
     clients = make_clients(api, server, tmp_path)
     message = {"role": "user", "content": ["what is this?", {"type": "image", "media": "cat.png"}]}
-    reply = await clients.get(api, "m").chat("m", [message], {})
+    reply = await clients.get(api, "m").chat("m", msgs([message]), {})
     await clients.aclose()
     assert reply.text == "answer to: what is this?"
     payload = server.state.requests[0]
@@ -144,7 +168,7 @@ async def test_failures_map_to_the_taxonomy(api, step, kind, status, retryable, 
     server.state.script["q"] = [step]
     clients = make_clients(api, server, tmp_path, timeout=0.5)
     with pytest.raises(ProviderError) as info:
-        await clients.get(api, "m").chat("m", [{"role": "user", "content": "q"}], {})
+        await clients.get(api, "m").chat("m", msgs([{"role": "user", "content": "q"}]), {})
     await clients.aclose()
     err = info.value
     assert (err.kind, err.retryable, err.retry_after) == (kind, retryable, retry_after)
@@ -160,7 +184,7 @@ async def test_connection_refused_is_retryable(api: str, tmp_path: Path):
         url = dead.url
     clients = Clients(ProviderOptions(media_dir=tmp_path, timeout=2), environ=provider_env(api, url))
     with pytest.raises(ProviderError) as info:
-        await clients.get(api, "m").chat("m", [{"role": "user", "content": "q"}], {})
+        await clients.get(api, "m").chat("m", msgs([{"role": "user", "content": "q"}]), {})
     await clients.aclose()
     assert info.value.kind == "connection" and info.value.retryable
 
@@ -178,7 +202,7 @@ async def test_connection_refused_is_retryable(api: str, tmp_path: Path):
 )
 async def test_parameters_reach_the_api(api, parameters, check, server: FakeServer, tmp_path: Path):
     clients = make_clients(api, server, tmp_path)
-    await clients.get(api, "m").chat("m", [{"role": "user", "content": "q"}], parameters)
+    await clients.get(api, "m").chat("m", msgs([{"role": "user", "content": "q"}]), parameters)
     await clients.aclose()
     assert check(server.state.requests[0]), server.state.requests[0]
 
@@ -186,7 +210,7 @@ async def test_parameters_reach_the_api(api, parameters, check, server: FakeServ
 async def test_unknown_gemini_parameter_is_refused_by_the_sdk(server: FakeServer, tmp_path: Path):
     clients = make_clients("gemini", server, tmp_path)
     with pytest.raises(ProviderError) as info:
-        await clients.get("gemini", "m").chat("m", [{"role": "user", "content": "q"}], {"temprature": 1})
+        await clients.get("gemini", "m").chat("m", msgs([{"role": "user", "content": "q"}]), {"temprature": 1})
     await clients.aclose()
     assert info.value.kind == "bad_request" and not info.value.retryable and "temprature" in info.value.message
     assert server.state.seen == []
@@ -194,7 +218,7 @@ async def test_unknown_gemini_parameter_is_refused_by_the_sdk(server: FakeServer
 
 async def test_unknown_openai_parameter_goes_to_the_server(server: FakeServer, tmp_path: Path):
     clients = make_clients("openai", server, tmp_path)
-    await clients.get("openai", "m").chat("m", [{"role": "user", "content": "q"}], {"temprature": 1})
+    await clients.get("openai", "m").chat("m", msgs([{"role": "user", "content": "q"}]), {"temprature": 1})
     await clients.aclose()
     assert server.state.requests[0]["temprature"] == 1  # not dropped: the real API answers 400 with its reason
 
@@ -221,9 +245,9 @@ async def test_rate_limit_headers_are_surfaced_on_answers_and_429s(api: str, ser
     server.state.script["limited"] = [Scripted(429, retry_after=1)]
     clients = make_clients(api, server, tmp_path)
     provider = clients.get(api, "m")
-    reply = await provider.chat("m", [{"role": "user", "content": "fine"}], {})
+    reply = await provider.chat("m", msgs([{"role": "user", "content": "fine"}]), {})
     with pytest.raises(ProviderError) as info:
-        await provider.chat("m", [{"role": "user", "content": "limited"}], {})
+        await provider.chat("m", msgs([{"role": "user", "content": "limited"}]), {})
     await clients.aclose()
     expected = {"x-ratelimit-remaining-requests": "7", "anthropic-ratelimit-requests-remaining": "3"}
     assert reply.rate_limits == expected and info.value.rate_limits == expected

@@ -6,50 +6,43 @@ defaults to 1024 when the experiment does not set it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import anthropic
 
-from promptfleet.providers.base import (
-    Message,
-    ProviderError,
-    ProviderOptions,
-    Reply,
-    content_parts,
-    error_from_sdk,
-    rate_limit_headers,
-    read_media,
-)
+from promptfleet.media import MediaFolder, decode_data_url
+from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Role, Text
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_from_sdk, rate_limit_headers
 
 DEFAULT_MAX_TOKENS = 1024
 
 
-def to_anthropic(messages: list[Message], options: ProviderOptions) -> tuple[str | None, list[dict[str, Any]]]:
+def to_anthropic(messages: Sequence[Message], media: MediaFolder) -> tuple[str | None, list[dict[str, Any]]]:
     """(system prompt, messages) in Anthropic's shape."""
-    system = [m for m in messages if m["role"] == "system"]
-    rest = [
-        {"role": "assistant" if m["role"] == "model" else m["role"], "content": _content(m, options)}
-        for m in messages
-        if m["role"] != "system"
-    ]
-    return ("\n\n".join(str(m.get("content", "")) for m in system) or None), rest
+    system = "\n\n".join(m.text for m in messages if m.role is Role.SYSTEM)
+    rest = [{"role": m.role.value, "content": _content(m, media)} for m in messages if m.role is not Role.SYSTEM]
+    return system or None, rest
 
 
-def _content(message: Message, options: ProviderOptions) -> Any:
-    content = message.get("content", message.get("parts"))
-    if isinstance(content, str):
-        return content
-    blocks = []
-    for part in content_parts(message):
-        if isinstance(part, str):
-            blocks.append({"type": "text", "text": part})
-        elif part.get("type") == "image":
-            mime, data = read_media(options.media_dir, part["media"])
-            blocks.append({"type": "image", "source": {"type": "base64", "media_type": mime, "data": data}})
-        else:
-            blocks.append(part)
-    return blocks
+def _content(message: Message, media: MediaFolder) -> str | list[dict[str, Any]]:
+    if message.is_text and len(message.parts) == 1:
+        return message.text
+    return [_block(part, media) for part in message.parts]
+
+
+def _block(part: Part, media: MediaFolder) -> dict[str, Any]:
+    match part:
+        case Text(text=text):
+            return {"type": "text", "text": text}
+        case RemoteMedia(kind="image", url=url) if not url.startswith("data:"):
+            return {"type": "image", "source": {"type": "url", "url": url}}
+        case LocalMedia(kind="image") | RemoteMedia(kind="image"):
+            file = media.read(part) if isinstance(part, LocalMedia) else decode_data_url(part.url)
+            return {"type": "image", "source": {"type": "base64", "media_type": file.mime_type, "data": file.base64}}
+        case ProviderPart(data=data):
+            return dict(data)
+    raise ProviderError(f"anthropic cannot take {part.kind} media", kind="bad_request")  # type: ignore[union-attr]
 
 
 class AnthropicProvider:
@@ -57,7 +50,8 @@ class AnthropicProvider:
     required_env: ClassVar[tuple[str, ...]] = ("ANTHROPIC_API_KEY",)
     optional_env: ClassVar[tuple[str, ...]] = ("ANTHROPIC_BASE_URL",)
     default_rate_per_minute: ClassVar[int] = 10
-    accepts_images: ClassVar[bool] = True
+    media_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
+    media_urls: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -65,8 +59,8 @@ class AnthropicProvider:
             api_key=env["ANTHROPIC_API_KEY"], base_url=env.get("ANTHROPIC_BASE_URL"), max_retries=0, timeout=options.timeout
         )
 
-    async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply:
-        system, turns = to_anthropic(messages, self._options)
+    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+        system, turns = to_anthropic(messages, self._options.media)
         params = dict(parameters)
         max_tokens = params.pop("max_tokens", DEFAULT_MAX_TOKENS)
         if system is not None:

@@ -6,8 +6,6 @@ multi-turn, journaling) is the engine's, so a provider stays a page of code.
 
 from __future__ import annotations
 
-import base64
-import mimetypes
 import os
 import re
 from collections.abc import Mapping
@@ -15,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-Message = dict[str, Any]
+from promptfleet.media import MediaFolder
+from promptfleet.messages import Conversation, Message, RemoteMedia
+
 
 
 @dataclass
@@ -44,6 +44,11 @@ class ProviderOptions:
 
     media_dir: Path = Path("data/media")
     timeout: float = 120.0
+
+    @property
+    def media(self) -> MediaFolder:
+        """Providers read local files only through this, never by path."""
+        return MediaFolder(self.media_dir)
 
 
 class ProviderError(Exception):
@@ -135,7 +140,8 @@ class Provider(Protocol):
     required_env: ClassVar[tuple[str, ...]]
     optional_env: ClassVar[tuple[str, ...]]
     default_rate_per_minute: ClassVar[int]  # used when neither -mq nor -mqj says otherwise
-    accepts_images: ClassVar[bool]  # False: a record with media is refused at validation
+    media_kinds: ClassVar[frozenset[str]]  # "image", "audio", "video", "file"; others are refused at validation
+    media_urls: ClassVar[bool]  # takes http(s) media URLs (data: URIs are always inlined)
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None: ...
 
@@ -164,30 +170,14 @@ def missing_env(cls: type[Provider], model: str, environ: Mapping[str, str] = os
     return [name for name in cls.required_env if name not in present]
 
 
-def media_bytes(media_dir: Path, ref: str) -> tuple[str, bytes]:
-    """(mime type, content) of a media file, already checked to lie inside media_dir."""
-    path = media_dir / ref
-    return mimetypes.guess_type(path.name)[0] or "application/octet-stream", path.read_bytes()
+_PLURAL = {"image": "images", "file": "files"}
 
 
-def read_media(media_dir: Path, ref: str) -> tuple[str, str]:
-    """(mime type, base64 content) of a media file."""
-    mime, data = media_bytes(media_dir, ref)
-    return mime, base64.b64encode(data).decode("ascii")
-
-
-def content_parts(message: Message) -> list[str | dict[str, Any]]:
-    """A message's content (or Gemini-style `parts`) as a list in which text is a plain
-    string and anything else (images, files, API-specific parts) stays a dict."""
-    content = message.get("content", message.get("parts"))
-    parts = content if isinstance(content, list) else [content]
-    return [
-        p.get("text", p.get("media", "")) if isinstance(p, dict) and p.get("type") == "text" else p
-        for p in parts
-        if p is not None
-    ]
-
-
-def text_of(message: Message) -> str:
-    """The text of a message whose content may be a list of parts."""
-    return " ".join(p for p in content_parts(message) if isinstance(p, str))
+def media_problem(cls: type[Provider], conversation: Conversation) -> str | None:
+    """Why `cls` cannot be given this conversation's media, if it cannot."""
+    for part in conversation.media:
+        if part.kind not in cls.media_kinds:
+            return f"the {cls.api} api does not take {_PLURAL.get(part.kind, part.kind)}"
+        if isinstance(part, RemoteMedia) and not part.url.startswith("data:") and not cls.media_urls:
+            return f"the {cls.api} api does not take media URLs; put the file in the media folder"
+    return None

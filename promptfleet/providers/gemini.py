@@ -8,7 +8,8 @@ validation. System messages become the system instruction; 'assistant' turns are
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import mimetypes
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx2
@@ -16,41 +17,37 @@ import pydantic
 from google import genai
 from google.genai import errors, types
 
-from promptfleet.providers.base import (
-    Message,
-    ProviderError,
-    ProviderOptions,
-    Reply,
-    content_parts,
-    error_for_status,
-    media_bytes,
-)
+from promptfleet.media import MediaFolder, decode_data_url
+from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Role, Text
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_for_status
 
 
-def to_contents(messages: list[Message], options: ProviderOptions) -> tuple[str | None, list[types.Content]]:
+def to_contents(messages: Sequence[Message], media: MediaFolder) -> tuple[str | None, list[types.Content]]:
     """(system instruction, contents) in Gemini's shape."""
-    system = "\n\n".join(str(m.get("content", m.get("parts", ""))) for m in messages if m["role"] == "system")
+    system = "\n\n".join(m.text for m in messages if m.role is Role.SYSTEM)
     contents = [
-        types.Content(role="model" if m["role"] in ("assistant", "model") else "user", parts=_parts(m, options))
+        types.Content(role="model" if m.role is Role.ASSISTANT else "user", parts=[_part(p, media) for p in m.parts])
         for m in messages
-        if m["role"] != "system"
+        if m.role is not Role.SYSTEM
     ]
     return system or None, contents
 
 
-def _parts(message: Message, options: ProviderOptions) -> list[types.Part]:
-    parts = []
-    for part in content_parts(message):
-        if isinstance(part, str):
-            parts.append(types.Part(text=part))
-        elif part.get("type") == "image":
-            mime, data = media_bytes(options.media_dir, part["media"])
-            parts.append(types.Part.from_bytes(data=data, mime_type=mime))
-        elif part.get("type") == "file":  # a file already uploaded to the Files API
-            parts.append(types.Part.from_uri(file_uri=part["media"], mime_type=part.get("mime_type")))
-        else:
-            parts.append(types.Part.model_validate(part))
-    return parts
+def _part(part: Part, media: MediaFolder) -> types.Part:
+    match part:
+        case Text(text=text):
+            return types.Part(text=text)
+        case LocalMedia():
+            file = media.read(part)
+            return types.Part.from_bytes(data=file.data, mime_type=file.mime_type)
+        case RemoteMedia(url=url) if url.startswith("data:"):
+            file = decode_data_url(url)
+            return types.Part.from_bytes(data=file.data, mime_type=file.mime_type)
+        case RemoteMedia(url=url, mime_type=mime):  # an uploaded file (Files API) or gs:// URI
+            return types.Part.from_uri(file_uri=url, mime_type=mime or mimetypes.guess_type(url)[0])
+        case ProviderPart(data=data):
+            return types.Part.model_validate(dict(data))
+    raise AssertionError(part)
 
 
 def map_error(err: Exception) -> ProviderError:
@@ -71,7 +68,8 @@ class GeminiProvider:
     required_env: ClassVar[tuple[str, ...]] = ("GEMINI_API_KEY",)
     optional_env: ClassVar[tuple[str, ...]] = ("GEMINI_BASE_URL",)
     default_rate_per_minute: ClassVar[int] = 10
-    accepts_images: ClassVar[bool] = True
+    media_kinds: ClassVar[frozenset[str]] = frozenset({"image", "audio", "video", "file"})
+    media_urls: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -88,8 +86,8 @@ class GeminiProvider:
             retry_options=types.HttpRetryOptions(attempts=1),
         )
 
-    async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply:
-        system, contents = to_contents(messages, self._options)
+    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+        system, contents = to_contents(messages, self._options.media)
         try:
             config = types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **parameters)
             response = await self._client.aio.models.generate_content(model=model, contents=contents, config=config)

@@ -7,36 +7,29 @@ single prompt, /api/chat for conversations), with one pooled httpx client per en
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import httpx
 
-from promptfleet.providers.base import (
-    Message,
-    ProviderError,
-    ProviderOptions,
-    Reply,
-    content_parts,
-    error_for_status,
-    read_media,
-)
+from promptfleet.media import MediaFolder, decode_data_url
+from promptfleet.messages import LocalMedia, Message, RemoteMedia, Text
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_for_status
 
 TOP_LEVEL = ("keep_alive", "format", "think")
 
 
-def to_ollama(message: Message, options: ProviderOptions) -> dict[str, Any]:
-    content = message.get("content", message.get("parts"))
-    role = "assistant" if message["role"] == "model" else message["role"]
-    if isinstance(content, str):
-        return {"role": role, "content": content}
-    texts, images = [], []
-    for part in content_parts(message):
-        if isinstance(part, str):
-            texts.append(part)
-        elif part.get("type") == "image":
-            images.append(read_media(options.media_dir, part["media"])[1])
-    out: dict[str, Any] = {"role": role, "content": "\n".join(texts)}
+def to_ollama(message: Message, media: MediaFolder) -> dict[str, Any]:
+    """Ollama takes text plus a list of base64 images per message."""
+    out: dict[str, Any] = {"role": message.role.value, "content": "\n".join(p.text for p in message.parts if isinstance(p, Text))}
+    images = []
+    for part in message.parts:
+        if isinstance(part, LocalMedia):
+            images.append(media.read(part).base64)
+        elif isinstance(part, RemoteMedia) and part.url.startswith("data:"):
+            images.append(decode_data_url(part.url).base64)
+        elif not isinstance(part, Text):
+            raise ProviderError(f"ollama cannot take this content part: {part}", kind="bad_request")
     if images:
         out["images"] = images
     return out
@@ -47,7 +40,8 @@ class OllamaProvider:
     required_env: ClassVar[tuple[str, ...]] = ("OLLAMA_API_ENDPOINT",)
     optional_env: ClassVar[tuple[str, ...]] = ()
     default_rate_per_minute: ClassVar[int] = 10
-    accepts_images: ClassVar[bool] = True
+    media_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
+    media_urls: ClassVar[bool] = False
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -57,8 +51,8 @@ class OllamaProvider:
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
 
-    async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply:
-        converted = [to_ollama(m, self._options) for m in messages]
+    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+        converted = [to_ollama(m, self._options.media) for m in messages]
         body: dict[str, Any] = {"model": model, "stream": False}
         body.update({k: parameters[k] for k in TOP_LEVEL if k in parameters})
         if options := {k: v for k, v in parameters.items() if k not in TOP_LEVEL}:

@@ -8,50 +8,38 @@ server instead of being dropped here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import openai
 
-from promptfleet.providers.base import (
-    Message,
-    ProviderError,
-    ProviderOptions,
-    Reply,
-    content_parts,
-    error_from_sdk,
-    rate_limit_headers,
-    read_media,
-)
+from promptfleet.media import MediaFolder
+from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Text
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_from_sdk, rate_limit_headers
 
 
-def to_openai_messages(messages: list[Message], options: ProviderOptions) -> list[dict[str, Any]]:
-    """Our message shape (prompto's) to OpenAI's: 'model' is 'assistant', media becomes data URLs."""
+def to_openai_messages(messages: Sequence[Message], media: MediaFolder) -> list[dict[str, Any]]:
+    """Typed messages in OpenAI's shape; local images become data URLs."""
     out = []
     for message in messages:
-        role = "assistant" if message["role"] == "model" else message["role"]
-        content = message.get("content", message.get("parts"))
-        if not isinstance(content, str):
-            content = [_part(p, options) for p in content_parts(message)]
-        out.append({"role": role, "content": content})
+        if message.is_text and len(message.parts) == 1:
+            content: Any = message.text
+        else:
+            content = [_part(p, media) for p in message.parts]
+        out.append({"role": message.role.value, "content": content})
     return out
 
 
-def _part(part: Any, options: ProviderOptions) -> dict[str, Any]:
-    if isinstance(part, str):
-        return {"type": "text", "text": part}
-    kind = part.get("type")
-    if kind == "image":
-        mime, data = read_media(options.media_dir, part["media"])
-        return {"type": "image_url", "image_url": {"url": f"data:{mime};base64,{data}"}}
-    if kind == "image_url":
-        spec = part["image_url"] if isinstance(part["image_url"], dict) else {"url": part["image_url"]}
-        url = spec["url"]
-        if not url.startswith(("http://", "https://", "data:")):
-            mime, data = read_media(options.media_dir, url)
-            url = f"data:{mime};base64,{data}"
-        return {"type": "image_url", "image_url": {**spec, "url": url}}
-    return part
+def _part(part: Part, media: MediaFolder) -> dict[str, Any]:
+    match part:
+        case Text(text=text):
+            return {"type": "text", "text": text}
+        case LocalMedia() | RemoteMedia() if part.kind == "image":
+            url = media.read(part).data_url if isinstance(part, LocalMedia) else part.url
+            return {"type": "image_url", "image_url": {"url": url, **({"detail": part.detail} if part.detail else {})}}
+        case ProviderPart(data=data):
+            return dict(data)
+    raise ProviderError(f"openai cannot take {part.kind} media", kind="bad_request")  # type: ignore[union-attr]
 
 
 class OpenAIProvider:
@@ -59,7 +47,8 @@ class OpenAIProvider:
     required_env: ClassVar[tuple[str, ...]] = ("OPENAI_API_KEY",)
     optional_env: ClassVar[tuple[str, ...]] = ("OPENAI_BASE_URL",)
     default_rate_per_minute: ClassVar[int] = 10
-    accepts_images: ClassVar[bool] = True
+    media_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
+    media_urls: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -72,10 +61,10 @@ class OpenAIProvider:
             api_key=env["OPENAI_API_KEY"], base_url=env.get("OPENAI_BASE_URL"), max_retries=0, timeout=options.timeout
         )
 
-    async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply:
+    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
         try:
             raw = await self._client.chat.completions.with_raw_response.create(
-                model=model, messages=to_openai_messages(messages, self._options), extra_body=parameters or None
+                model=model, messages=to_openai_messages(messages, self._options.media), extra_body=parameters or None
             )
             completion = raw.parse()
         except (openai.OpenAIError, ValueError) as err:  # a body that is not JSON comes as a ValueError
@@ -121,7 +110,7 @@ class HuggingFaceTGIProvider(OpenAIProvider):
     api: ClassVar[str] = "huggingface-tgi"
     required_env: ClassVar[tuple[str, ...]] = ("HUGGINGFACE_TGI_API_ENDPOINT",)
     optional_env: ClassVar[tuple[str, ...]] = ("HUGGINGFACE_TGI_API_KEY",)
-    accepts_images: ClassVar[bool] = False  # TGI's Messages API serves text models
+    media_kinds: ClassVar[frozenset[str]] = frozenset()  # TGI's Messages API serves text models
 
     @staticmethod
     def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from promptfleet.providers.base import Message, ProviderOptions, Reply, error_for_status, text_of
+from promptfleet.messages import Message
+from promptfleet.providers.base import ProviderOptions, Reply, error_for_status
 
 
 class TestProvider:
@@ -28,30 +28,31 @@ class TestProvider:
     required_env: ClassVar[tuple[str, ...]] = ()
     optional_env: ClassVar[tuple[str, ...]] = ()
     default_rate_per_minute: ClassVar[int] = 600  # nothing to protect; keeps the example quick
-    accepts_images: ClassVar[bool] = True
+    media_kinds: ClassVar[frozenset[str]] = frozenset({"image", "audio", "video", "file"})
+    media_urls: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._attempts: Counter[str] = Counter()
 
-    async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply:
+    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
         if latency := float(parameters.get("latency", 0)):
             await asyncio.sleep(latency)
         if str(parameters.get("raise_error", "")).lower() in ("true", "yes"):
             raise error_for_status(400, "test provider: raise_error was set")
         if status := int(parameters.get("fail_status", 0)):
-            key = hashlib.sha1(json.dumps([model, messages], sort_keys=True).encode()).hexdigest()
+            key = hashlib.sha1(repr((model, messages)).encode()).hexdigest()
             self._attempts[key] += 1
             if self._attempts[key] <= int(parameters.get("fail_attempts", 1 << 30)):
                 retry_after = parameters.get("retry_after")
                 headers = {"retry-after": str(retry_after)} if retry_after is not None else None
                 raise error_for_status(status, f"test provider: injected {status}", headers)
-        question = text_of(messages[-1])
+        question = messages[-1].text
         digest = hashlib.sha1(f"{model}\n{question}".encode()).hexdigest()[:8]
         words = len(question.split())
         answer = f"test reply {digest} from {model} to: {question[:200]}"
         if (reply := parameters.get("reply_with")) is not None:
             answer = f"Score: {int(digest, 16) % 10 + 1}" if reply == "score" else str(reply)
-        return Reply(answer, input_tokens=sum(len(text_of(m).split()) for m in messages), output_tokens=words + 5, finish_reason="stop")
+        return Reply(answer, input_tokens=sum(len(m.text.split()) for m in messages), output_tokens=words + 5, finish_reason="stop")
 
     async def aclose(self) -> None:
         return None
