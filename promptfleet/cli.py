@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shlex
 import signal
@@ -95,6 +96,7 @@ def run(
     rephrase_parser: Annotated[str, typer.Option("--rephrase-parser", help="'default' (strip quotes and space).")] = "default",
     remove_original: Annotated[bool, typer.Option("--remove-original", help="Run only the rephrased prompts.")] = False,
     only_rephrase: Annotated[bool, typer.Option("--only-rephrase", help="Stop after the rephrase experiment.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="If another process is running this experiment, wait for it instead of refusing.")] = False,
 ) -> None:
     """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume.
     With --judge-folder/--judge or --rephrase-*, the evaluation is chained (flow `run_study`)."""
@@ -131,6 +133,19 @@ def run(
         _print_inspection(found)
         raise typer.Exit(EXIT_BAD_INPUT)
 
+    from promptfleet import inbox
+    from promptfleet.session import Session
+
+    session = Session()
+    if file.resolve().parent == settings.input_folder.resolve():  # an inbox file: claimed, like the pipeline does
+        claimed = inbox.claim(file)
+        if claimed is None:
+            err.print(f"{file}: another process has just claimed it")
+            raise typer.Exit(EXIT_BAD_INPUT)
+        file, move_to_input = claimed, True
+        found = dataclasses.replace(found, file=claimed)
+    session.remember_plan(found)
+
     from promptfleet.flows import run_experiment
     from promptfleet.flows.evaluate import run_study
 
@@ -157,12 +172,18 @@ def run(
     else:
 
         def start():
-            return run_experiment(file=str(file), settings=settings, move_to_input=move_to_input)
+            return run_experiment(file=str(file), settings=settings, move_to_input=move_to_input, wait=wait)
+
+    from promptfleet.rundir import RunBusy
 
     try:
-        result = asyncio.run(_in_flow(start))
+        result = asyncio.run(_in_flow(start, session))
     except ExperimentError as error:
         _report_issues(error)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except RunBusy as busy:
+        err.print(f"cannot run {found.name}: it is being run by {busy} (use --wait to wait for it)", markup=False, highlight=False)
+        _put_back(file, settings, found.name)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if result is None:
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -175,28 +196,40 @@ def run(
     if "run" in result:
         print_study(result, console)
     if not summary["complete"]:
+        if summary.get("stopped_by"):
+            err.print(f"stopped: {summary['stopped_by']}", markup=False, highlight=False)
+        if file.parent.name == inbox.RUNNING:
+            _put_back(Path(summary["outputs"].get("input", file)), settings, file.name)
         err.print(f"stopped with {summary['unfinished']} prompt(s) unfinished; to resume, run the same command again:")
         err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-async def _in_flow(start: Callable[[], Awaitable[Any]]) -> Any:
+def _put_back(working_copy: Path, settings: Any, name: str) -> None:
+    """An inbox file this command claimed goes back to the inbox when its run is unfinished."""
+    from promptfleet import inbox
+
+    if working_copy.exists():
+        inbox.give_back(working_copy, settings.input_folder, name)
+
+
+async def _in_flow(start: Callable[[], Awaitable[Any]], session: Any = None) -> Any:
     """Run a flow with Ctrl-C/SIGTERM meaning 'stop sending, keep what landed' and a
     live progress display; None when a second interrupt abandoned it."""
-    from promptfleet import runtime
     from promptfleet.console import show_progress
+    from promptfleet.session import Session, using
 
+    session = session or Session()
     loop = asyncio.get_running_loop()
-    stop = runtime.stop_event()
     main = asyncio.current_task()
 
     def on_signal() -> None:
-        if stop.is_set():
+        if session.stopping:
             err.print("second interrupt: abandoning in-flight requests")
             main.cancel()  # type: ignore[union-attr]
             return
         err.print("stopping: no new requests; waiting for in-flight answers (interrupt again to abandon them)")
-        runtime.request_stop()
+        session.request_stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
@@ -205,9 +238,10 @@ async def _in_flow(start: Callable[[], Awaitable[Any]]) -> Any:
             "Starting Prefect's temporary local server (10-20 s). For repeated runs, start one with "
             "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."
         )
-    progress = asyncio.create_task(show_progress(err))
+    progress = asyncio.create_task(show_progress(err, session))
     try:
-        return await start()
+        with using(session):
+            return await start()
     except asyncio.CancelledError:
         return None
     finally:
@@ -243,24 +277,26 @@ def pipeline(
     max_queries_json: MaxQueriesJson = None,
     poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.1, help="Seconds between looks at input/.")] = 30.0,
     once: Annotated[bool, typer.Option("--once", help="Process what is waiting, then exit.")] = False,
+    settle: Annotated[float, typer.Option("--settle", min=0, help="Seconds a file must be left unwritten before it is claimed.")] = 10.0,
 ) -> None:
     """Keep running every experiment dropped into DATA/input/ (prompto's pipeline), as the
     Prefect flow `watch_input`; bad files go to DATA/rejected/ with their error report."""
     _load_env(env_file)
-    from promptfleet import inbox, runtime
+    from promptfleet import inbox
     from promptfleet.flows import watch_input
+    from promptfleet.session import current_session
 
     settings = _settings(
         data_folder=data_folder, max_queries=max_queries, max_attempts=max_attempts,
-        parallel=parallel, max_queries_json=max_queries_json,
+        parallel=parallel, max_queries_json=max_queries_json, settle_seconds=settle,
     )  # fmt: skip
     settings.input_folder.mkdir(parents=True, exist_ok=True)
 
     async def loop() -> int:
-        stop = runtime.stop_event()
+        stop = current_session().stop
         runs = 0
         while not stop.is_set():
-            if inbox.waiting_files(settings.input_folder) or inbox.requeue_orphans(settings.input_folder):
+            if inbox.waiting_files(settings.input_folder, settings.settle_seconds) or inbox.requeue_orphans(settings.input_folder):
                 for summary in await watch_input(settings=settings):
                     runs += 1
                     err.print(f"{summary['experiment']}: {summary['answered']} answered, {summary['failed']} failed", markup=False)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 from pydantic import BaseModel
 
+from promptfleet.costs import load_prices
 from promptfleet.queues import Limits, load_limits
 
 
@@ -25,6 +27,7 @@ class Settings(BaseModel):
     prices: Path | None = None
     rate_share: float = 1.0  # this process's share of every rate, when several processes share a key
     scorers: list[str] = []
+    settle_seconds: float = 10.0  # the pipeline claims a file only after this long unwritten
 
     @property
     def input_folder(self) -> Path:
@@ -38,5 +41,14 @@ class Settings(BaseModel):
     def media_folder(self) -> Path:
         return self.data_folder / "media"
 
-    def limits(self) -> Limits | None:
+    @cached_property
+    def rate_limits(self) -> Limits | None:
+        """The -mqj file, read and checked once."""
         return load_limits(self.max_queries_json) if self.max_queries_json else None
+
+    @cached_property
+    def price_table(self) -> dict[str, dict[str, float]]:
+        return load_prices(self.prices)
+
+    def limits(self) -> Limits | None:
+        return self.rate_limits

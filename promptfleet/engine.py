@@ -21,16 +21,16 @@ from promptfleet import scorers
 from promptfleet.costs import Budget, Spend, estimate_tokens
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
-from promptfleet.media import MediaError
 from promptfleet.messages import assistant, parse_conversation, user
-from promptfleet.providers.base import ProviderError, Reply
+from promptfleet.providers.base import Provider, ProviderError, Reply
+from promptfleet.providers.errors import ErrorKind, classify
 from promptfleet.rundir import Journal, now_stamp
 from promptfleet.scorers import Scorer
 
 log = logging.getLogger("promptfleet.engine")
 
 # Keys the engine writes; stale copies from a re-run failed file are dropped.
-OUTPUT_KEYS = ("response", "error", "timestamp_sent", "latency_s", "attempts", "usage", "finish_reason", "input_line")
+OUTPUT_KEYS = ("response", "error", "timestamp_sent", "latency_s", "attempts", "usage", "finish_reason", "input_line", "input_key")
 
 
 @dataclass
@@ -100,33 +100,63 @@ class QueueStats:
         }
 
 
-class _Attempt:
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """One input record on its way: where it came from and the key resume matches it by."""
+
+    line: int
+    key: str
+    record: dict[str, Any]
+
+
+@dataclass(slots=True)
+class Answered:
+    output: dict[str, Any]
+    attempts: int
+    first_sent: str
+    latency: float
+
+
+@dataclass(slots=True)
+class Failed:
+    error: ProviderError
+    message: str
+    attempts: int
+    first_sent: str
+
+
+@dataclass(slots=True)
+class Stopped:
+    """Stopped while backing off: left unjournaled for the resume."""
+
+
+Outcome = Answered | Failed | Stopped
+
+
+class _Conversation:
     """What a prompt has gathered so far; multi-turn progress survives a retried turn."""
 
-    __slots__ = ("messages", "turns", "responses", "replies")
+    __slots__ = ("messages", "turns", "replies")
 
     def __init__(self, record: dict[str, Any]):
         conv = parse_conversation(record["prompt"], record.get("multimedia"))
         self.messages, self.turns = list(conv.messages), conv.later_turns
-        self.responses: list[str] = []
         self.replies: list[Reply] = []
 
-    async def run(self, clients: Clients, record: dict[str, Any], pacer: Pacer, stats: QueueStats) -> None:
-        provider = clients.get(record["api"], record["model_name"])
-        params = record.get("parameters") or {}
-        steps = 1 + len(self.turns or [])
+    async def advance(self, provider: Provider, model: str, params: dict[str, Any], pacer: Pacer, stats: QueueStats) -> None:
+        steps = 1 + len(self.turns or ())
         sent_now = 0
         while len(self.replies) < steps:
             if sent_now:  # every turn is a request: it waits for its own send time
                 await pacer.pace()
             sent_now += 1
             stats.sent += 1
-            reply = await provider.chat(record["model_name"], self.messages, params)
+            reply = await provider.chat(model, self.messages, params)
             pacer.on_success(reply.rate_limits)
             self.replies.append(reply)
-            self.messages = [*self.messages, assistant(reply.text)]
+            self.messages.append(assistant(reply.text))
             if len(self.replies) < steps:
-                self.messages.append(user(self.turns[len(self.replies) - 1]))
+                self.messages.append(user(self.turns[len(self.replies) - 1]))  # type: ignore[index]
 
     def output(self) -> dict[str, Any]:
         texts = [r.text for r in self.replies]
@@ -153,22 +183,24 @@ class QueueContext:
     spend: Spend | None = None
     budget: Budget | None = None
     scorers: list[Scorer] = field(default_factory=list)
+    grace: float = 120.0  # how long in-flight answers may take to land after a stop
 
 
-async def run_queue(items: Iterable[tuple[int, dict[str, Any]]], ctx: QueueContext, grace: float = 10.0) -> QueueStats:
-    """Send every item through the pacer, journal each outcome as it lands.
+async def run_queue(prompts: Iterable[Prompt], ctx: QueueContext) -> QueueStats:
+    """Send every prompt through the pacer, journal each outcome as it lands.
 
-    When `ctx.stop` is set (Ctrl-C, or the budget), no new prompt is sent, in-flight ones
-    get `grace` seconds to land, and whatever is left stays unjournaled for a resume.
+    When `ctx.stop` is set (Ctrl-C, SIGTERM, the budget, a failed journal write), no new
+    prompt is sent, in-flight ones get `ctx.grace` seconds to land, and whatever is left
+    stays unjournaled for a resume.
     """
     stats, stop = ctx.stats, ctx.stop
     tasks: set[asyncio.Task] = set()
 
     async def dispatch() -> None:
-        for line, record in items:
-            estimate = sum(estimate_tokens(record)) if ctx.pacer.limits_tokens else 0  # only a TPM limit needs it
+        for prompt in prompts:
+            estimate = sum(estimate_tokens(prompt.record)) if ctx.pacer.limits_tokens else 0  # only a TPM limit needs it
             await ctx.pacer.acquire(estimate)
-            task = asyncio.create_task(_handle(line, record, estimate, ctx))
+            task = asyncio.create_task(_handle(prompt, estimate, ctx))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -186,7 +218,7 @@ async def run_queue(items: Iterable[tuple[int, dict[str, Any]]], ctx: QueueConte
             await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
         if pending := {t for t in tasks if not t.done()}:
-            _, late = await asyncio.wait(pending, timeout=grace)
+            _, late = await asyncio.wait(pending, timeout=ctx.grace)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
@@ -197,72 +229,81 @@ async def run_queue(items: Iterable[tuple[int, dict[str, Any]]], ctx: QueueConte
     return stats
 
 
-async def _handle(line: int, record: dict[str, Any], estimate: int, ctx: QueueContext) -> None:
-    """One prompt, from first send to its journal line. Holds a pacer slot while sending."""
-    stats, pacer = ctx.stats, ctx.pacer
-    attempt = _Attempt(record)
-    base = {k: v for k, v in record.items() if k not in OUTPUT_KEYS}
+async def _handle(prompt: Prompt, estimate: int, ctx: QueueContext) -> None:
+    outcome = await attempt_until_done(prompt, estimate, ctx)
+    record(prompt, outcome, estimate, ctx)
+
+
+async def attempt_until_done(prompt: Prompt, estimate: int, ctx: QueueContext) -> Outcome:
+    """Send one prompt (it already holds a pacer slot) until it is answered, fails for good,
+    or the run stops while it backs off."""
+    stats, pacer, record_ = ctx.stats, ctx.pacer, prompt.record
+    conversation = _Conversation(record_)
+    model, params = record_["model_name"], record_.get("parameters") or {}
+    first_sent = now_stamp()
     n = 0
-    first_sent = None
+    try:
+        provider = ctx.clients.get(record_["api"], model)
+    except ProviderError as err:
+        ctx.pacer.release()
+        return Failed(err, ctx.clients.redact(err.message), 1, first_sent)
     while True:
         n += 1
         if n > 1:
             await pacer.acquire(estimate)
         sent_at = time.monotonic()
-        first_sent = first_sent or now_stamp()
         stats.in_flight += 1
         try:
-            await attempt.run(ctx.clients, record, pacer, stats)
-        except ProviderError as err:
-            error = err
-        except MediaError as err:  # a media file swapped or removed after validation
-            error = ProviderError(str(err), kind="bad_request")
-        except Exception as err:  # a provider bug must not take the queue down
-            error = ProviderError(f"{type(err).__name__}: {err}", kind="unexpected")
+            await conversation.advance(provider, model, params, pacer, stats)
+        except Exception as err:  # classified: a provider bug must not take the queue down
+            error = classify(err)
         else:
             latency = time.monotonic() - sent_at
             stats.latencies.append(latency)
-            output = attempt.output()
-            done = {**base, **output, "timestamp_sent": first_sent, "latency_s": round(latency, 4), "attempts": n, "input_line": line}
-            if ctx.scorers:
-                scores = scorers.apply(ctx.scorers, done)
-                done.update(scores)
-                stats.score_keys.update(scores)
-            ctx.journal.write("completed", done)
-            stats.answered += 1
-            pacer.release()
-            _account(record, output.get("usage"), estimate, ctx)
-            return
+            return Answered(conversation.output(), n, first_sent, latency)
         finally:
             stats.in_flight -= 1
             stats.rate_now = pacer.rate
+            pacer.release()
 
-        pacer.release()
-        if error.kind == "rate_limit":
+        if error.kind is ErrorKind.RATE_LIMIT:
             stats.rate_limited += 1
             pacer.on_rate_limited(error.retry_after, error.rate_limits)
         message = ctx.clients.redact(error.message)
         if not error.retryable or n >= ctx.policy.max_attempts:
-            log.warning("line %d (%s/%s) failed after %d attempt(s): %s", line, record["api"], record["model_name"], n, message)
-            ctx.journal.write(
-                "failed",
-                {
-                    **base,
-                    "error": {"type": error.kind, "status": error.status, "message": message, "attempts": n},
-                    "timestamp_sent": first_sent,
-                    "input_line": line,
-                },
-            )
-            stats.failed += 1
-            return
+            return Failed(error, message, n, first_sent)
         delay = ctx.policy.delay(n, error.retry_after)
-        log.info("line %d: %s (%s), retry %d in %.1fs, queue rate now %.0f/min", line, error.kind, error.status or "-", n, delay, pacer.rate)
+        log.info("line %d: %s (%s), retry %d in %.1fs, queue rate now %.0f/min", prompt.line, error.kind, error.status or "-", n, delay, pacer.rate)
         stats.retries += 1
         try:
             await asyncio.wait_for(ctx.stop.wait(), timeout=delay)
-            return  # stopped while backing off: left for the resume
+            return Stopped()
         except asyncio.TimeoutError:
             pass
+
+
+def record(prompt: Prompt, outcome: Outcome, estimate: int, ctx: QueueContext) -> None:
+    """Journal an outcome and count it; spend and budget follow an answer."""
+    if isinstance(outcome, Stopped):
+        return
+    base = {k: v for k, v in prompt.record.items() if k not in OUTPUT_KEYS}
+    stamps = {"timestamp_sent": outcome.first_sent, "input_line": prompt.line, "input_key": prompt.key}
+    if isinstance(outcome, Answered):
+        done = {**base, **outcome.output, "timestamp_sent": outcome.first_sent, "latency_s": round(outcome.latency, 4),
+                "attempts": outcome.attempts, "input_line": prompt.line, "input_key": prompt.key}  # fmt: skip
+        if ctx.scorers:
+            scores = scorers.apply(ctx.scorers, done)
+            done.update(scores)
+            ctx.stats.score_keys.update(scores)
+        ctx.journal.write("completed", done)
+        ctx.stats.answered += 1
+        _account(prompt.record, outcome.output.get("usage"), estimate, ctx)
+        return
+    error = outcome.error
+    log.warning("line %d (%s/%s) failed after %d attempt(s): %s", prompt.line, prompt.record["api"], prompt.record["model_name"], outcome.attempts, outcome.message)
+    ctx.journal.write("failed", {**base, "error": {"type": str(error.kind), "status": error.status, "message": outcome.message,
+                                                   "attempts": outcome.attempts}, **stamps})  # fmt: skip
+    ctx.stats.failed += 1
 
 
 def _account(record: dict[str, Any], usage: dict[str, Any] | None, estimate: int, ctx: QueueContext) -> None:

@@ -7,7 +7,10 @@ carried through unchanged; the pydantic model only checks them.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,25 +114,99 @@ def _validate(
     return None
 
 
-def _raw_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (line number, parsed value or Issue) without holding the file in memory."""
-    file = str(path)
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    line: int
+    offset: int
+    length: int
+    key: bytes
+    value: Any  # the record dict, or an Issue
+
+
+def record_key(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw.removeprefix(BOM).strip(), digest_size=12).digest()
+
+
+def scan(path: Path, digest: Any = None) -> Iterator[Scanned]:
+    """Stream a JSONL or CSV file once: each record (or Issue) with its place and key.
+    `digest` (a hashlib object) is fed every byte on the way."""
     if path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            start = 2
-            for row in reader:
-                yield start, _from_csv_row(row)
-                start = reader.line_num + 1
+        yield from _scan_csv(path, digest)
         return
-    with path.open(encoding="utf-8") as fh:
-        for n, text in enumerate(fh, start=1):
-            if not text.strip():
+    file = str(path)
+    offset = 0
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if digest is not None:
+                digest.update(raw)
+            start, offset = offset, offset + len(raw)
+            body = raw.removeprefix(BOM) if n == 1 else raw
+            if not body.strip():
                 continue
             try:
-                yield n, json.loads(text)
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield Scanned(n, start, len(raw), b"", Issue(file, n, None, _not_utf8(err)))
+                continue
+            try:
+                value: Any = json.loads(text)
             except json.JSONDecodeError as err:
-                yield n, Issue(file, n, None, f"invalid JSON: {err.msg} at column {err.colno}")
+                value = Issue(file, n, None, f"invalid JSON: {err.msg} at column {err.colno}")
+            yield Scanned(n, start, len(raw), record_key(body), value)
+
+
+def _not_utf8(err: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text: byte 0x{err.object[err.start]:02x} at column {err.start + 1}"
+
+
+def _scan_csv(path: Path, digest: Any) -> Iterator[Scanned]:
+    file = str(path)
+    consumed = 0
+    chunks: list[bytes] = []
+    bad: dict[int, str] = {}
+    physical = 0
+
+    def lines() -> Iterator[str]:
+        nonlocal consumed, physical
+        with path.open("rb") as fh:
+            for raw in fh:
+                physical += 1
+                if digest is not None:
+                    digest.update(raw)
+                consumed += len(raw)
+                chunks.append(raw)
+                body = raw.removeprefix(BOM) if physical == 1 else raw
+                try:
+                    yield body.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    bad[physical] = _not_utf8(err)
+                    yield body.decode("utf-8", errors="replace")
+
+    reader = csv.reader(lines())
+    header = next(reader, None)
+    if header is None:
+        return
+    last_line = reader.line_num
+    chunks.clear()
+    start = consumed
+    for values in reader:
+        first, last_line = last_line + 1, reader.line_num
+        raw = b"".join(chunks)
+        chunks.clear()
+        begin, start = start, consumed
+        if not values:
+            continue
+        problem = next((bad[n] for n in range(first, last_line + 1) if n in bad), None)
+        if problem:
+            value: Any = Issue(file, first, None, problem)
+        elif len(values) > len(header):
+            value = Issue(file, first, None, f"row has {len(values)} cells but the header names {len(header)} columns")
+        else:
+            value = _from_csv_row(dict(zip(header, values)))
+        yield Scanned(first, begin, len(raw), record_key(raw), value)
 
 
 def _from_csv_row(row: dict[str, str]) -> dict[str, Any]:
@@ -137,7 +214,7 @@ def _from_csv_row(row: dict[str, str]) -> dict[str, Any]:
     record: dict[str, Any] = {}
     parameters: dict[str, Any] = {}
     for key, value in row.items():
-        if key is None or value is None or value == "":
+        if value is None or value == "":
             continue
         if key.startswith("parameters-"):
             try:
@@ -151,25 +228,55 @@ def _from_csv_row(row: dict[str, str]) -> dict[str, Any]:
     return record
 
 
+class RecordReader:
+    """Reads planned records back by offset through one open file, for every queue."""
+
+    def __init__(self, path: Path):
+        self._csv_header: list[str] | None = None
+        self._fd = os.open(path, os.O_RDONLY)
+        if path.suffix == ".csv":
+            with open(self._fd, "rb", closefd=False) as fh:
+                self._csv_header = next(csv.reader([fh.readline().removeprefix(BOM).decode("utf-8")]))
+
+    def read(self, offset: int, length: int) -> dict[str, Any]:
+        raw = os.pread(self._fd, length, offset).removeprefix(BOM)
+        if self._csv_header is None:
+            return json.loads(raw)
+        values = next(csv.reader(io.StringIO(raw.decode("utf-8"))))
+        return _from_csv_row(dict(zip(self._csv_header, values)))
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def read_records(
     path: Path, media_dir: Path | None = None, known_apis: set[str] | None = None, check: MediaCheck | None = None
 ) -> Iterator[tuple[int, dict[str, Any] | Issue]]:
     """Stream (line, record) pairs; a bad line comes as an Issue in place of its record.
     `check` lets the caller refuse media a record's provider cannot take."""
+    for item in validated(path, media_dir, known_apis, check):
+        yield item.line, item.value
+
+
+def validated(
+    path: Path, media_dir: Path | None = None, known_apis: set[str] | None = None, check: MediaCheck | None = None, digest: Any = None
+) -> Iterator[Scanned]:
+    """`scan`, with each record checked against the schema, the apis and the media rules."""
     media = MediaFolder(media_dir) if media_dir is not None else None
-    for line, raw in _raw_lines(path):
-        if isinstance(raw, Issue):
-            yield line, raw
+    file = str(path)
+    for item in scan(path, digest):
+        if isinstance(item.value, Issue):
+            yield item
             continue
-        issue = _validate(raw, str(path), line, media, known_apis, check)
-        yield line, issue or raw
+        issue = _validate(item.value, file, item.line, media, known_apis, check)
+        yield Scanned(item.line, item.offset, item.length, item.key, issue) if issue else item
 
 
 def iter_valid(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Records of a file that was already validated (no schema work on the hot path)."""
-    for line, raw in _raw_lines(path):
-        if isinstance(raw, dict):
-            yield line, raw
+    """Records of a file that was already validated (no schema work)."""
+    for item in scan(path):
+        if isinstance(item.value, dict):
+            yield item.line, item.value
 
 
 def check_extension(path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The input folder as a work queue: find waiting files, claim one atomically, put it
-back for a resume, or set a bad one aside with its error report. No Prefect here.
+"""The input folder as a work queue, and the one module that moves input files: find
+settled waiting files, claim one atomically, place a run's working copy next to its
+outputs, put a file back for a resume, or set a bad one aside with its error report.
 
 A claim is a rename into `input/.running/`, atomic on one filesystem, so two workers or
 two overlapping polls never take the same file. The claim records its owner (host, pid):
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import time
 from pathlib import Path
 
 from promptfleet.experiment import EXTENSIONS
@@ -23,12 +26,32 @@ def running_folder(input_folder: Path) -> Path:
     return input_folder / RUNNING
 
 
-def waiting_files(input_folder: Path) -> list[Path]:
-    """Experiment files waiting in input/, oldest first (by modification time)."""
+def waiting_files(input_folder: Path, settle_seconds: float = 0.0) -> list[Path]:
+    """Experiment files waiting in input/ and complete, oldest first.
+
+    A file is complete when nothing has written to it for `settle_seconds` (its ctime,
+    which copies cannot back-date) and, for JSONL, it ends with a newline. Writers that
+    cannot promise either write `name.jsonl.part` (or a dot-file) and rename it when done."""
     if not input_folder.is_dir():
         return []
-    files = [p for p in input_folder.iterdir() if p.is_file() and p.suffix in EXTENSIONS and not p.name.startswith(".")]
-    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name))
+    now = time.time()
+    files = []
+    for path in input_folder.iterdir():
+        if path.name.startswith(".") or path.suffix not in EXTENSIONS or not path.is_file():
+            continue
+        stat = path.stat()
+        if now - max(stat.st_mtime, stat.st_ctime) < settle_seconds or not _ends_complete(path, stat.st_size):
+            continue
+        files.append((stat.st_mtime, path.name, path))
+    return [path for _, _, path in sorted(files)]
+
+
+def _ends_complete(path: Path, size: int) -> bool:
+    if path.suffix != ".jsonl" or size == 0:
+        return size > 0
+    with path.open("rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
 
 
 def claim(path: Path) -> Path | None:
@@ -83,6 +106,26 @@ def reject(claimed: Path, report: str, data_folder: Path) -> Path:
     target.with_name(target.name + ".errors.txt").write_text(report + "\n")
     _owner_file(claimed).unlink(missing_ok=True)
     return target
+
+
+def place_working_copy(source: Path, target: Path, move: bool = False) -> None:
+    """Put a run's input next to its outputs (prompto's `-input-` file) before sending: a
+    copy written under a temporary name and renamed, or the file itself with -m."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if move:
+        shutil.move(source, target)
+        _owner_file(source).unlink(missing_ok=True)
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def give_back(working_copy: Path, input_folder: Path, name: str) -> Path:
+    """An unfinished run of an inbox file returns it to the inbox, to be resumed."""
+    back = input_folder / name
+    shutil.move(working_copy, back)
+    return back
 
 
 def _owner_file(claimed: Path) -> Path:

@@ -1,13 +1,18 @@
 """Pacing for one queue (or one model and key shared by several queues).
 
-- An even send rate under a ceiling (the `-mq`/`-mqj` value): aiolimiter's bucket holds
-  10 ms of sends (at least one: timers are not finer), so a queue starts at its rate
-  instead of bursting a minute's quota, which providers enforce per second.
-- A closed loop under that ceiling: a 429 halves the rate (at most once per second),
-  each success adds back a fiftieth of the ceiling; `Retry-After` pauses every send;
-  OpenAI `x-ratelimit-*` and Anthropic `anthropic-ratelimit-*` headers lower the ceiling
-  to the provider's stated limit and slow down before the wall, not after.
-- Optional tokens per minute: each send takes its estimated tokens from a second bucket,
+- One clock: the next send time is the previous one plus 60 / min(rate, ceiling) s, so the
+  ceiling (the `-mq`/`-mqj` value, or the limit the provider states in its headers) and the
+  adaptive rate below it are one schedule, and lowering either takes effect at the next send.
+  A queue starts at its rate instead of bursting a minute's quota (providers enforce limits
+  per second); after a stall it may catch up at most `CATCH_UP_S` of sends at once.
+- A closed loop under the ceiling that tells a key over its limit from a lone 429. A 429 on
+  one request (overload, a hiccup) only delays that request's retry. When most recent
+  answers are 429s (`OVER_429S` of the last `RECENT`), or headers say nothing remains, the
+  key is over its limit: the rate drops to what the provider accepted in the last second
+  (at most half the rate, at most once per `COOLDOWN_S`) and the queue waits out the
+  Retry-After. Each success raises the rate by 1%, so it climbs back in ~70 answers without
+  overshooting a real limit ten times below the ceiling. docs/rate-limits.md has the numbers.
+- Optional tokens per minute: each send takes its estimated tokens from an aiolimiter bucket,
   and the usage the API reports corrects the estimate.
 - A cap on requests in flight, so a stalled server cannot pile up unbounded work.
 """
@@ -16,31 +21,67 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
+from typing import Any
 
 from aiolimiter import AsyncLimiter
 
 MIN_FRACTION = 0.02  # never slower than 2% of the ceiling
 DECREASE = 0.5
 COOLDOWN_S = 1.0
+RECENT = 6  # outcomes looked at to tell a key over its limit from random 429s
+OVER_429S = 4  # 429s among them that mean "over the limit" (random 20% 429s: ~1.7% of windows)
+INCREASE = 1.01
+RELEARN_HALF_LIFE_S = 30.0  # a learned limit relaxes toward the ceiling (in log space) this slowly
+CATCH_UP_S = 0.01  # how far behind schedule sends may run back to back (timer granularity)
 
 
 class Pacer:
-    def __init__(self, rate_per_minute: float, max_in_flight: int = 512, tokens_per_minute: float | None = None):
+    def __init__(
+        self,
+        rate_per_minute: float,
+        max_in_flight: int = 512,
+        tokens_per_minute: float | None = None,
+        clock: Callable[[], float] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
         if rate_per_minute <= 0:
             raise ValueError("rate must be positive")
         self.ceiling = float(rate_per_minute)
         self.rate = self.ceiling
-        burst = max(1, int(rate_per_minute / 60 / 100))
-        self._limiter = AsyncLimiter(burst, burst * 60 / rate_per_minute)
+        self._clock = clock
+        self._sleep = sleep
         self._token_bucket = max(1.0, tokens_per_minute / 6) if tokens_per_minute else 0.0
         self._tokens = AsyncLimiter(self._token_bucket, 10) if tokens_per_minute else None  # 10 s worth
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._next_at = float("-inf")
         self._resume_at = 0.0
-        self._next_at = 0.0
-        self._last_decrease = 0.0
+        self._last_decrease = float("-inf")
+        self._recent: deque[bool] = deque(maxlen=RECENT)  # True: a 429
+        self._learned: tuple[float, float] | None = None  # (rate per minute, when) the key accepted when over
+        self._accepted: deque[float] = deque()  # times of answers in the last second
+
+    def _now(self) -> float:
+        return self._clock() if self._clock else asyncio.get_running_loop().time()
+
+    @property
+    def limit(self) -> float:
+        """The ceiling, or lower: what the key accepted when it was over its limit, relaxing
+        back toward the ceiling so a limit that was raised is found again."""
+        if self._learned is None:
+            return self.ceiling
+        learned, since = self._learned
+        if learned >= self.ceiling:
+            return self.ceiling
+        relaxed = 1 - 0.5 ** ((self._now() - since) / RELEARN_HALF_LIFE_S)
+        return min(self.ceiling, learned * (self.ceiling / learned) ** relaxed)
+
+    @property
+    def interval(self) -> float:
+        return 60.0 / min(self.rate, self.limit)
 
     async def acquire(self, tokens: int = 0) -> None:
         """Wait for a free in-flight slot, then for this send's turn."""
@@ -53,16 +94,13 @@ class Pacer:
 
     async def pace(self, tokens: int = 0) -> None:
         """Wait for the send time of one more request (a later turn of a conversation holds its slot)."""
-        loop = asyncio.get_running_loop()
-        while (delay := self._resume_at - loop.time()) > 0:
-            await asyncio.sleep(delay)
-        if self.rate < self.ceiling:  # the adaptive gate, below the ceiling's even pacing
-            now = loop.time()
-            turn = max(now, self._next_at)
-            self._next_at = turn + 60.0 / self.rate
-            if turn > now:
-                await asyncio.sleep(turn - now)
-        await self._limiter.acquire()
+        while (delay := self._resume_at - self._now()) > 0:
+            await self._sleep(delay)
+        now = self._now()
+        turn = max(self._next_at, now - CATCH_UP_S, self._resume_at)
+        self._next_at = turn + self.interval
+        if turn > now:
+            await self._sleep(turn - now)
         if self._tokens is not None and tokens:
             await self._tokens.acquire(min(float(tokens), self._token_bucket))
 
@@ -71,23 +109,35 @@ class Pacer:
 
     def pause(self, seconds: float) -> None:
         """Hold every send for `seconds`."""
-        now = asyncio.get_running_loop().time()
-        self._resume_at = max(self._resume_at, now + seconds)
+        self._resume_at = max(self._resume_at, self._now() + seconds)
 
     def on_success(self, headers: Mapping[str, str] | None = None) -> None:
-        self.rate = min(self.ceiling, self.rate + self.ceiling / 50)
+        now = self._now()
+        self._recent.append(False)
+        self._accepted.append(now)
+        while self._accepted and self._accepted[0] < now - 1.0:
+            self._accepted.popleft()
+        self.rate = min(self.ceiling, self.rate * INCREASE)
         if headers:
             self._follow_headers(headers)
 
-    def on_rate_limited(self, retry_after: float | None, headers: Mapping[str, str] | None = None) -> None:
-        now = time.monotonic()
+    def on_rate_limited(self, retry_after: float | None, headers: Mapping[str, str] | None = None) -> bool:
+        """Record a 429; True when it says the key is over its limit (the queue slowed down)."""
+        self._recent.append(True)
+        exhausted = self._follow_headers(headers) if headers else False
+        if not exhausted and sum(self._recent) < OVER_429S:
+            return False  # a lone 429: only its own retry waits
+        now = self._now()
         if now - self._last_decrease >= COOLDOWN_S:  # many 429s of one burst count once
-            self.rate = max(self.ceiling * MIN_FRACTION, self.rate * DECREASE)
+            accepted = sum(1 for t in self._accepted if t >= now - 1.0) * 60.0
+            halved = min(self.rate, self.limit) * DECREASE
+            self.rate = max(self.ceiling * MIN_FRACTION, min(halved, accepted) if accepted else halved)
+            self._learned = (self.rate, now)
             self._last_decrease = now
         if retry_after:
             self.pause(retry_after)
-        if headers:
-            self._follow_headers(headers)
+        self._recent.clear()
+        return True
 
     @property
     def limits_tokens(self) -> bool:
@@ -99,15 +149,16 @@ class Pacer:
             await self._tokens.acquire(min(float(extra), self._token_bucket))
 
     def lower_ceiling(self, rate_per_minute: float) -> None:
-        """Never send faster than this again (the even pacing below it is the adaptive gate's)."""
-        if rate_per_minute < self.ceiling:
-            self.ceiling = rate_per_minute
-            self.rate = min(self.rate, rate_per_minute)
+        """Never send faster than this again: the strictest stated or configured limit wins."""
+        self.ceiling = min(self.ceiling, float(rate_per_minute))
+        self.rate = min(self.rate, self.ceiling)
 
-    def _follow_headers(self, headers: Mapping[str, str]) -> None:
+    def _follow_headers(self, headers: Mapping[str, str]) -> bool:
+        """Follow the provider's stated limits; True when one of them is exhausted."""
         limit = _number(_first(headers, "x-ratelimit-limit-requests", "anthropic-ratelimit-requests-limit"))
         if limit:
             self.lower_ceiling(limit)  # the provider's stated limit is the real ceiling
+        exhausted = False
         for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
             remaining = _number(_first(headers, f"x-ratelimit-remaining-{kind}", f"anthropic-ratelimit-{kind}-remaining"))
             reset = _seconds_until(_first(headers, f"x-ratelimit-reset-{kind}", f"anthropic-ratelimit-{kind}-reset"))
@@ -115,9 +166,12 @@ class Pacer:
                 continue
             if remaining < 1:
                 self.pause(reset)
+                exhausted = True
             elif kind == "requests" and reset > 0:
-                # Spread what is left over the time left, so the wall is never hit.
-                self.rate = max(self.ceiling * MIN_FRACTION, min(self.rate, remaining / reset * 60))
+                # Spread what is left over the time left, so the wall is never hit; a spacing
+                # of the next sends, not a lasting cut of the rate.
+                self.pause(reset / remaining)
+        return exhausted
 
 
 def _first(headers: Mapping[str, str], *names: str) -> str | None:
@@ -150,3 +204,33 @@ def _seconds_until(value: str | None) -> float | None:
             return None
     parts = _DURATION.findall(value)
     return sum(float(n) * _UNIT[u] for n, u in parts) if parts else _number(value)
+
+
+class PacerPool:
+    """Pacers shared by every queue that sends to the same model with the same credentials,
+    so runs going on at once in one process share its limit. Owned by whoever starts the
+    runs (a `Session`), never module state."""
+
+    def __init__(self) -> None:
+        self._pacers: dict[Hashable, tuple[Pacer, int]] = {}
+
+    @property
+    def size(self) -> int:
+        return len(self._pacers)
+
+    @contextmanager
+    def pacer(self, key: Hashable, rpm: float, tpm: float | None = None, max_in_flight: int = 512, **clock: Any) -> Iterator[Pacer]:
+        if key in self._pacers:
+            pacer, users = self._pacers[key]
+            pacer.lower_ceiling(rpm)
+        else:
+            pacer, users = Pacer(rpm, max_in_flight, tpm, **clock), 0
+        self._pacers[key] = (pacer, users + 1)
+        try:
+            yield pacer
+        finally:
+            pacer, users = self._pacers[key]
+            if users == 1:
+                del self._pacers[key]
+            else:
+                self._pacers[key] = (pacer, users - 1)

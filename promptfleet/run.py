@@ -1,130 +1,300 @@
-"""One experiment run in three steps — prepare, run each queue, finish — shared by the
-Prefect tasks and the plain-Python API. Nothing here imports Prefect.
+"""One experiment run as one object. Opened from a plan, a `Run` owns everything its queues
+share — clients, pacers (from the session's pool), spend and budget, the stop signal, the
+journal, the record reader, per-queue stats, and the lock that makes it the only owner of
+its experiment — and is handed to each queue's task. Nothing here imports Prefect.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import hashlib
 import logging
-import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from promptfleet import runtime
+from promptfleet import inbox
 from promptfleet.config import Settings
-from promptfleet.costs import Budget, Spend, load_prices
-from promptfleet.engine import QueueContext, QueueStats, RetryPolicy, run_queue
-from promptfleet.experiment import ExperimentError, Issue, check_extension, iter_valid
+from promptfleet.costs import Budget, Spend
+from promptfleet.engine import Prompt, QueueContext, QueueStats, RetryPolicy, run_queue
+from promptfleet.experiment import ExperimentError, Issue, RecordReader, check_extension
 from promptfleet.plan import Plan, QueuePlan, inspect
-from promptfleet.providers.base import ProviderOptions
-from promptfleet.queues import queue_for
-from promptfleet.rundir import Journal, RunPaths, file_digest, find_unfinished, finished_lines, now_stamp, write_state
+from promptfleet.providers import Clients, provider_class
+from promptfleet.providers.base import ProviderOptions, resolve_env
+from promptfleet.rundir import Journal, RunLock, RunPaths, now_stamp, read_journal, read_state, unfinished_runs, write_state
 from promptfleet.scorers import load_scorer
+from promptfleet.session import Session, current_session
 from promptfleet.tables import write_tables
 
 log = logging.getLogger("promptfleet")
 
 
-def prepare(file: Path, settings: Settings, move_to_input: bool = False) -> Plan:
-    """Validate, place the file in the input folder, and pick or resume the run's output.
+@dataclass
+class CostSummary:
+    input_tokens: int
+    output_tokens: int
+    estimated_usd: float
+    unpriced_models: list[str]
+    by_model: dict[str, dict[str, Any]]
 
-    A bad file raises ExperimentError before anything is copied, moved or sent.
-    """
+
+@dataclass
+class RunSummary:
+    experiment: str
+    prompts: int
+    answered: int
+    failed: int
+    complete: bool
+    resumed: bool
+    retries: int
+    rate_limited: int
+    wall_s: float
+    queues: list[dict[str, Any]]
+    models: list[dict[str, Any]]
+    outputs: dict[str, Path]
+    paths: RunPaths
+    budget_stop: str | None = None
+    cost: CostSummary | None = None
+    stopped_by: str | None = None  # why sending stopped early, when it did
+
+    @property
+    def unfinished(self) -> int:
+        return self.prompts - self.answered - self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "paths"}
+        out["unfinished"] = self.unfinished
+        out["outputs"] = {k: str(v) for k, v in self.outputs.items()}
+        return out
+
+
+def _problems(plan: Plan) -> list[Issue | str]:
+    issues: list[Issue | str] = list(plan.issues)
+    if plan.issue_count > len(plan.issues):
+        issues.append(f"{plan.file}: ... and {plan.issue_count - len(plan.issues)} more")
+    issues += [
+        Issue(str(plan.file), 0, "env", f"{where} needs {', '.join(names)} (set it in the environment, the .env file or a Prefect Secret block)")
+        for where, names in plan.missing_env.items()
+    ]
+    return issues
+
+
+@dataclass
+class _Resume:
+    stamp: str
+    skip: dict[str, bytearray] = field(default_factory=dict)
+    note: str | None = None
+
+
+class Run:
+    def __init__(self, plan: Plan, settings: Settings, session: Session, paths: RunPaths, lock: RunLock,
+                 resumed: bool, skip: dict[str, bytearray], policy: RetryPolicy | None) -> None:  # fmt: skip
+        self.plan, self.settings, self.session, self.paths = plan, settings, session, paths
+        self.resumed = resumed
+        self.queues = list(plan.queues.values())
+        self._lock = lock
+        self._skip = skip
+        self.policy = policy or RetryPolicy(max_attempts=settings.max_attempts)
+        self.clients = Clients(ProviderOptions(settings.media_folder, settings.timeout))
+        self.spend = Spend(settings.price_table)
+        self.budget = Budget(settings.max_cost, settings.max_tokens_total)
+        self.stop = asyncio.Event()
+        self.stopped_by: str | None = None
+        self.journal = Journal(paths, on_error=self._journal_failed)
+        self.reader = RecordReader(paths.input)
+        self.scorers = [load_scorer(name) for name in settings.scorers]
+        self.stats = {q.name: QueueStats(q.name, q.rate_per_minute, total=q.prompts, skipped=q.prompts - self._todo(q)) for q in self.queues}
+        if session.stopping:
+            self.stop.set()
+        session.runs.append(self)
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    def _todo(self, queue: QueuePlan) -> int:
+        skip = self._skip.get(queue.name)
+        return queue.prompts - (sum(skip) if skip else 0)
+
+    def _journal_failed(self, error: OSError) -> None:
+        if not self.stop.is_set():
+            self.stopped_by = f"writing {self.paths.out_dir} failed ({error.strerror}); nothing more is sent"
+            log.error("%s", self.stopped_by)
+            self.stop.set()
+
+    def prompts(self, queue: QueuePlan) -> Iterator[Prompt]:
+        """The queue's unfinished records, read back by their planned place."""
+        skip = self._skip.get(queue.name)
+        for i in range(queue.prompts):
+            if skip and skip[i]:
+                continue
+            yield Prompt(queue.lines[i], queue.key(i), self.reader.read(queue.offsets[i], queue.lengths[i]))
+
+    async def send_queue(self, queue: QueuePlan) -> QueueStats:
+        stats = self.stats[queue.name]
+        tpm = f", {queue.tokens_per_minute:g} tokens/min" if queue.tokens_per_minute else ""
+        log.info("queue %s: %d prompts at %g/min%s (%d already done)", queue.name, queue.prompts, queue.rate_per_minute, tpm, stats.skipped)
+        with self.session.pacers.pacer(self._pacer_key(queue), queue.rate_per_minute, queue.tokens_per_minute, self.settings.max_in_flight) as pacer:
+            ctx = QueueContext(self.clients, pacer, self.journal, stats, self.policy, self.stop, self.spend, self.budget,
+                               self.scorers, grace=self.settings.timeout)  # fmt: skip
+            await run_queue(self.prompts(queue), ctx)
+        log.info(
+            "queue %s: %d answered, %d failed, %d retries, %d rate-limited in %.1fs, rate at end %.0f/min%s",
+            queue.name, stats.answered, stats.failed, stats.retries, stats.rate_limited, stats.elapsed, pacer.rate,
+            " (stopped)" if stats.stopped else "",
+        )  # fmt: skip
+        return stats
+
+    def _pacer_key(self, queue: QueuePlan) -> tuple:
+        """Queues sending to one model with one key share a pacer; a mixed queue has its own."""
+        if queue.target is None:
+            return ("queue", id(self), queue.name)
+        api, _, model = queue.target.partition("/")
+        cls = provider_class(api)
+        creds = sorted(resolve_env(cls.required_env + cls.optional_env, model).items())
+        return ("model", queue.target, hashlib.sha256(repr(creds).encode()).hexdigest())
+
+    def finish(self) -> RunSummary:
+        """Tables and summary; when every prompt has landed, the run is closed (state
+        finished). An unfinished run stays resumable."""
+        self.journal.close()
+        paths = self.paths
+        answered, failed = _count_lines(paths.completed), _count_lines(paths.failed)
+        unchanged = paths.input.stat().st_size == self.plan.size  # nobody appended to it meanwhile
+        complete = answered + failed == self.plan.prompts and unchanged and self.stopped_by is None
+        stats = list(self.stats.values())
+        score_keys = sorted({k for s in stats for k in s.score_keys})
+        per_model = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys)
+        if complete:
+            write_state(paths, **{**read_state(paths), "finished": True, "ended": datetime.now(timezone.utc).isoformat()})
+        outputs = {"completed": paths.completed, "failed": paths.failed, "log": paths.log, "parquet": paths.parquet, "input": paths.input}
+        if self.settings.output_as_csv:
+            outputs["csv"] = paths.csv
+        return RunSummary(
+            experiment=self.name,
+            prompts=self.plan.prompts,
+            answered=answered,
+            failed=failed,
+            complete=complete,
+            resumed=self.resumed,
+            retries=sum(s.retries for s in stats),
+            rate_limited=sum(s.rate_limited for s in stats),
+            budget_stop=next((s.budget_stop for s in stats if s.budget_stop), None),
+            cost=_cost_summary(self.spend),
+            wall_s=max((s.elapsed for s in stats), default=0.0),
+            queues=[s.as_dict() for s in stats],
+            models=per_model.to_dicts(),
+            outputs={k: v for k, v in outputs.items() if v.exists()},
+            paths=paths,
+            stopped_by=self.stopped_by,
+        )
+
+    async def aclose(self) -> None:
+        if self in self.session.runs:
+            self.session.runs.remove(self)
+        try:
+            await self.clients.aclose()
+        finally:
+            self.journal.close()
+            self.reader.close()
+            self._lock.release()
+
+
+def open_run(
+    file: Path | str,
+    settings: Settings,
+    *,
+    session: Session | None = None,
+    move_to_input: bool = False,
+    plan: Plan | None = None,
+    policy: RetryPolicy | None = None,
+    wait: bool = False,
+) -> Run:
+    """Validate (or reuse the caller's plan), take ownership of the experiment, pick or
+    resume its run, and place the input file next to its outputs.
+
+    A bad file raises ExperimentError before anything is copied, moved or sent; another
+    owner raises RunBusy (or is waited for)."""
+    session = session or current_session()
     file = Path(file)
     check_extension(file)
-    name = file.stem
+    if plan is None or plan.file != file or not plan.is_current(settings):
+        plan = inspect(file, settings)
+    if not plan.ok:
+        raise ExperimentError(_problems(plan))
+    name = plan.name
     out_dir = settings.output_folder / name
-    digest = file_digest(file)
-    stamp = find_unfinished(out_dir, name, digest) if out_dir.exists() else None
-    resumed = stamp is not None
-    if not resumed:
-        stamp = now_stamp()
-        while RunPaths(out_dir, stamp, name).state.exists():
-            time.sleep(0.2)
-            stamp = now_stamp()
-    paths = RunPaths(out_dir, stamp, name, file.suffix)
-    done = finished_lines(paths) if resumed else set()
-
-    found = inspect(file, settings, done)
-    if not found.ok:
-        issues: list[Issue | str] = list(found.issues)
-        if found.issue_count > len(found.issues):
-            issues.append(f"{file}: ... and {found.issue_count - len(found.issues)} more")
-        issues += [
-            Issue(str(file), 0, "env", f"{where} needs {', '.join(names)} (set it in the environment, the .env file or a Prefect Secret block)")
-            for where, names in found.missing_env.items()
-        ]
-        raise ExperimentError(issues)
-
-    settings.input_folder.mkdir(parents=True, exist_ok=True)
-    target = file
-    if not file.resolve().is_relative_to(settings.input_folder.resolve()):  # prompto: a file in input/ runs in place
-        target = settings.input_folder / file.name
-        (shutil.move if move_to_input else shutil.copyfile)(file, target)
-    write_state(
-        paths,
-        input_sha256=digest,
-        input_file=str(target),
-        started=datetime.now(timezone.utc).isoformat(),
-        finished=False,
-        prompts=found.prompts,
-    )
-    return Plan(
-        name=name,
-        input_file=target,
-        out_dir=out_dir,
-        stamp=stamp,
-        input_suffix=file.suffix,
-        settings=settings,
-        queues=list(found.queues.values()),
-        prompts=found.prompts,
-        resumed=resumed,
-    )
-
-
-def _queue_items(plan: Plan, queue: str, done: set[int]) -> Iterator[tuple[int, dict[str, Any]]]:
-    limits = plan.settings.limits()
-    for line, record in iter_valid(plan.input_file):
-        if line not in done and queue_for(record, plan.settings.parallel, limits) == queue:
-            yield line, record
-
-
-async def run_one_queue(plan: Plan, queue: QueuePlan, policy: RetryPolicy | None = None) -> dict[str, Any]:
-    """Send one queue's unfinished prompts; returns its stats as a dict."""
-    settings = plan.settings
-    state = runtime.open_run(
-        plan.run_id,
-        ProviderOptions(settings.media_folder, settings.timeout),
-        Spend(load_prices(settings.prices)),
-        Budget(settings.max_cost, settings.max_tokens_total),
-    )
-    stats = QueueStats(queue.name, queue.rate_per_minute, total=queue.prompts, skipped=queue.already_done)
-    state.stats[queue.name] = stats
-    done = finished_lines(plan.paths) if plan.resumed else set()
-    journal = Journal(plan.paths)
-    tpm = f", {queue.tokens_per_minute:g} tokens/min" if queue.tokens_per_minute else ""
-    log.info("queue %s: %d prompts at %g/min%s (%d already done)", queue.name, queue.prompts, queue.rate_per_minute, tpm, queue.already_done)
-    limits = (queue.rate_per_minute, queue.tokens_per_minute, settings.max_in_flight)
+    lock = RunLock(out_dir)
+    lock.acquire(wait, on_wait=lambda owner: log.warning("%s is being run by %s; waiting for it", name, owner))
     try:
-        with runtime.shared_pacer(plan.run_id, queue.name, queue.target, *limits) as pacer:
-            ctx = QueueContext(
-                state.clients, pacer, journal, stats,
-                policy or RetryPolicy(max_attempts=settings.max_attempts), state.stop, state.spend, state.budget,
-                [load_scorer(name) for name in settings.scorers],
-            )  # fmt: skip
-            await run_queue(_queue_items(plan, queue.name, done), ctx)
-    finally:
-        journal.close()
-    log.info(
-        "queue %s: %d answered, %d failed, %d retries, %d rate-limited in %.1fs, rate at end %.0f/min%s",
-        queue.name, stats.answered, stats.failed, stats.retries, stats.rate_limited, stats.elapsed, pacer.rate,
-        " (stopped)" if stats.stopped else "",
-    )
-    return stats.as_dict()
+        resume = _pick_run(plan, out_dir)
+        paths = RunPaths(out_dir, resume.stamp, name, file.suffix)
+        if resume.note:
+            log.warning("%s", resume.note)
+        if not paths.input.exists() or file.resolve() != paths.input.resolve():
+            inbox.place_working_copy(file, paths.input, move=move_to_input)
+        resumed = paths.state.exists()
+        state = read_state(paths) if resumed else {"started": datetime.now(timezone.utc).isoformat()}
+        write_state(paths, **{**state, "input_sha256": plan.digest, "source": str(file), "finished": False, "prompts": plan.prompts})
+        return Run(plan, settings, session, paths, lock, resumed, resume.skip, policy)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
+    """The unfinished run to continue, and which planned records it already answered.
+
+    Answers are matched to records by content key, so an input edited after a crash keeps
+    the answers of its unchanged lines; the change is said, never silently resent."""
+    for stamp, state in unfinished_runs(out_dir, plan.name):
+        paths = RunPaths(out_dir, stamp, plan.name)
+        done = read_journal(paths)
+        same = state.get("input_sha256") == plan.digest
+        skip, matched = _skips(plan, done, same)
+        if done.corrupt:
+            log.warning("%s: %d torn journal line(s) set aside in *.corrupt; their prompts will be sent again", plan.name, done.corrupt)
+        answered = sum(done.keys.values()) + len(done.lines)
+        if same or matched or not answered:
+            note = None
+            if not same:
+                stale = answered - matched
+                note = (
+                    f"{plan.file} changed since the unfinished run {stamp}: {matched} answered prompt(s) are unchanged and kept, "
+                    f"{plan.prompts - matched} will be sent"
+                    + (f"; {stale} answer(s) of lines no longer in the file stay in its journal" if stale else "")
+                )
+            return _Resume(stamp, skip, note)
+        log.warning("%s: the unfinished run %s is of a different file (no answer matches); starting a new run", plan.name, stamp)
+        break
+    stamp = now_stamp()
+    while RunPaths(out_dir, stamp, plan.name).state.exists():
+        time.sleep(0.2)
+        stamp = now_stamp()
+    return _Resume(stamp)
+
+
+def _skips(plan: Plan, done, same_file: bool) -> tuple[dict[str, bytearray], int]:
+    keys = Counter(done.keys)
+    skip: dict[str, bytearray] = {}
+    matched = 0
+    for queue in plan.queues.values():
+        marks = bytearray(queue.prompts)
+        for i in range(queue.prompts):
+            key = queue.key(i)
+            if keys[key] > 0:
+                keys[key] -= 1
+                marks[i] = 1
+            elif same_file and queue.lines[i] in done.lines:  # journaled before keys existed
+                marks[i] = 1
+            matched += marks[i]
+        skip[queue.name] = marks
+    return skip, matched
 
 
 def _count_lines(path: Path) -> int:
@@ -134,57 +304,9 @@ def _count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
 
 
-async def finish(plan: Plan, queue_stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """Tables and summary; when every prompt has landed, close the run prompto's way
-    (input moved next to its outputs). An unfinished run stays resumable."""
-    state = runtime.get_run(plan.run_id)
-    spend = state.spend if state else None
-    await runtime.close_run(plan.run_id)
-    paths = plan.paths
-    answered, failed = _count_lines(paths.completed), _count_lines(paths.failed)
-    complete = answered + failed == plan.prompts
-    score_keys = sorted({k for q in queue_stats for k in q.get("score_keys", [])})
-    per_model = write_tables(paths, csv=plan.settings.output_as_csv, score_keys=score_keys)
-    if complete:
-        if plan.input_file.exists():
-            shutil.move(plan.input_file, paths.input)
-        state = json.loads(paths.state.read_text())
-        write_state(paths, **{**state, "finished": True, "ended": datetime.now(timezone.utc).isoformat()})
-    outputs = {"completed": paths.completed, "failed": paths.failed, "log": paths.log, "parquet": paths.parquet}
-    if plan.settings.output_as_csv:
-        outputs["csv"] = paths.csv
-    if complete:
-        outputs["input"] = paths.input
-    return {
-        "experiment": plan.name,
-        "prompts": plan.prompts,
-        "answered": answered,
-        "failed": failed,
-        "unfinished": plan.prompts - answered - failed,
-        "complete": complete,
-        "resumed": plan.resumed,
-        "retries": sum(q["retries"] for q in queue_stats),
-        "rate_limited": sum(q["rate_limited"] for q in queue_stats),
-        "budget_stop": next((q["budget_stop"] for q in queue_stats if q.get("budget_stop")), None),
-        "cost": _cost_summary(spend),
-        "wall_s": max((q["wall_s"] for q in queue_stats), default=0.0),
-        "queues": queue_stats,
-        "models": per_model.to_dicts(),
-        "outputs": {k: str(v) for k, v in outputs.items() if Path(v).exists()},
-    }
-
-
-def _cost_summary(spend: Spend | None) -> dict[str, Any] | None:
+def _cost_summary(spend: Spend) -> CostSummary:
     """This session's tokens and estimated cost (a resumed run counts what it sent itself)."""
-    if spend is None:
-        return None
-    return {
-        "input_tokens": spend.input_tokens,
-        "output_tokens": spend.output_tokens,
-        "estimated_usd": round(spend.cost, 6),
-        "unpriced_models": sorted(spend.unpriced),
-        "by_model": spend.by_model,
-    }
+    return CostSummary(spend.input_tokens, spend.output_tokens, round(spend.cost, 6), sorted(spend.unpriced), spend.by_model)
 
 
 @contextmanager
@@ -203,3 +325,9 @@ def run_log(path: Path) -> Iterator[None]:
         root.removeHandler(handler)
         handler.close()
 
+
+async def run_all(run: Run) -> RunSummary:
+    """Every queue at once, then the tables: the whole run without Prefect."""
+    with run_log(run.paths.log):
+        await asyncio.gather(*(run.send_queue(q) for q in run.queues))
+        return run.finish()

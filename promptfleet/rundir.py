@@ -3,19 +3,23 @@ the resume index.
 
 The completed and failed files *are* the journal: one JSON line per finished prompt,
 appended with a single unbuffered write, so a crash can cost at most a torn last line,
-which the resume index cuts off.
+which resuming sets aside.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 
 TIMESTAMP_FORMAT = "%d-%m-%Y-%H-%M-%S"  # prompto's, so output names sort and read the same
@@ -72,16 +76,61 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def find_unfinished(out_dir: Path, name: str, digest: str) -> str | None:
-    """The stamp of an interrupted run of this exact input, if there is one."""
-    for state_file in sorted(out_dir.glob(f"*-run-{name}.json"), reverse=True):
+def unfinished_runs(out_dir: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """(stamp, state) of the interrupted runs of this experiment, newest first."""
+    found = []
+    for state_file in out_dir.glob(f"*-run-{name}.json") if out_dir.is_dir() else []:
         try:
             state = json.loads(state_file.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not state.get("finished") and state.get("input_sha256") == digest:
-            return state_file.name.removesuffix(f"-run-{name}.json")
-    return None
+        if not state.get("finished"):
+            found.append((state_file.name.removesuffix(f"-run-{name}.json"), state))
+    return sorted(found, key=lambda item: item[1].get("started", ""), reverse=True)
+
+
+class RunBusy(Exception):
+    """Another process owns this experiment's runs."""
+
+
+class RunLock:
+    """One owner at a time per experiment: an flock on `<out_dir>/.lock`, held for the run's
+    life and released by the OS when the process dies, even by kill -9. The file says who
+    holds it, for the refusal message."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self, wait: bool = False, on_wait: Any = None) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = self.owner()
+            if not wait:
+                os.close(fd)
+                raise RunBusy(owner) from None
+            if on_wait:
+                on_wait(owner)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "since": datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    def owner(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        return f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('since', '?')}"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
 
 
 def write_state(paths: RunPaths, **state: Any) -> None:
@@ -104,20 +153,28 @@ class Journal:
     that last second, a killed process loses nothing the OS accepted.
     """
 
-    def __init__(self, paths: RunPaths, sync_interval: float = 1.0):
+    def __init__(self, paths: RunPaths, sync_interval: float = 1.0, on_error: Callable[[OSError], None] | None = None):
         paths.out_dir.mkdir(parents=True, exist_ok=True)
+        self._on_error = on_error
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
         self._fds = {"completed": os.open(paths.completed, flags, 0o644), "failed": os.open(paths.failed, flags, 0o644)}
         self._sync_interval = sync_interval
         self._last_sync = time.monotonic()
 
     def write(self, kind: str, record: dict[str, Any]) -> None:
+        """Append one record; a failed write (disk full, I/O error) goes to `on_error`, which
+        stops the run: the record's prompt stays unanswered for the resume."""
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         fd = self._fds[kind]
-        while data:
-            data = data[os.write(fd, data):]
-        if time.monotonic() - self._last_sync > self._sync_interval:
-            self.sync()
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            if time.monotonic() - self._last_sync > self._sync_interval:
+                self.sync()
+        except OSError as err:
+            if self._on_error is None:
+                raise
+            self._on_error(err)
 
     def sync(self) -> None:
         for fd in self._fds.values():
@@ -125,42 +182,76 @@ class Journal:
         self._last_sync = time.monotonic()
 
     def close(self) -> None:
-        self.sync()
+        if not self._fds:
+            return
+        try:
+            self.sync()
+        except OSError:
+            pass
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
 
 
-def _repair_tail(path: Path) -> None:
-    """Cut a torn last line left by a crash mid-write, so the file stays valid JSONL."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as fh:
-        fh.seek(-1, os.SEEK_END)
-        if fh.read(1) == b"\n":
-            return
-        size = fh.seek(0, os.SEEK_END)
-        pos = size
-        while pos > 0:
-            step = min(65536, pos)
-            fh.seek(pos - step)
-            chunk = fh.read(step)
-            cut = chunk.rfind(b"\n")
-            if cut >= 0:
-                fh.truncate(pos - step + cut + 1)
-                return
-            pos -= step
-        fh.truncate(0)
+@dataclass
+class Answered:
+    """What a run's journal says is done: by record key, and by input line for records
+    journaled before keys existed."""
+
+    keys: Counter = field(default_factory=Counter)
+    lines: set[int] = field(default_factory=set)
+    corrupt: int = 0
+
+
+def read_journal(paths: RunPaths) -> Answered:
+    """Parse every journal line. A line that is not a JSON record (a torn write) is set aside
+    into `<file>.corrupt` and its prompt counts as unanswered, so resuming is never blocked."""
+    done = Answered()
+    for path in (paths.completed, paths.failed):
+        if not path.exists():
+            continue
+        good, bad = [], []
+        with path.open("rb") as fh:
+            for raw in fh:
+                try:
+                    record = json.loads(raw)
+                    if not isinstance(record, dict) or "input_line" not in record:
+                        raise ValueError
+                except ValueError:
+                    if raw.strip():
+                        bad.append(raw if raw.endswith(b"\n") else raw + b"\n")
+                    continue
+                good.append(raw if raw.endswith(b"\n") else raw + b"\n")
+                if key := record.get("input_key"):
+                    done.keys[key] += 1
+                else:
+                    done.lines.add(record["input_line"])
+        if bad:
+            with open(str(path) + ".corrupt", "ab") as fh:
+                fh.write(b"".join(bad))
+            _replace(path, b"".join(good))
+            done.corrupt += len(bad)
+    return done
+
+
+def _replace(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def finished_lines(paths: RunPaths) -> set[int]:
     """Input lines already answered or failed in this run (both count: nothing is sent twice)."""
-    done: set[int] = set()
+    lines: set[int] = set()
     for path in (paths.completed, paths.failed):
-        _repair_tail(path)
-        if not path.exists():
-            continue
-        with path.open(encoding="utf-8") as fh:
-            for text in fh:
-                done.add(json.loads(text)["input_line"])
-    return done
+        if path.exists():
+            with path.open("rb") as fh:
+                for raw in fh:
+                    try:
+                        lines.add(json.loads(raw)["input_line"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+    return lines

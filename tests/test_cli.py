@@ -66,7 +66,7 @@ def test_run_executes_the_flow_and_writes_prompto_layout(tmp_path: Path, prefect
     assert result.exit_code == 0, result.output
     assert "exp: 3 prompts, 2 answered, 1 failed" in result.output
     [out] = (data / "output").iterdir()
-    names = sorted(p.name.split("-", 6)[-1] for p in out.iterdir())
+    names = sorted(p.name.split("-", 6)[-1] for p in out.iterdir() if not p.name.startswith("."))  # .lock: the owner lock
     assert names == ["completed-exp.csv", "completed-exp.jsonl", "failed-exp.jsonl", "input-exp.jsonl",
                      "log-exp.txt", "results-exp.parquet", "run-exp.json"]  # fmt: skip
     assert path.exists() and not (data / "input" / "exp.jsonl").exists()  # copied in, then moved to output
@@ -157,7 +157,8 @@ def test_ctrl_c_drains_in_flight_then_resume_sends_nothing_twice(tmp_path: Path,
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err.decode()[-2000:]
         assert "to resume, run the same command again" in err.decode()
-        assert (data / "input" / "exp.jsonl").exists()
+        assert not (data / "input").exists()  # the inbox is only an inbox: the pipeline must not see this run
+        assert list((data / "output" / "exp").glob("*-input-exp.jsonl"))
         first = sum(server.state.calls.values())
         assert first < n
 

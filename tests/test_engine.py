@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from promptfleet import Experiment, Settings, runtime
-from promptfleet import run as runs
-from promptfleet.engine import QueueContext, QueueStats, RetryPolicy, run_queue
+from promptfleet import Experiment, Session, Settings
+from promptfleet.engine import Prompt, QueueContext, QueueStats, RetryPolicy, run_queue
+from promptfleet.run import open_run, run_all
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderOptions
@@ -30,10 +30,12 @@ def openai_rows(texts: list[str], **extra) -> list[dict]:
 async def run_file(path: Path, tmp: Path, policy: RetryPolicy = FAST, **settings) -> tuple[RunPaths, dict]:
     """Run a file through prepare/run_queue/finish with a fast retry policy."""
     settings = Settings(data_folder=tmp / "data", **{"max_queries": 60_000, "max_attempts": policy.max_attempts, **settings})
-    plan = runs.prepare(path, settings)
-    stats = await asyncio.gather(*(runs.run_one_queue(plan, q, policy) for q in plan.queues))
-    summary = await runs.finish(plan, list(stats))
-    return plan.paths, summary
+    run = open_run(path, settings, session=Session(), policy=policy)
+    try:
+        summary = await run_all(run)
+    finally:
+        await run.aclose()
+    return summary.paths, summary.to_dict()
 
 
 async def test_retries_with_backoff_until_success(tmp_path: Path, openai_env: FakeServer):
@@ -158,18 +160,19 @@ async def test_stop_leaves_the_rest_resumable_and_resume_sends_nothing_twice(tmp
     openai_env.state.latency = 0.02
     path = write_jsonl(tmp_path / "exp.jsonl", openai_rows([f"q{i}" for i in range(40)]))
     settings = Settings(data_folder=tmp_path / "data", max_queries=1200)  # 20/s: ~2 s in all
-    experiment = Experiment(path, settings)
+    session = Session()
+    experiment = Experiment(path, settings, session=session)
 
     async def stop_soon() -> None:
         await asyncio.sleep(0.6)
-        runtime.request_stop()
+        session.request_stop()
 
     stopper = asyncio.create_task(stop_soon())
     first = await experiment.process()
     await stopper
     assert not first["complete"] and 0 < first["answered"] < 40
-    assert (settings.input_folder / "exp.jsonl").exists()  # stays in input/ until complete
-    runtime.reset_stop()
+    assert not settings.input_folder.exists()  # the inbox is only an inbox: the working copy sits with the outputs
+    assert Path(first["outputs"]["input"]).exists() and path.exists()
 
     second = await Experiment(path, settings).process()
     assert second["resumed"] and second["complete"] and second["answered"] == 40
@@ -189,7 +192,7 @@ async def test_run_queue_journals_each_answer_as_it_lands(tmp_path: Path):
             await asyncio.sleep(0.05)
             seen_during_run.append(len(paths.completed.read_text().splitlines()))
 
-    items = [(i, {"api": "test", "model_name": "m", "prompt": f"p{i}", "parameters": {"latency": 0.01}}) for i in range(1, 21)]
+    items = [Prompt(i, f"k{i}", {"api": "test", "model_name": "m", "prompt": f"p{i}", "parameters": {"latency": 0.01}}) for i in range(1, 21)]
     watcher = asyncio.create_task(watch())
     stats = QueueStats("q", 600)
     await run_queue(iter(items), QueueContext(Clients(ProviderOptions()), Pacer(600), journal, stats))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -105,7 +107,7 @@ def test_inspect_reports_queues_and_missing_env_names_only(tmp_path: Path, monke
     found = inspect(write_jsonl(tmp_path / "exp.jsonl", rows), Settings(data_folder=tmp_path, parallel=True, max_queries=50))
     assert {q.name: (q.prompts, q.rate_per_minute) for q in found.queues.values()} == {"test": (1, 50), "openai": (2, 50)}
     assert found.missing_env == {"openai/gpt-3.5": ["OPENAI_API_KEY"]}
-    assert "sk-model" not in found.model_dump_json()
+    assert "sk-model" not in json.dumps(found.to_dict())
     assert not found.ok
 
 

@@ -21,7 +21,7 @@ def test_waiting_files_oldest_first_and_only_experiments(tmp_path: Path):
     folder = tmp_path / "input"
     for i, name in enumerate(["b.jsonl", "a.csv", "notes.txt", ".hidden.jsonl"]):
         (folder / name).parent.mkdir(exist_ok=True)
-        (folder / name).write_text("x")
+        (folder / name).write_text("x\n")
         os.utime(folder / name, (1000 + i, 1000 + i))
     os.utime(folder / "a.csv", (900, 900))
     assert [p.name for p in inbox.waiting_files(folder)] == ["a.csv", "b.jsonl"]
@@ -52,7 +52,7 @@ def test_pipeline_once_runs_good_files_and_rejects_bad_ones(tmp_path: Path, pref
     data = tmp_path / "data"
     write_jsonl(data / "input" / "one.jsonl", [GOOD, {**GOOD, "prompt": "again"}])
     write_jsonl(data / "input" / "bad.jsonl", [GOOD, {"api": "nope", "model_name": "m", "prompt": "x"}])
-    result = CliRunner().invoke(app, ["pipeline", "-d", str(data), "--once", "-p"])
+    result = CliRunner().invoke(app, ["pipeline", "-d", str(data), "--once", "-p", "--settle", "0"])
     assert result.exit_code == 0, result.output
     assert "one: 2 answered, 0 failed" in result.output
     assert len(read_jsonl(next((data / "output" / "one").glob("*-completed-one.jsonl")))) == 2

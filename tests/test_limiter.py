@@ -1,35 +1,113 @@
-"""Pacing: an even rate from the first send (no minute-sized burst), in-flight cap, pauses."""
+"""Pacing: one clock for min(rate, ceiling), even from the first send, in-flight cap, pauses,
+and the rule that tells a key over its limit from a lone 429.
+
+Schedules are asserted on a fake clock (sleeping advances it), never on wall time.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
-from promptfleet.limiter import Pacer
+import pytest
+
+from promptfleet.limiter import PacerPool, Pacer
 
 
-async def _send_times(pacer: Pacer, n: int) -> list[float]:
-    loop = asyncio.get_running_loop()
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def time(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)
+
+
+def fake_pacer(rate: float, **kwargs) -> tuple[Pacer, FakeClock]:
+    clock = FakeClock()
+    return Pacer(rate, clock=clock.time, sleep=clock.sleep, **kwargs), clock
+
+
+async def send_times(pacer: Pacer, clock: FakeClock, n: int) -> list[float]:
     times = []
     for _ in range(n):
         await pacer.acquire()
-        times.append(loop.time())
+        times.append(clock.now)
         pacer.release()
     return times
 
 
+def gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 6) for a, b in zip(times, times[1:])]
+
+
 async def test_sends_are_spaced_evenly_from_the_start():
-    times = await _send_times(Pacer(rate_per_minute=3000), 16)  # one send per 20 ms
-    gaps = [b - a for a, b in zip(times, times[1:])]
-    # Lower bounds only tighten with a slow machine, so they cannot flake; no burst at start.
-    assert min(gaps) >= 0.018
-    assert times[-1] - times[0] >= 15 * 0.02 - 0.005
-    assert times[-1] - times[0] < 3.0
+    pacer, clock = fake_pacer(3000)  # one send per 20 ms
+    assert gaps(await send_times(pacer, clock, 16)) == [0.02] * 15
 
 
-async def test_high_rates_allow_small_bursts_but_keep_the_average():
-    pacer = Pacer(rate_per_minute=60_000)  # 1000/s, bucket of 10 ms
-    times = await _send_times(pacer, 300)
-    assert times[-1] - times[0] >= (300 - 10) / 1000 - 0.005
+async def test_a_stated_limit_becomes_the_pace_at_once():
+    """Once: Pacer(12000) after a header stating 500/min still sent every 4.5 ms."""
+    pacer, clock = fake_pacer(12_000)
+    await send_times(pacer, clock, 3)
+    pacer.on_success({"x-ratelimit-limit-requests": "500"})
+    assert gaps(await send_times(pacer, clock, 5)) == [0.12] * 4
+
+
+async def test_lowering_the_ceiling_slows_the_next_send():
+    """Once: Pacer(6000).lower_ceiling(600) still sent every 10.2 ms."""
+    pacer, clock = fake_pacer(6000)
+    pacer.lower_ceiling(600)
+    assert gaps(await send_times(pacer, clock, 5)) == [0.1] * 4
+    pacer.lower_ceiling(6000)  # a looser ceiling never raises it again
+    assert pacer.ceiling == 600
+
+
+async def test_the_strictest_ceiling_of_a_shared_pacer_wins():
+    pool = PacerPool()
+    clock = FakeClock()
+    with pool.pacer(("openai", "m", "key-a"), 6000, clock=clock.time, sleep=clock.sleep) as first:
+        with pool.pacer(("openai", "m", "key-a"), 600) as second:
+            assert first is second
+            assert gaps(await send_times(first, clock, 4)) == [0.1] * 3
+        with pool.pacer(("openai", "m", "key-b"), 6000) as other:
+            assert other is not first
+    assert pool.size == 0
+
+
+async def test_a_lone_429_leaves_the_pace_alone():
+    pacer, clock = fake_pacer(600)
+    for outcome in [429, 200, 429, 200, 200, 429, 200, 200, 429, 200] * 3:  # 40% random 429s, never 4 of 6
+        pacer.on_rate_limited(1.0) if outcome == 429 else pacer.on_success()
+    assert pacer.rate == 600
+    assert gaps(await send_times(pacer, clock, 4)) == [0.1] * 3
+
+
+async def test_mostly_429s_slow_the_queue_and_wait_out_retry_after():
+    pacer, clock = fake_pacer(600)
+    await send_times(pacer, clock, 1)
+    for _ in range(4):
+        pacer.on_rate_limited(2.0)
+    assert pacer.rate == 300
+    times = await send_times(pacer, clock, 3)
+    assert times[0] >= 2.0 and gaps(times) == [0.2, 0.2]
+
+
+async def test_headers_saying_nothing_remains_slow_the_queue_on_the_first_429():
+    pacer, clock = fake_pacer(600)
+    assert pacer.on_rate_limited(1.0, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"})
+    await pacer.acquire()
+    assert clock.now >= 3.0
+
+
+async def test_catching_up_after_a_stall_is_bounded():
+    pacer, clock = fake_pacer(60_000)  # 1 ms apart
+    await send_times(pacer, clock, 1)
+    clock.now += 5.0  # nobody sent for 5 s: no 5,000-send burst follows
+    times = await send_times(pacer, clock, 30)
+    assert sum(1 for g in gaps(times) if g == 0) <= 10
 
 
 async def test_in_flight_cap_blocks_until_release():
@@ -44,9 +122,27 @@ async def test_in_flight_cap_blocks_until_release():
 
 
 async def test_pause_holds_every_send():
-    pacer = Pacer(rate_per_minute=600_000)
-    loop = asyncio.get_running_loop()
+    pacer, clock = fake_pacer(600_000)
     pacer.pause(0.3)
-    start = loop.time()
     await pacer.acquire()
-    assert loop.time() - start >= 0.29
+    assert clock.now >= 0.3
+
+
+def test_rate_must_be_positive():
+    with pytest.raises(ValueError):
+        Pacer(0)
+
+
+async def test_over_the_limit_the_rate_drops_to_what_was_accepted():
+    pacer, clock = fake_pacer(12_000)  # 200/s against a key that accepts 20/s
+    for _ in range(20):
+        clock.now += 0.005
+        pacer.on_success()
+    for _ in range(4):
+        pacer.on_rate_limited(0.5)
+    assert pacer.rate == pacer.limit == 20 * 60
+    for _ in range(250):
+        pacer.on_success()
+    assert pacer.rate == 12_000 and pacer.limit == 1200  # the learned limit governs, not the recovered rate
+    clock.now += 30
+    assert 3700 < pacer.limit < 3850  # half way back to the ceiling in log space after one half-life

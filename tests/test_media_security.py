@@ -3,7 +3,6 @@ accepts; URLs still pass through unchanged."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -11,7 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from promptfleet import run
+from promptfleet.run import open_run, run_all
+from promptfleet.session import Session
 from promptfleet.cli import app
 from promptfleet.config import Settings
 from promptfleet.media import MediaError
@@ -96,12 +96,14 @@ async def test_a_file_swapped_for_a_symlink_after_validation_is_not_sent(api: st
         row = {"api": api, "model_name": "m", "prompt": "what?", "multimedia": [{"type": "image", "media": "cat.png"}]}
         path = write_jsonl(data.parent / "swap.jsonl", [row])
         settings = Settings(data_folder=data, max_queries=6000)
-        plan = run.prepare(path, settings)  # validated: cat.png is a real file inside media/
+        opened = open_run(path, settings, session=Session())  # validated: cat.png is a real file inside media/
         cat = data / "media" / "cat.png"
         cat.unlink()
         cat.symlink_to(data / "secret.txt")
-        stats = await asyncio.gather(*(run.run_one_queue(plan, q) for q in plan.queues))
-        summary = await run.finish(plan, list(stats))
+        try:
+            summary = (await run_all(opened)).to_dict()
+        finally:
+            await opened.aclose()
         bodies = [json.dumps(s.payload) for s in server.state.seen]
     assert summary["failed"] == 1 and summary["answered"] == 0
     assert not any(SECRET in body or "VE9QLVNFQ1JFVC03ZjNhOWM" in body for body in bodies)  # plain or base64

@@ -12,9 +12,18 @@ import pytest
 from promptfleet.messages import parse_conversation
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderError, ProviderOptions
+from promptfleet.providers.errors import classify
 from tests.fakes import FakeServer, Scripted
 
 KEY = "sk-provider-test-key-0123456789"
+
+
+async def classified(request):
+    """Await a provider call, mapping a failure the way the engine does (one classify)."""
+    try:
+        return await request
+    except Exception as err:
+        raise classify(err) from err
 
 
 def msgs(raw: list) -> tuple:
@@ -168,7 +177,7 @@ async def test_failures_map_to_the_taxonomy(api, step, kind, status, retryable, 
     server.state.script["q"] = [step]
     clients = make_clients(api, server, tmp_path, timeout=0.5)
     with pytest.raises(ProviderError) as info:
-        await clients.get(api, "m").chat("m", msgs([{"role": "user", "content": "q"}]), {})
+        await classified(clients.get(api, "m").chat("m", msgs([{"role": "user", "content": "q"}]), {}))
     await clients.aclose()
     err = info.value
     assert (err.kind, err.retryable, err.retry_after) == (kind, retryable, retry_after)
@@ -184,7 +193,7 @@ async def test_connection_refused_is_retryable(api: str, tmp_path: Path):
         url = dead.url
     clients = Clients(ProviderOptions(media_dir=tmp_path, timeout=2), environ=provider_env(api, url))
     with pytest.raises(ProviderError) as info:
-        await clients.get(api, "m").chat("m", msgs([{"role": "user", "content": "q"}]), {})
+        await classified(clients.get(api, "m").chat("m", msgs([{"role": "user", "content": "q"}]), {}))
     await clients.aclose()
     assert info.value.kind == "connection" and info.value.retryable
 
@@ -210,7 +219,7 @@ async def test_parameters_reach_the_api(api, parameters, check, server: FakeServ
 async def test_unknown_gemini_parameter_is_refused_by_the_sdk(server: FakeServer, tmp_path: Path):
     clients = make_clients("gemini", server, tmp_path)
     with pytest.raises(ProviderError) as info:
-        await clients.get("gemini", "m").chat("m", msgs([{"role": "user", "content": "q"}]), {"temprature": 1})
+        await classified(clients.get("gemini", "m").chat("m", msgs([{"role": "user", "content": "q"}]), {"temprature": 1}))
     await clients.aclose()
     assert info.value.kind == "bad_request" and not info.value.retryable and "temprature" in info.value.message
     assert server.state.seen == []
@@ -247,7 +256,7 @@ async def test_rate_limit_headers_are_surfaced_on_answers_and_429s(api: str, ser
     provider = clients.get(api, "m")
     reply = await provider.chat("m", msgs([{"role": "user", "content": "fine"}]), {})
     with pytest.raises(ProviderError) as info:
-        await provider.chat("m", msgs([{"role": "user", "content": "limited"}]), {})
+        await classified(provider.chat("m", msgs([{"role": "user", "content": "limited"}]), {}))
     await clients.aclose()
     expected = {"x-ratelimit-remaining-requests": "7", "anthropic-ratelimit-requests-remaining": "3"}
     assert reply.rate_limits == expected and info.value.rate_limits == expected

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from promptfleet import Experiment, Settings
+from promptfleet import Experiment, Session, Settings
 from promptfleet.limiter import Pacer, _seconds_until
 from tests.conftest import read_jsonl, write_jsonl
+from tests.test_limiter import FakeClock
 from tests.fakes import FakeServer
 
 N = 60
@@ -33,9 +34,10 @@ def rows(n: int = N, model: str = "gpt-limited", text: str = "q") -> list[dict]:
     return [{"id": i, "api": "openai", "model_name": model, "prompt": f"{text}{i}"} for i in range(n)]
 
 
-async def run(tmp_path: Path, name: str, data: list[dict], **settings) -> tuple[dict, float]:
+async def run(tmp_path: Path, name: str, data: list[dict], session: Session | None = None, **settings) -> tuple[dict, float]:
     start = time.monotonic()
-    summary = await Experiment(write_jsonl(tmp_path / f"{name}.jsonl", data), Settings(data_folder=tmp_path / "data", **settings)).process()
+    experiment = Experiment(write_jsonl(tmp_path / f"{name}.jsonl", data), Settings(data_folder=tmp_path / "data", **settings), session=session)
+    summary = await experiment.process()
     return summary, time.monotonic() - start
 
 
@@ -61,9 +63,10 @@ async def test_rate_limit_headers_keep_it_under_the_wall(tmp_path: Path, limited
 
 async def test_two_experiments_on_one_model_and_key_share_the_limit(tmp_path: Path, limited: FakeServer):
     limited.state.limit = None  # measure what we send instead
+    session = Session()  # one process: its runs share one pacer per model and key
     (a, _), (b, _) = await asyncio.gather(
-        run(tmp_path, "a", rows(30, text="a"), max_queries=1200, parallel=True),
-        run(tmp_path, "b", rows(30, text="b"), max_queries=1200, parallel=True),
+        run(tmp_path, "a", rows(30, text="a"), session, max_queries=1200, parallel=True),
+        run(tmp_path, "b", rows(30, text="b"), session, max_queries=1200, parallel=True),
     )
     assert a["complete"] and b["complete"]
     times = sorted(t for ts in limited.state.times.values() for t in ts)
@@ -103,24 +106,26 @@ async def test_unpriced_models_are_unknown_not_free(tmp_path: Path):
     assert summary["cost"]["unpriced_models"] == ["mystery"] and summary["cost"]["by_model"]["mystery"]["cost"] is None
 
 
-async def test_429_halves_and_success_recovers():
+async def test_a_run_of_429s_halves_and_success_recovers():
     pacer = Pacer(6000)
-    pacer.on_rate_limited(None)
+    assert [pacer.on_rate_limited(None) for _ in range(4)] == [False, False, False, True]
     assert pacer.rate == 3000
-    pacer.on_rate_limited(None)  # same burst (cooldown): counted, not halved again
+    for _ in range(4):
+        pacer.on_rate_limited(None)  # same burst (cooldown): counted, not halved again
     assert pacer.rate == 3000
-    for _ in range(60):
+    for _ in range(70):
         pacer.on_success()
     assert pacer.rate == 6000
 
 
 async def test_headers_lower_the_ceiling_and_pause_at_zero():
-    pacer = Pacer(6000)
+    clock = FakeClock()
+    pacer = Pacer(6000, clock=clock.time, sleep=clock.sleep)
     pacer.on_success({"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "400", "x-ratelimit-reset-requests": "6m0s"})
     assert pacer.ceiling == 500 and pacer.rate <= 500
-    loop = asyncio.get_running_loop()
     pacer.on_success({"anthropic-ratelimit-tokens-remaining": "0", "anthropic-ratelimit-tokens-reset": "2099-01-01T00:00:00Z"})
-    assert pacer._resume_at > loop.time() + 3600
+    await pacer.acquire()
+    assert clock.now > 3600
 
 
 def test_reset_formats():

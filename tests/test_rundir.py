@@ -7,17 +7,20 @@ from pathlib import Path
 
 import polars as pl
 
-from promptfleet.rundir import Journal, RunPaths, find_unfinished, finished_lines, write_state
+from promptfleet.rundir import Journal, RunPaths, read_journal, unfinished_runs, write_state
 from promptfleet.tables import write_tables
 
 
-def test_torn_last_line_is_cut_and_earlier_lines_count(tmp_path: Path):
+def test_torn_lines_anywhere_are_set_aside_and_the_rest_count(tmp_path: Path):
     paths = RunPaths(tmp_path, "s", "exp")
-    lines = [json.dumps({"input_line": n, "response": "r"}) for n in (1, 2, 5)]
-    paths.completed.write_text("\n".join(lines) + "\n" + '{"input_line": 9, "resp')
-    paths.failed.write_text(json.dumps({"input_line": 3, "error": {}}) + "\n")
-    assert finished_lines(paths) == {1, 2, 3, 5}
-    assert paths.completed.read_text().endswith("}\n")  # the file is valid JSONL again
+    lines = [json.dumps({"input_line": n, "input_key": f"k{n}", "response": "r"}) for n in (1, 2, 5)]
+    torn = '{"input_line": 9, "resp'
+    paths.completed.write_text(lines[0] + "\n" + torn + lines[1] + "\n" + lines[2] + "\n" + torn)
+    paths.failed.write_text(json.dumps({"input_line": 3, "input_key": "k3", "error": {}}) + "\n")
+    done = read_journal(paths)
+    assert sorted(done.keys) == ["k1", "k3", "k5"] and done.corrupt == 2  # k2 was glued to a torn record
+    assert [json.loads(line)["input_line"] for line in paths.completed.read_text().splitlines()] == [1, 5]  # valid JSONL again
+    assert Path(str(paths.completed) + ".corrupt").read_text().count("\n") == 2
 
 
 def test_journal_appends_whole_lines(tmp_path: Path):
@@ -30,11 +33,11 @@ def test_journal_appends_whole_lines(tmp_path: Path):
     assert sorted(json.loads(line)["input_line"] for line in paths.completed.read_text().splitlines()) == list(range(50))
 
 
-def test_unfinished_run_is_found_only_for_the_same_input(tmp_path: Path):
-    write_state(RunPaths(tmp_path, "01-01-2026-00-00-00", "exp"), input_sha256="abc", finished=False)
-    write_state(RunPaths(tmp_path, "02-01-2026-00-00-00", "exp"), input_sha256="abc", finished=True)
-    assert find_unfinished(tmp_path, "exp", "abc") == "01-01-2026-00-00-00"
-    assert find_unfinished(tmp_path, "exp", "other") is None
+def test_unfinished_runs_newest_first_by_start_not_by_name(tmp_path: Path):
+    write_state(RunPaths(tmp_path, "30-11-2026-00-00-00", "exp"), input_sha256="abc", finished=False, started="2026-11-30T00:00:00")
+    write_state(RunPaths(tmp_path, "01-12-2026-00-00-00", "exp"), input_sha256="abc", finished=False, started="2026-12-01T00:00:00")
+    write_state(RunPaths(tmp_path, "02-12-2026-00-00-00", "exp"), input_sha256="abc", finished=True, started="2026-12-02T00:00:00")
+    assert [stamp for stamp, _ in unfinished_runs(tmp_path, "exp")] == ["01-12-2026-00-00-00", "30-11-2026-00-00-00"]
 
 
 def test_tables_hold_every_prompt_with_status(tmp_path: Path):

@@ -11,8 +11,8 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from promptfleet import judge as judging
-from promptfleet.flows.run_experiment import _artifact_key, run_experiment
-from promptfleet.console import table_markdown
+from promptfleet.flows.run_experiment import artifact_key, run_experiment
+from promptfleet.summary import table_markdown
 from promptfleet.rundir import RunPaths
 from promptfleet.config import Settings
 from promptfleet.study import write_study
@@ -49,7 +49,7 @@ async def judge_experiment(
     settings = settings or Settings()
     templates = templates or ["template.txt"]
     original = run_paths_of(Path(completed))
-    judge_file = settings.input_folder / f"judge-{original.name}.jsonl"
+    judge_file = original.out_dir / f"judge-{original.name}.jsonl"  # beside its source, never in the inbox
     created = create_judge_file(Path(completed), Path(judge_folder), templates, judges, judge_file)
     if created["skipped_failed"]:
         print(f"{created['skipped_failed']} failed prompt(s) not judged: {created['skipped_reason']}")
@@ -58,7 +58,7 @@ async def judge_experiment(
     names = [t.removesuffix(".txt") for t in templates]
     study = write_study_table(original, judge_run, judges, names)
     await acreate_markdown_artifact(
-        key=f"study-{_artifact_key(original.name)}",
+        key=f"study-{artifact_key(original.name)}",
         markdown=f"# Study: {original.name}\n\n{table_markdown(study['summary'])}\n\n- table: `{study['parquet']}`\n",
         description=f"answers and verdicts of {original.name}",
     )
@@ -79,12 +79,12 @@ async def rephrase_experiment(
     settings = settings or Settings()
     source = Path(file)
     lines, models_settings = judging.load_rephrase_folder(Path(rephrase_folder), templates or ["template.txt"], models)
-    rephrase_file = settings.input_folder / f"rephrase-{source.stem}.jsonl"
+    rephrase_file = settings.output_folder / source.stem / f"rephrase-{source.stem}.jsonl"  # never in the inbox
     judging.write_records(rephrase_file, judging.rephrase_records(source, lines, models_settings))
     rephrased = await run_experiment(file=str(rephrase_file), settings=settings)
     result: dict[str, Any] = {"rephrase_run": rephrased}
     if not only_rephrase:
-        post_file = settings.input_folder / f"post-rephrased-{source.stem}.jsonl"
+        post_file = settings.output_folder / source.stem / f"post-rephrased-{source.stem}.jsonl"
         original = None if remove_original else source
         judging.write_records(post_file, judging.post_rephrase_records(Path(rephrased["outputs"]["completed"]), original))
         result["post_rephrase_run"] = await run_experiment(file=str(post_file), settings=settings)

@@ -17,11 +17,10 @@ from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifa
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from promptfleet import runtime
-from promptfleet.console import summary_markdown
 from promptfleet.config import Settings
-from promptfleet.plan import Plan
-from promptfleet.run import run_log
+from promptfleet.run import Run, run_log
+from promptfleet.session import current_session
+from promptfleet.summary import summary_markdown
 from promptfleet.tasks import load_and_validate, run_queue, write_results
 from promptfleet.tasks.secrets import env_from_secret_blocks
 
@@ -34,50 +33,56 @@ def _run_name() -> str:
     return Path(str(flow_run.parameters["file"])).stem
 
 
-async def _follow_progress(plan: Plan, interval: float = 2.0) -> None:
-    artifact = await acreate_progress_artifact(0.0, key=f"progress-{_artifact_key(plan.name)}", description=f"{plan.name}: prompts done")
+async def _follow_progress(run: Run, interval: float = 2.0) -> None:
     last = -1.0
-    while True:
-        state = runtime.get_run(plan.run_id)
-        done = sum(s.done + s.skipped for s in state.stats.values()) if state else 0
-        percent = round(100.0 * done / max(plan.prompts, 1), 1)
-        if percent != last:
-            await aupdate_progress_artifact(artifact, percent)
-            last = percent
-        await asyncio.sleep(interval)
+    try:
+        artifact = await acreate_progress_artifact(0.0, key=f"progress-{artifact_key(run.name)}", description=f"{run.name}: prompts done")
+        while True:
+            percent = round(100.0 * sum(s.done + s.skipped for s in run.stats.values()) / max(run.plan.prompts, 1), 1)
+            if percent != last:
+                await aupdate_progress_artifact(artifact, percent)
+                last = percent
+            await asyncio.sleep(interval)
+    except asyncio.CancelledError:
+        pass
 
 
-def _artifact_key(name: str) -> str:
+def artifact_key(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "experiment"
 
 
 @flow(name="run_experiment", flow_run_name=_run_name, log_prints=True)
-async def run_experiment(file: str, settings: Settings | None = None, move_to_input: bool = False) -> dict[str, Any]:
+async def run_experiment(file: str, settings: Settings | None = None, move_to_input: bool = False, wait: bool = False) -> dict[str, Any]:
     """Run one prompto-format experiment file; every queue is a task in one event loop."""
     settings = settings or Settings()
+    session = current_session()
     if filled := await env_from_secret_blocks():
         log.info("API keys from Prefect Secret blocks: %s", ", ".join(filled))
-    plan = load_and_validate(Path(file), settings, move_to_input)
-    with run_log(plan.paths.log):
-        progress = asyncio.create_task(_follow_progress(plan))
-        try:
-            stats = await asyncio.gather(*(run_queue(plan, queue) for queue in plan.queues))
-        finally:
-            progress.cancel()
-        summary = await write_results(plan, list(stats))
+    run = load_and_validate(Path(file), settings, session, move_to_input, wait)
+    try:
+        with run_log(run.paths.log):
+            progress = asyncio.create_task(_follow_progress(run))
+            try:
+                await asyncio.gather(*(run_queue(run, queue) for queue in run.queues))
+            finally:
+                progress.cancel()
+                await progress
+            summary = write_results(run).to_dict()
+    finally:
+        await run.aclose()
     await acreate_markdown_artifact(
-        key=f"summary-{_artifact_key(plan.name)}",
+        key=f"summary-{artifact_key(run.name)}",
         markdown=summary_markdown(summary),
-        description=f"promptfleet summary of {plan.name}",
+        description=f"promptfleet summary of {run.name}",
     )
     if summary["complete"]:
         emit_event(
             event=COMPLETED_EVENT,
             resource={
-                "prefect.resource.id": f"promptfleet.experiment.{plan.name}",
-                "prefect.resource.name": plan.name,
+                "prefect.resource.id": f"promptfleet.experiment.{run.name}",
+                "prefect.resource.name": run.name,
                 # judge runs say so, so a judge trigger does not judge its own verdicts
-                "promptfleet.role": "judge" if plan.name.startswith("judge-") else "experiment",
+                "promptfleet.role": "judge" if run.name.startswith("judge-") else "experiment",
             },
             related=[
                 {"prefect.resource.id": f"promptfleet.file.{path}", "prefect.resource.role": kind}

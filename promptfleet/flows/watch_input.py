@@ -1,50 +1,69 @@
-"""Flow `watch_input`: prompto's pipeline. Runs every experiment file waiting in the
-input folder, oldest first, each as a `run_experiment` subflow.
+"""Flow `watch_input`: prompto's pipeline. Runs every settled experiment file waiting in
+the input folder, oldest first, each as a `run_experiment` subflow.
 
 A bad file is moved to `rejected/` with its error report and the watcher goes on; a run
-that was stopped goes back to `input/` and resumes next time.
+that was stopped, or whose experiment another process is running, goes back to `input/`.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from promptfleet import inbox, runtime
+from promptfleet import inbox
+from promptfleet.config import Settings
 from promptfleet.experiment import ExperimentError
 from promptfleet.flows.run_experiment import run_experiment
-from promptfleet.config import Settings
+from promptfleet.rundir import RunBusy
+from promptfleet.session import current_session
 
 log = logging.getLogger("promptfleet.pipeline")
 
 
-@flow(name="watch_input", log_prints=True)
+def _poll_name() -> str:
+    from prefect.runtime import flow_run
+
+    settings = flow_run.parameters.get("settings") or {}
+    folder = settings.get("data_folder", "data") if isinstance(settings, dict) else getattr(settings, "data_folder", "data")
+    return f"poll-{Path(str(folder)).name}"
+
+
+@flow(name="watch_input", flow_run_name=_poll_name, log_prints=True)
 async def watch_input(settings: Settings | None = None) -> list[dict[str, Any]]:
     settings = settings or Settings()
+    session = current_session()
     for path in inbox.requeue_orphans(settings.input_folder):
         log.info("put back %s, left running by a process that is gone", path.name)
     summaries = []
-    for path in inbox.waiting_files(settings.input_folder):
-        if runtime.stop_event().is_set():
+    for path in inbox.waiting_files(settings.input_folder, settings.settle_seconds):
+        if session.stopping:
             break
         claimed = inbox.claim(path)
         if claimed is None:
             continue
         try:
-            summary = await run_experiment(file=str(claimed), settings=settings)
+            summary = await run_experiment(file=str(claimed), settings=settings, move_to_input=True)
         except ExperimentError as error:
             target = inbox.reject(claimed, str(error), settings.data_folder)
-            log.error("%s cannot run and was moved to %s:\n%s", path.name, target, error)
+            log.error("%s cannot run and was moved to %s (%d problem(s); report in %s.errors.txt)", path.name, target, len(error.issues), target.name)
             continue
-        except Exception:
+        except RunBusy as busy:
             inbox.release(claimed)
-            log.exception("%s crashed; it is back in the input folder and will resume", path.name)
+            log.info("%s is being run by %s; left in the inbox", path.name, busy)
             continue
-        if summary["complete"]:
-            inbox.done(claimed)
-        else:
-            inbox.release(claimed)
+        except BaseException:
+            _give_back_whatever_is_left(claimed, settings)
+            raise
+        if not summary["complete"]:
+            inbox.give_back(Path(summary["outputs"]["input"]), settings.input_folder, path.name)
         summaries.append(summary)
     return summaries
+
+
+def _give_back_whatever_is_left(claimed: Path, settings: Settings) -> None:
+    """A crash or an abandoned run: the file goes back to the inbox wherever it got to."""
+    if claimed.exists():
+        inbox.release(claimed)

@@ -13,7 +13,7 @@ import anthropic
 
 from promptfleet.media import MediaFolder, decode_data_url
 from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Role, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_from_sdk, rate_limit_headers
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, rate_limit_headers
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -65,16 +65,13 @@ class AnthropicProvider:
         max_tokens = params.pop("max_tokens", DEFAULT_MAX_TOKENS)
         if system is not None:
             params["system"] = system
-        try:
-            raw = await self._client.messages.with_raw_response.create(
-                model=model, max_tokens=max_tokens, messages=turns, extra_body=params or None
-            )
-            response = await raw.parse()
-        except (anthropic.AnthropicError, ValueError) as err:
-            raise error_from_sdk(err, anthropic) from None
+        raw = await self._client.messages.with_raw_response.create(
+            model=model, max_tokens=max_tokens, messages=turns, extra_body=params or None
+        )
+        response = await raw.parse()
         texts = [block.text for block in response.content if getattr(block, "type", None) == "text"]
         if not texts and response.stop_reason != "max_tokens":
-            raise ProviderError("response has no text content", kind="invalid_response", retryable=False)
+            raise ProviderError("response has no text content", kind="invalid_response")
         return Reply(
             text="".join(texts),
             input_tokens=response.usage.input_tokens,

@@ -12,14 +12,12 @@ import mimetypes
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import httpx2
-import pydantic
 from google import genai
-from google.genai import errors, types
+from google.genai import types
 
 from promptfleet.media import MediaFolder, decode_data_url
 from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Role, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_for_status
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply
 
 
 def to_contents(messages: Sequence[Message], media: MediaFolder) -> tuple[str | None, list[types.Content]]:
@@ -50,19 +48,6 @@ def _part(part: Part, media: MediaFolder) -> types.Part:
     raise AssertionError(part)
 
 
-def map_error(err: Exception) -> ProviderError:
-    if isinstance(err, errors.APIError):
-        headers = getattr(getattr(err, "response", None), "headers", None)
-        return error_for_status(err.code, err.message or str(err), headers)
-    if isinstance(err, httpx2.TimeoutException):
-        return ProviderError("request timed out", kind="timeout", retryable=True)
-    if isinstance(err, httpx2.TransportError):
-        return ProviderError(f"connection error: {err}", kind="connection", retryable=True)
-    if isinstance(err, pydantic.ValidationError):
-        return ProviderError(f"invalid parameters: {err}", kind="bad_request", retryable=False)
-    return ProviderError(f"malformed response: {type(err).__name__}: {err}", kind="invalid_response", retryable=True)
-
-
 class GeminiProvider:
     api: ClassVar[str] = "gemini"
     required_env: ClassVar[tuple[str, ...]] = ("GEMINI_API_KEY",)
@@ -88,15 +73,12 @@ class GeminiProvider:
 
     async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
         system, contents = to_contents(messages, self._options.media)
-        try:
-            config = types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **parameters)
-            response = await self._client.aio.models.generate_content(model=model, contents=contents, config=config)
-        except Exception as err:  # noqa: BLE001 - classified below; nothing escapes unclassified
-            raise map_error(err) from None
+        config = types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **parameters)
+        response = await self._client.aio.models.generate_content(model=model, contents=contents, config=config)
         candidate = response.candidates[0] if response.candidates else None
         if candidate is None:
             reason = response.prompt_feedback.block_reason if response.prompt_feedback else None
-            raise ProviderError(f"no candidates (prompt blocked: {reason})", kind="bad_request", retryable=False)
+            raise ProviderError(f"no candidates (prompt blocked: {reason})", kind="bad_request")
         text = "".join(p.text for p in (candidate.content.parts if candidate.content else None) or [] if p.text)
         usage = response.usage_metadata
         return Reply(

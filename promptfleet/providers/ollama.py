@@ -64,24 +64,19 @@ class OllamaProvider:
                 body["images"] = converted[0]["images"]
         else:
             body["messages"] = converted
-        try:
-            response = await self._client.post("/api/generate" if single else "/api/chat", json=body)
-        except httpx.TimeoutException:
-            raise ProviderError("request timed out", kind="timeout", retryable=True) from None
-        except httpx.TransportError as err:
-            raise ProviderError(f"connection error: {err}", kind="connection", retryable=True) from None
+        response = await self._client.post("/api/generate" if single else "/api/chat", json=body)
         try:
             data = response.json()
         except ValueError:
             if response.is_success:
-                raise ProviderError("malformed response: not JSON", kind="invalid_response", retryable=True) from None
+                raise ProviderError("malformed response: not JSON", kind="invalid_response") from None
             data = {"error": response.text[:500]}
         if not response.is_success:
             message = data.get("error", response.reason_phrase) if isinstance(data, dict) else response.reason_phrase
             raise error_for_status(response.status_code, str(message), response.headers)
         text = data.get("response") if single else (data.get("message") or {}).get("content")
         if text is None:
-            raise ProviderError("malformed response: no answer in body", kind="invalid_response", retryable=True)
+            raise ProviderError("malformed response: no answer in body", kind="invalid_response")
         return Reply(
             text=text,
             input_tokens=data.get("prompt_eval_count"),

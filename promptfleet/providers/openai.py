@@ -15,7 +15,7 @@ import openai
 
 from promptfleet.media import MediaFolder
 from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_from_sdk, rate_limit_headers
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, rate_limit_headers
 
 
 def to_openai_messages(messages: Sequence[Message], media: MediaFolder) -> list[dict[str, Any]]:
@@ -62,15 +62,12 @@ class OpenAIProvider:
         )
 
     async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
-        try:
-            raw = await self._client.chat.completions.with_raw_response.create(
-                model=model, messages=to_openai_messages(messages, self._options.media), extra_body=parameters or None
-            )
-            completion = raw.parse()
-        except (openai.OpenAIError, ValueError) as err:  # a body that is not JSON comes as a ValueError
-            raise error_from_sdk(err, openai) from None
+        raw = await self._client.chat.completions.with_raw_response.create(
+            model=model, messages=to_openai_messages(messages, self._options.media), extra_body=parameters or None
+        )
+        completion = raw.parse()
         if not completion.choices:
-            raise ProviderError("response has no choices", kind="invalid_response", retryable=True)
+            raise ProviderError("response has no choices", kind="invalid_response")
         choice = completion.choices[0]
         usage = completion.usage
         return Reply(

@@ -1,28 +1,31 @@
-"""The three tasks of an experiment run. Caching is off: a run's effect is its journal."""
+"""The three tasks of an experiment run, thin over `promptfleet.run`. They pass the live
+`Run` object (Prefect 3 hands task parameters over as they are when caching is off); the
+records never travel as parameters."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from promptfleet import run
 from promptfleet.config import Settings
-from promptfleet.plan import Plan, QueuePlan
+from promptfleet.engine import QueueStats
+from promptfleet.plan import QueuePlan
+from promptfleet.run import Run, RunSummary, open_run
+from promptfleet.session import Session
 
 
 @task(name="load_and_validate", cache_policy=NO_CACHE)
-def load_and_validate(file: Path, settings: Settings, move_to_input: bool = False) -> Plan:
-    return run.prepare(file, settings, move_to_input)
+def load_and_validate(file: Path, settings: Settings, session: Session, move_to_input: bool = False, wait: bool = False) -> Run:
+    return open_run(file, settings, session=session, move_to_input=move_to_input, plan=session.plan_for(Path(file)), wait=wait)
 
 
 @task(name="run_queue", task_run_name="{queue.name}", cache_policy=NO_CACHE)
-async def run_queue(plan: Plan, queue: QueuePlan) -> dict[str, Any]:
-    return await run.run_one_queue(plan, queue)
+async def run_queue(run: Run, queue: QueuePlan) -> QueueStats:
+    return await run.send_queue(queue)
 
 
 @task(name="write_results", cache_policy=NO_CACHE)
-async def write_results(plan: Plan, queue_stats: list[dict[str, Any]]) -> dict[str, Any]:
-    return await run.finish(plan, queue_stats)
+def write_results(run: Run) -> RunSummary:
+    return run.finish()

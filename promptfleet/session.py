@@ -1,0 +1,67 @@
+"""What the runs of one process share: the stop signal (Ctrl-C, SIGTERM), the pool of
+pacers (one per model and credentials), and the runs going on, for progress displays.
+
+Whoever starts work opens a session — the CLI around its flow, a flow under a worker, the
+Python API — and makes it current for the code it calls; Prefect tasks and flows called
+from there inherit it through the context, so nothing lives in module globals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from promptfleet.limiter import PacerPool
+
+if TYPE_CHECKING:
+    from promptfleet.plan import Plan
+    from promptfleet.run import Run
+
+
+class Session:
+    def __init__(self) -> None:
+        self.stop = asyncio.Event()
+        self.pacers = PacerPool()
+        self.runs: list[Run] = []
+        self._plans: dict[Path, Plan] = {}
+
+    def request_stop(self) -> None:
+        self.stop.set()
+        for run in self.runs:
+            run.stop.set()
+
+    def remember_plan(self, plan: Plan) -> None:
+        """The CLI validates before Prefect starts; the flow reuses that pass."""
+        self._plans[Path(plan.file)] = plan
+
+    def plan_for(self, file: Path) -> Plan | None:
+        return self._plans.pop(Path(file), None)
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop.is_set()
+
+
+_current: ContextVar[Session | None] = ContextVar("promptfleet_session", default=None)
+
+
+def current_session() -> Session:
+    """The session of the caller, or a new one for code started without (a worker's flow)."""
+    session = _current.get()
+    if session is None:
+        session = Session()
+        _current.set(session)
+    return session
+
+
+@contextmanager
+def using(session: Session) -> Iterator[Session]:
+    token = _current.set(session)
+    try:
+        yield session
+    finally:
+        _current.reset(token)
