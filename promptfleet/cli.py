@@ -145,6 +145,17 @@ def run(
         file, move_to_input = claimed, True
         found = dataclasses.replace(found, file=claimed)
     session.remember_plan(found)
+    from promptfleet.rundir import RunBusy
+
+    try:  # one owner per experiment: refuse (or wait) before Prefect starts
+        session.lock_for(settings.output_folder / found.name).acquire(
+            wait, on_wait=lambda owner: err.print(f"{found.name} is being run by {owner}; waiting for it", markup=False)
+        )
+    except RunBusy as busy:
+        err.print(f"cannot run {found.name}: it is being run by {busy} (use --wait to wait for it)", markup=False, highlight=False)
+        if file.parent.name == inbox.RUNNING:
+            inbox.release(file)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
 
     from promptfleet.flows import run_experiment
     from promptfleet.flows.evaluate import run_study
@@ -174,16 +185,10 @@ def run(
         def start():
             return run_experiment(file=str(file), settings=settings, move_to_input=move_to_input, wait=wait)
 
-    from promptfleet.rundir import RunBusy
-
     try:
         result = asyncio.run(_in_flow(start, session))
     except ExperimentError as error:
         _report_issues(error)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except RunBusy as busy:
-        err.print(f"cannot run {found.name}: it is being run by {busy} (use --wait to wait for it)", markup=False, highlight=False)
-        _put_back(file, settings, found.name)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if result is None:
         raise typer.Exit(EXIT_INTERRUPTED)

@@ -229,7 +229,7 @@ def open_run(
         raise ExperimentError(_problems(plan))
     name = plan.name
     out_dir = settings.output_folder / name
-    lock = RunLock(out_dir)
+    lock = session.lock_for(out_dir)
     lock.acquire(wait, on_wait=lambda owner: log.warning("%s is being run by %s; waiting for it", name, owner))
     try:
         resume = _pick_run(plan, out_dir)

@@ -102,7 +102,13 @@ class RunLock:
         self.path = out_dir / ".lock"
         self._fd: int | None = None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def acquire(self, wait: bool = False, on_wait: Any = None) -> None:
+        if self.held:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

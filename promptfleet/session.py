@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from promptfleet.limiter import PacerPool
+from promptfleet.rundir import RunLock
 
 if TYPE_CHECKING:
     from promptfleet.plan import Plan
@@ -28,6 +29,7 @@ class Session:
         self.pacers = PacerPool()
         self.runs: list[Run] = []
         self._plans: dict[Path, Plan] = {}
+        self._locks: dict[Path, RunLock] = {}
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -40,6 +42,11 @@ class Session:
 
     def plan_for(self, file: Path) -> Plan | None:
         return self._plans.pop(Path(file), None)
+
+    def lock_for(self, out_dir: Path) -> RunLock:
+        """The ownership lock of an experiment's output folder; the CLI takes it before Prefect
+        starts (so a refusal is one line, not a failed flow) and the run keeps it."""
+        return self._locks.setdefault(Path(out_dir).resolve(), RunLock(Path(out_dir)))
 
     @property
     def stopping(self) -> bool:

@@ -76,7 +76,9 @@ def test_pipeline_deployment_runs_through_a_worker(tmp_path: Path, prefect_serve
 
     run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
     run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
-    run([PREFECT, "deployment", "run", "watch_input/pipeline"], env, work)
+    # settle_seconds 0: the files were copied in a moment ago and are complete
+    settings = {"data_folder": "data", "parallel": True, "settle_seconds": 0}
+    run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", json.dumps({"settings": settings})], env, work)
     run([PREFECT, "worker", "start", "--pool", "promptfleet", "--run-once"], env, work, timeout=180)
 
     [out] = (work / "data" / "output").iterdir()
