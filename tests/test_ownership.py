@@ -189,3 +189,26 @@ async def test_an_input_that_grows_during_its_run_is_not_marked_finished(tmp_pat
         await run.aclose()
     assert summary.answered == 5 and not summary.complete
     assert not json.loads(run.paths.state.read_text())["finished"]
+
+
+def test_the_input_file_is_opened_at_most_three_times_whatever_the_queues(tmp_path: Path, prefect_api: str):
+    """Planning, the working copy and sending: once each, for the CLI's pre-check and the
+    flow together (the flow reuses the CLI's plan), with five queues."""
+    data = tmp_path / "data"
+    path = write_jsonl(tmp_path / "five.jsonl", [{"api": "test", "model_name": "m", "group": f"g{i % 5}", "prompt": f"p{i}"} for i in range(25)])
+    watched = {str(path)}
+    opens: list[str] = []
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and watching and str(args[0]) in watched | {str(p) for p in data.glob("output/five/*-input-five.jsonl")}:
+            opens.append(str(args[0]))
+
+    watching = True
+    sys.addaudithook(hook)  # audit hooks cannot be removed: the flag turns it off
+    try:
+        result = CliRunner().invoke(app, ["run", "-f", str(path), "-d", str(data), "-p"])
+    finally:
+        watching = False
+    assert result.exit_code == 0, result.output
+    assert "five: 25 prompts, 25 answered" in result.output
+    assert 2 <= len(opens) <= 3, opens  # at least the plan and the copy were seen, so the hook counts
