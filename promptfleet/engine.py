@@ -287,7 +287,6 @@ def record(prompt: Prompt, outcome: Outcome, estimate: int, ctx: QueueContext) -
     if isinstance(outcome, Stopped):
         return
     base = {k: v for k, v in prompt.record.items() if k not in OUTPUT_KEYS}
-    stamps = {"timestamp_sent": outcome.first_sent, "input_line": prompt.line, "input_key": prompt.key}
     if isinstance(outcome, Answered):
         done = {**base, **outcome.output, "timestamp_sent": outcome.first_sent, "latency_s": round(outcome.latency, 4),
                 "attempts": outcome.attempts, "input_line": prompt.line, "input_key": prompt.key}  # fmt: skip
@@ -302,7 +301,8 @@ def record(prompt: Prompt, outcome: Outcome, estimate: int, ctx: QueueContext) -
     error = outcome.error
     log.warning("line %d (%s/%s) failed after %d attempt(s): %s", prompt.line, prompt.record["api"], prompt.record["model_name"], outcome.attempts, outcome.message)
     ctx.journal.write("failed", {**base, "error": {"type": str(error.kind), "status": error.status, "message": outcome.message,
-                                                   "attempts": outcome.attempts}, **stamps})  # fmt: skip
+                                                   "attempts": outcome.attempts},
+                                 "timestamp_sent": outcome.first_sent, "input_line": prompt.line, "input_key": prompt.key})  # fmt: skip
     ctx.stats.failed += 1
 
 

@@ -77,11 +77,6 @@ def release(claimed: Path) -> Path:
     return back
 
 
-def done(claimed: Path) -> None:
-    """Forget the claim of a file whose run moved it to the output folder."""
-    _owner_file(claimed).unlink(missing_ok=True)
-
-
 def requeue_orphans(input_folder: Path) -> list[Path]:
     """Put back files claimed by processes of this host that no longer exist."""
     running = running_folder(input_folder)

@@ -9,7 +9,6 @@ which resuming sets aside.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import socket
@@ -66,14 +65,6 @@ class RunPaths:
     @property
     def csv(self) -> Path:
         return self._file("completed", ".csv")
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def unfinished_runs(out_dir: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
@@ -247,17 +238,3 @@ def _replace(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-
-
-def finished_lines(paths: RunPaths) -> set[int]:
-    """Input lines already answered or failed in this run (both count: nothing is sent twice)."""
-    lines: set[int] = set()
-    for path in (paths.completed, paths.failed):
-        if path.exists():
-            with path.open("rb") as fh:
-                for raw in fh:
-                    try:
-                        lines.add(json.loads(raw)["input_line"])
-                    except (ValueError, KeyError, TypeError):
-                        continue
-    return lines

@@ -47,9 +47,6 @@ class ProviderOptions:
         return MediaFolder(self.media_dir)
 
 
-DEFAULT_RATE_PER_MINUTE = 10  # prompto's -mq default
-
-
 class Provider(Protocol):
     """What an `api` value in an experiment file maps to.
 
