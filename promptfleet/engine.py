@@ -136,19 +136,20 @@ Outcome = Answered | Failed | Stopped
 class _Conversation:
     """What a prompt has gathered so far; multi-turn progress survives a retried turn."""
 
-    __slots__ = ("messages", "turns", "replies")
+    __slots__ = ("messages", "turns", "replies", "seq")
 
     def __init__(self, record: dict[str, Any]):
         conv = parse_conversation(record["prompt"], record.get("multimedia"))
         self.messages, self.turns = list(conv.messages), conv.later_turns
         self.replies: list[Reply] = []
+        self.seq = 0  # the pacer's sequence number of the request sent last
 
     async def advance(self, provider: Provider, model: str, params: dict[str, Any], pacer: Pacer, stats: QueueStats) -> None:
         steps = 1 + len(self.turns or ())
         sent_now = 0
         while len(self.replies) < steps:
             if sent_now:  # every turn is a request: it waits for its own send time
-                await pacer.pace()
+                self.seq = await pacer.pace()
             sent_now += 1
             stats.sent += 1
             reply = await provider.chat(model, self.messages, params)
@@ -199,8 +200,8 @@ async def run_queue(prompts: Iterable[Prompt], ctx: QueueContext) -> QueueStats:
     async def dispatch() -> None:
         for prompt in prompts:
             estimate = sum(estimate_tokens(prompt.record)) if ctx.pacer.limits_tokens else 0  # only a TPM limit needs it
-            await ctx.pacer.acquire(estimate)
-            task = asyncio.create_task(_handle(prompt, estimate, ctx))
+            seq = await ctx.pacer.acquire(estimate)
+            task = asyncio.create_task(_handle(prompt, estimate, seq, ctx))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -229,12 +230,12 @@ async def run_queue(prompts: Iterable[Prompt], ctx: QueueContext) -> QueueStats:
     return stats
 
 
-async def _handle(prompt: Prompt, estimate: int, ctx: QueueContext) -> None:
-    outcome = await attempt_until_done(prompt, estimate, ctx)
+async def _handle(prompt: Prompt, estimate: int, seq: int, ctx: QueueContext) -> None:
+    outcome = await attempt_until_done(prompt, estimate, seq, ctx)
     record(prompt, outcome, estimate, ctx)
 
 
-async def attempt_until_done(prompt: Prompt, estimate: int, ctx: QueueContext) -> Outcome:
+async def attempt_until_done(prompt: Prompt, estimate: int, seq: int, ctx: QueueContext) -> Outcome:
     """Send one prompt (it already holds a pacer slot) until it is answered, fails for good,
     or the run stops while it backs off."""
     stats, pacer, record_ = ctx.stats, ctx.pacer, prompt.record
@@ -250,7 +251,8 @@ async def attempt_until_done(prompt: Prompt, estimate: int, ctx: QueueContext) -
     while True:
         n += 1
         if n > 1:
-            await pacer.acquire(estimate)
+            seq = await pacer.acquire(estimate)
+        conversation.seq = seq
         sent_at = time.monotonic()
         stats.in_flight += 1
         try:
@@ -268,7 +270,7 @@ async def attempt_until_done(prompt: Prompt, estimate: int, ctx: QueueContext) -
 
         if error.kind is ErrorKind.RATE_LIMIT:
             stats.rate_limited += 1
-            pacer.on_rate_limited(error.retry_after, error.rate_limits)
+            pacer.on_rate_limited(error.retry_after, error.rate_limits, conversation.seq)
         message = ctx.clients.redact(error.message)
         if not error.retryable or n >= ctx.policy.max_attempts:
             return Failed(error, message, n, first_sent)

@@ -6,12 +6,13 @@
   A queue starts at its rate instead of bursting a minute's quota (providers enforce limits
   per second); after a stall it may catch up at most `CATCH_UP_S` of sends at once.
 - A closed loop under the ceiling that tells a key over its limit from a lone 429. A 429 on
-  one request (overload, a hiccup) only delays that request's retry. When most recent
-  answers are 429s (`OVER_429S` of the last `RECENT`), or headers say nothing remains, the
-  key is over its limit: the rate drops to what the provider accepted in the last second
-  (at most half the rate, at most once per `COOLDOWN_S`) and the queue waits out the
-  Retry-After. Each success raises the rate by 1%, so it climbs back in ~70 answers without
-  overshooting a real limit ten times below the ceiling. docs/rate-limits.md has the numbers.
+  one request (overload, a hiccup) only delays that request's retry. When `RUN_OF_429`
+  requests sent one after the other all get 429s, or headers say nothing remains, the key
+  is over its limit: the rate drops to what the provider accepted in the last second (at
+  most once per `COOLDOWN_S`), the queue waits out the Retry-After, and that rate becomes a
+  learned limit relaxing back toward the ceiling. Runs are counted in send order, not
+  answer order, because a failure often answers faster than a success sent before it.
+  docs/rate-limits.md has the numbers.
 - Optional tokens per minute: each send takes its estimated tokens from an aiolimiter bucket,
   and the usage the API reports corrects the estimate.
 - A cap on requests in flight, so a stalled server cannot pile up unbounded work.
@@ -32,10 +33,9 @@ from aiolimiter import AsyncLimiter
 MIN_FRACTION = 0.02  # never slower than 2% of the ceiling
 DECREASE = 0.5
 COOLDOWN_S = 1.0
-RECENT = 6  # outcomes looked at to tell a key over its limit from random 429s
-OVER_429S = 4  # 429s among them that mean "over the limit" (random 20% 429s: ~1.7% of windows)
+RUN_OF_429 = 4  # consecutive sends answered 429: over the limit (random 20% 429s: 0.16% of sends)
 INCREASE = 1.01
-RELEARN_HALF_LIFE_S = 30.0  # a learned limit relaxes toward the ceiling (in log space) this slowly
+RELEARN_HALF_LIFE_S = 120.0  # a learned limit relaxes toward the ceiling (in log space) this slowly
 CATCH_UP_S = 0.01  # how far behind schedule sends may run back to back (timer granularity)
 
 
@@ -60,7 +60,8 @@ class Pacer:
         self._next_at = float("-inf")
         self._resume_at = 0.0
         self._last_decrease = float("-inf")
-        self._recent: deque[bool] = deque(maxlen=RECENT)  # True: a 429
+        self._sent = 0  # sequence number of the last send
+        self._limited: deque[int] = deque(maxlen=64)  # sequence numbers of recent sends answered 429
         self._learned: tuple[float, float] | None = None  # (rate per minute, when) the key accepted when over
         self._accepted: deque[float] = deque()  # times of answers in the last second
 
@@ -83,17 +84,18 @@ class Pacer:
     def interval(self) -> float:
         return 60.0 / min(self.rate, self.limit)
 
-    async def acquire(self, tokens: int = 0) -> None:
-        """Wait for a free in-flight slot, then for this send's turn."""
+    async def acquire(self, tokens: int = 0) -> int:
+        """Wait for a free in-flight slot, then for this send's turn; returns its sequence number."""
         await self._slots.acquire()
         try:
-            await self.pace(tokens)
+            return await self.pace(tokens)
         except BaseException:
             self._slots.release()
             raise
 
-    async def pace(self, tokens: int = 0) -> None:
-        """Wait for the send time of one more request (a later turn of a conversation holds its slot)."""
+    async def pace(self, tokens: int = 0) -> int:
+        """Wait for the send time of one more request (a later turn of a conversation holds its
+        slot); returns its sequence number, which `on_rate_limited` wants back."""
         while (delay := self._resume_at - self._now()) > 0:
             await self._sleep(delay)
         now = self._now()
@@ -103,6 +105,8 @@ class Pacer:
             await self._sleep(turn - now)
         if self._tokens is not None and tokens:
             await self._tokens.acquire(min(float(tokens), self._token_bucket))
+        self._sent += 1
+        return self._sent
 
     def release(self) -> None:
         self._slots.release()
@@ -113,7 +117,6 @@ class Pacer:
 
     def on_success(self, headers: Mapping[str, str] | None = None) -> None:
         now = self._now()
-        self._recent.append(False)
         self._accepted.append(now)
         while self._accepted and self._accepted[0] < now - 1.0:
             self._accepted.popleft()
@@ -121,23 +124,34 @@ class Pacer:
         if headers:
             self._follow_headers(headers)
 
-    def on_rate_limited(self, retry_after: float | None, headers: Mapping[str, str] | None = None) -> bool:
-        """Record a 429; True when it says the key is over its limit (the queue slowed down)."""
-        self._recent.append(True)
+    def on_rate_limited(self, retry_after: float | None, headers: Mapping[str, str] | None = None, seq: int | None = None) -> bool:
+        """Record a 429 on send `seq`; True when it says the key is over its limit (the queue
+        slowed down). Without a sequence number, sends are taken to follow each other."""
+        seq = seq if seq is not None else (self._limited[-1] + 1 if self._limited else self._sent)
+        self._limited.append(seq)
         exhausted = self._follow_headers(headers) if headers else False
-        if not exhausted and sum(self._recent) < OVER_429S:
+        if not exhausted and not self._in_a_run(seq):
             return False  # a lone 429: only its own retry waits
         now = self._now()
         if now - self._last_decrease >= COOLDOWN_S:  # many 429s of one burst count once
             accepted = sum(1 for t in self._accepted if t >= now - 1.0) * 60.0
-            halved = min(self.rate, self.limit) * DECREASE
-            self.rate = max(self.ceiling * MIN_FRACTION, min(halved, accepted) if accepted else halved)
+            current = min(self.rate, self.limit)
+            self.rate = max(self.ceiling * MIN_FRACTION, min(current, accepted) if accepted else current * DECREASE)
             self._learned = (self.rate, now)
             self._last_decrease = now
         if retry_after:
             self.pause(retry_after)
-        self._recent.clear()
         return True
+
+    def _in_a_run(self, seq: int) -> bool:
+        limited = set(self._limited)
+        start = seq
+        while start - 1 in limited:
+            start -= 1
+        end = seq
+        while end + 1 in limited:
+            end += 1
+        return end - start + 1 >= RUN_OF_429
 
     @property
     def limits_tokens(self) -> bool:

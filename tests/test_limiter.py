@@ -79,17 +79,18 @@ async def test_the_strictest_ceiling_of_a_shared_pacer_wins():
 
 async def test_a_lone_429_leaves_the_pace_alone():
     pacer, clock = fake_pacer(600)
-    for outcome in [429, 200, 429, 200, 200, 429, 200, 200, 429, 200] * 3:  # 40% random 429s, never 4 of 6
-        pacer.on_rate_limited(1.0) if outcome == 429 else pacer.on_success()
+    outcomes = [429, 429, 200, 429, 429, 429, 200, 200, 429, 200] * 3  # 60% random 429s, never 4 sends in a row
+    for seq, outcome in enumerate(outcomes, start=1):
+        pacer.on_rate_limited(1.0, seq=seq) if outcome == 429 else pacer.on_success()
     assert pacer.rate == 600
     assert gaps(await send_times(pacer, clock, 4)) == [0.1] * 3
 
 
-async def test_mostly_429s_slow_the_queue_and_wait_out_retry_after():
+async def test_a_run_of_429s_in_send_order_slows_the_queue_and_waits_out_retry_after():
     pacer, clock = fake_pacer(600)
     await send_times(pacer, clock, 1)
-    for _ in range(4):
-        pacer.on_rate_limited(2.0)
+    for seq in (12, 10, 13, 11):  # answered out of order, but sent one after the other
+        pacer.on_rate_limited(2.0, seq=seq)
     assert pacer.rate == 300
     times = await send_times(pacer, clock, 3)
     assert times[0] >= 2.0 and gaps(times) == [0.2, 0.2]
@@ -138,11 +139,11 @@ async def test_over_the_limit_the_rate_drops_to_what_was_accepted():
     for _ in range(20):
         clock.now += 0.005
         pacer.on_success()
-    for _ in range(4):
-        pacer.on_rate_limited(0.5)
+    for seq in range(21, 25):
+        pacer.on_rate_limited(0.5, seq=seq)
     assert pacer.rate == pacer.limit == 20 * 60
     for _ in range(250):
         pacer.on_success()
     assert pacer.rate == 12_000 and pacer.limit == 1200  # the learned limit governs, not the recovered rate
-    clock.now += 30
+    clock.now += 120
     assert 3700 < pacer.limit < 3850  # half way back to the ceiling in log space after one half-life

@@ -108,7 +108,7 @@ async def test_unpriced_models_are_unknown_not_free(tmp_path: Path):
 
 async def test_a_run_of_429s_halves_and_success_recovers():
     pacer = Pacer(6000)
-    assert [pacer.on_rate_limited(None) for _ in range(4)] == [False, False, False, True]
+    assert [pacer.on_rate_limited(None, seq=n) for n in (1, 2, 3, 4)] == [False, False, False, True]
     assert pacer.rate == 3000
     for _ in range(4):
         pacer.on_rate_limited(None)  # same burst (cooldown): counted, not halved again
