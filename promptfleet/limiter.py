@@ -99,7 +99,8 @@ class Pacer:
         while (delay := self._resume_at - self._now()) > 0:
             await self._sleep(delay)
         now = self._now()
-        turn = max(self._next_at, now - CATCH_UP_S, self._resume_at)
+        # Behind schedule by more than CATCH_UP_S (a busy loop), the schedule restarts that far back.
+        turn = max(self._next_at, now - CATCH_UP_S if self._sent else now, self._resume_at)
         self._next_at = turn + self.interval
         if turn > now:
             await self._sleep(turn - now)
