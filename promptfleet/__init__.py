@@ -8,6 +8,7 @@ Python API (no Prefect server needed)::
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from promptfleet.run import open_run, run_all
 from promptfleet.session import Session, current_session
 
 __all__ = ["Experiment", "ExperimentError", "Session", "Settings"]
+__version__ = version("promptfleet")
 
 
 class Experiment:

@@ -86,16 +86,16 @@ def run(
     max_tokens_total: Annotated[Optional[int], typer.Option(help="Stop sending when this many tokens were used.")] = None,
     prices: Prices = None,
     rate_share: RateShare = 1.0,
-    scorers: Annotated[Optional[str], typer.Option("--scorer", "--scorers", help="Comma-separated scorers: match, includes, an entry point or module:function.")] = None,
-    judge_folder: Annotated[Optional[Path], typer.Option("--judge-folder", help="Judge folder (settings.json + templates).")] = None,
-    judge_templates: Annotated[str, typer.Option("--judge-templates", help="Comma-separated template files.")] = "template.txt",
-    judge: Annotated[Optional[str], typer.Option("--judge", help="Comma-separated judge ids from settings.json.")] = None,
-    rephrase_folder: Annotated[Optional[Path], typer.Option("--rephrase-folder", help="Rephrase folder (settings.json + templates).")] = None,
-    rephrase_templates: Annotated[str, typer.Option("--rephrase-templates", help="Comma-separated template files.")] = "template.txt",
-    rephrase_model: Annotated[Optional[str], typer.Option("--rephrase-model", help="Comma-separated rephrase model ids.")] = None,
-    rephrase_parser: Annotated[str, typer.Option("--rephrase-parser", help="'default' (strip quotes and space).")] = "default",
-    remove_original: Annotated[bool, typer.Option("--remove-original", help="Run only the rephrased prompts.")] = False,
-    only_rephrase: Annotated[bool, typer.Option("--only-rephrase", help="Stop after the rephrase experiment.")] = False,
+    scorers: Annotated[Optional[str], typer.Option("--scorer", "-s", "--scorers", help="Comma-separated scorers: match, includes, an entry point or module:function.")] = None,
+    judge_folder: Annotated[Optional[Path], typer.Option("--judge-folder", "-l", "-jf", help="Judge folder (settings.json + templates).")] = None,
+    judge_templates: Annotated[str, typer.Option("--judge-templates", "-jt", "--templates", "-t", help="Comma-separated template files.")] = "template.txt",
+    judge: Annotated[Optional[str], typer.Option("--judge", "-j", help="Comma-separated judge ids from settings.json.")] = None,
+    rephrase_folder: Annotated[Optional[Path], typer.Option("--rephrase-folder", "-rf", help="Rephrase folder (settings.json + templates).")] = None,
+    rephrase_templates: Annotated[str, typer.Option("--rephrase-templates", "-rt", help="Comma-separated template files.")] = "template.txt",
+    rephrase_model: Annotated[Optional[str], typer.Option("--rephrase-model", "-r", help="Comma-separated rephrase model ids.")] = None,
+    rephrase_parser: Annotated[str, typer.Option("--rephrase-parser", "-rp", help="'default' (strip quotes and space).")] = "default",
+    remove_original: Annotated[bool, typer.Option("--remove-original", "-ro", help="Run only the rephrased prompts.")] = False,
+    only_rephrase: Annotated[bool, typer.Option("--only-rephrase", "-or", help="Stop after the rephrase experiment.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="If another process is running this experiment, wait for it instead of refusing.")] = False,
 ) -> None:
     """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume.
@@ -323,29 +323,57 @@ def pipeline(
 @app.command()
 def judge(
     input_file: Annotated[Path, typer.Option("--input-file", "-i", "--experiment-file", help="A completed file (<stamp>-completed-<name>.jsonl).")],
-    judge_folder: Annotated[Path, typer.Option("--judge-folder", "-l", help="Judge folder (settings.json + templates).")],
+    judge_folder: Annotated[Path, typer.Option("--judge-folder", "-l", "-jf", help="Judge folder (settings.json + templates).")],
     judge: Annotated[str, typer.Option("--judge", "-j", help="Comma-separated judge ids from settings.json.")],
-    judge_templates: Annotated[str, typer.Option("--judge-templates", "-t", help="Comma-separated template files.")] = "template.txt",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Judge experiment file to write [default: ./judge-<name>.jsonl].")] = None,
+    judge_templates: Annotated[str, typer.Option("--judge-templates", "-jt", "--templates", "-t", help="Comma-separated template files.")] = "template.txt",
+    output_folder: Annotated[Path, typer.Option("--output-folder", "-o", help="Folder to write judge-<input name>.jsonl in (prompto's).")] = Path("."),
 ) -> None:
     """Create a judge experiment file from a completed one (prompto_create_judge_file); run it with `promptfleet run`."""
     from promptfleet import judge as judging
     from promptfleet.flows.evaluate import run_paths_of
 
-    name = run_paths_of(input_file).name if "-completed-" in input_file.name else input_file.stem
-    out = output or Path(f"judge-{name}.jsonl")
-    failed = run_paths_of(input_file).failed if "-completed-" in input_file.name else None
-    try:
+    completed = "-completed-" in input_file.name
+    out = output_folder / judging.judge_file_name(input_file)
+    failed = run_paths_of(input_file).failed if completed else None
+    if output_folder.exists() and not output_folder.is_dir():
+        err.print(f"{output_folder}: --output-folder is a file, not a folder", markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    try:  # the folder is made only once the judge file can be written
         made = judging.write_judge_file(input_file, judge_folder, _split(judge_templates), _split(judge), out, failed)
     except ExperimentError as error:
         _report_issues(error)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     except FileNotFoundError:
-        err.print(f"{input_file}: file not found")
+        err.print(f"{input_file}: file not found", markup=False, highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     Console(soft_wrap=True).print(f"wrote {made['records']} judge prompt(s) to {out}", highlight=False)
     if made["skipped_failed"]:
         err.print(f"{made['skipped_failed']} failed prompt(s) not judged: {made['skipped_reason']}")
+
+
+@app.command()
+def missing(
+    experiment: Annotated[Path, typer.Option("--input", "-i", help="The experiment file that was run.")],
+    completed: Annotated[Path, typer.Option("--output", "-o", help="Its completed file (answers).")],
+    new: Annotated[Path, typer.Option("--new", "-n", help="Experiment file to write with the unanswered records.")],
+    id_key: Annotated[Optional[str], typer.Option("--id", help="Key matching input and answers [default: id; the input line when records have none].")] = None,
+) -> None:
+    """Write the input records that have no answer in a completed file, as a runnable
+    experiment file (prompto_obtain_missing_jsonl)."""
+    from promptfleet.missing import write_missing
+
+    try:
+        found = write_missing(experiment, completed, new, id_key)
+    except ExperimentError as error:
+        _report_issues(error)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    out = Console(soft_wrap=True)
+    if found.unreadable_answers:
+        err.print(f"{completed}: {found.unreadable_answers} unreadable line(s) ignored (their prompts count as missing)", markup=False, highlight=False)
+    if found.missing:
+        out.print(f"{found.missing} of {found.total} prompt(s) have no answer; wrote {new}", highlight=False)
+    else:
+        out.print(f"no missing prompts: all {found.total} have an answer ({new} not written)", highlight=False)
 
 
 @app.command()
@@ -383,6 +411,89 @@ def check(
         settings.input_folder.mkdir(parents=True, exist_ok=True)
         file.rename(settings.input_folder / file.name)
     Console().print("[green]ok[/green]")
+
+
+upload_media = typer.Typer(no_args_is_help=True, help="Gemini File API uploads (prompto_upload_media), reused by content hash.")
+app.add_typer(upload_media, name="upload-media")
+
+
+def _gemini_client(env_file: Path):
+    _load_env(env_file)
+    if not os.environ.get("GEMINI_API_KEY"):
+        err.print("GEMINI_API_KEY is not set (environment or --env-file)")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    from promptfleet import gemini_files
+
+    return gemini_files.client_for(os.environ)
+
+
+def _gemini_call(work: Awaitable[Any]) -> Any:
+    """Run a File API call; a refusal or a network failure is one line, never a key."""
+    import httpx2
+    from google.genai.errors import APIError
+
+    from promptfleet.gemini_files import UploadFailed
+    from promptfleet.providers import redact
+
+    try:
+        return asyncio.run(work)
+    except ExperimentError as error:
+        _report_issues(error)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except (APIError, UploadFailed, TimeoutError, httpx2.HTTPError, OSError) as error:
+        err.print(f"Gemini File API: {redact(str(error), (os.environ.get('GEMINI_API_KEY', ''),))}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@upload_media.command("upload")
+def upload_media_upload(
+    file: File,
+    media_folder: Annotated[Path, typer.Option("--media-folder", "-m", "--data-folder", "-d", help="Folder the media paths are relative to.")],
+    output_file: Annotated[Optional[Path], typer.Option("--output-file", "-o", help="Experiment file to write [default: <file>_uploaded.jsonl].")] = None,
+    overwrite_output: Annotated[bool, typer.Option("--overwrite-output", "-w", help="Replace the output file if it exists.")] = False,
+    env_file: EnvFile = Path(".env"),
+) -> None:
+    """Upload the media of an experiment's gemini prompts once each, and write the
+    experiment with each media part naming its upload (`uploaded_filename`)."""
+    from promptfleet.media_upload import upload_experiment_media
+
+    out = output_file or file.with_name(f"{file.stem}_uploaded.jsonl")
+    if out.exists() and not overwrite_output:
+        err.print(f"{out} exists; pass --overwrite-output (-w) to replace it, or choose --output-file", markup=False, highlight=False)
+        raise typer.Exit(EXIT_BAD_INPUT)
+    client = _gemini_client(env_file)
+    report = _gemini_call(upload_experiment_media(client, file, media_folder, out))  # the output is written last
+    Console(soft_wrap=True).print(
+        f"{report.files} media file(s): {report.uploaded} uploaded, {report.reused} already there; wrote {out}", highlight=False
+    )
+
+
+@upload_media.command("list")
+def upload_media_list(env_file: EnvFile = Path(".env")) -> None:
+    """List the files this key has uploaded, with their SHA-256."""
+    from promptfleet import gemini_files
+
+    client = _gemini_client(env_file)
+    found = _gemini_call(gemini_files.uploaded_by_hash(client))
+    out = Console(soft_wrap=True)
+    for digest, remote in sorted(found.items(), key=lambda kv: kv[1].name or ""):
+        out.print(f"{remote.name}\t{remote.display_name or ''}\t{remote.mime_type or ''}\tsha256:{digest}", highlight=False, markup=False)
+    out.print(f"{len(found)} file(s)", highlight=False)
+
+
+@upload_media.command("delete")
+def upload_media_delete(
+    confirm_delete_all: Annotated[bool, typer.Option("--confirm-delete-all", help="Required: delete every uploaded file of this key.")] = False,
+    env_file: EnvFile = Path(".env"),
+) -> None:
+    """Delete every file this key has uploaded."""
+    from promptfleet import gemini_files
+
+    if not confirm_delete_all:
+        err.print("refusing to delete without --confirm-delete-all")
+        raise typer.Exit(EXIT_BAD_INPUT)
+    client = _gemini_client(env_file)
+    Console().print(f"deleted {_gemini_call(gemini_files.delete_all(client))} file(s)")
 
 
 if __name__ == "__main__":

@@ -25,12 +25,16 @@ from promptfleet.messages import assistant, parse_conversation, user
 from promptfleet.providers.base import Provider, ProviderError, Reply
 from promptfleet.providers.errors import ErrorKind, classify
 from promptfleet.rundir import Journal, now_stamp
+from promptfleet.schemas import PARSED_KEY, SCHEMA_KEY, SchemaMismatch, parse_reply
 from promptfleet.scorers import Scorer
 
 log = logging.getLogger("promptfleet.engine")
 
 # Keys the engine writes; stale copies from a re-run failed file are dropped.
-OUTPUT_KEYS = ("response", "error", "timestamp_sent", "latency_s", "attempts", "usage", "finish_reason", "input_line", "input_key")
+# What the provider reported about the model that answered (the last turn's, in a multi-turn prompt).
+REPRODUCIBILITY_KEYS = ("model_version", "system_fingerprint", "request_id", "seed")
+OUTPUT_KEYS = ("response", PARSED_KEY, "error", "timestamp_sent", "latency_s", "attempts", "usage", "finish_reason",
+               "input_line", "input_key", *REPRODUCIBILITY_KEYS)  # fmt: skip
 
 
 @dataclass
@@ -136,15 +140,19 @@ Outcome = Answered | Failed | Stopped
 class _Conversation:
     """What a prompt has gathered so far; multi-turn progress survives a retried turn."""
 
-    __slots__ = ("messages", "turns", "replies", "seq")
+    __slots__ = ("messages", "turns", "replies", "seq", "schema", "parsed", "rejected")
 
     def __init__(self, record: dict[str, Any]):
         conv = parse_conversation(record["prompt"], record.get("multimedia"))
         self.messages, self.turns = list(conv.messages), conv.later_turns
         self.replies: list[Reply] = []
         self.seq = 0  # the pacer's sequence number of the request sent last
+        self.schema: dict[str, Any] | None = record.get(SCHEMA_KEY)
+        self.parsed: list[Any] = []
+        self.rejected: list[Reply] = []  # answers that did not match the schema: paid for, not kept
 
     async def advance(self, provider: Provider, model: str, params: dict[str, Any], pacer: Pacer, stats: QueueStats) -> None:
+        asked = {"response_schema": self.schema} if self.schema is not None else {}  # providers without one never see the keyword
         steps = 1 + len(self.turns or ())
         sent_now = 0
         while len(self.replies) < steps:
@@ -152,8 +160,14 @@ class _Conversation:
                 self.seq = await pacer.pace()
             sent_now += 1
             stats.sent += 1
-            reply = await provider.chat(model, self.messages, params)
+            reply = await provider.chat(model, self.messages, params, **asked)
             pacer.on_success(reply.rate_limits)
+            if self.schema is not None:
+                try:
+                    self.parsed.append(parse_reply(reply.text, self.schema))
+                except SchemaMismatch as err:  # this turn is asked again, up to --max-attempts
+                    self.rejected.append(reply)
+                    raise ProviderError(str(err), kind=ErrorKind.SCHEMA) from None
             self.replies.append(reply)
             self.messages.append(assistant(reply.text))
             if len(self.replies) < steps:
@@ -162,12 +176,16 @@ class _Conversation:
     def output(self) -> dict[str, Any]:
         texts = [r.text for r in self.replies]
         out: dict[str, Any] = {"response": texts if self.turns is not None else texts[0]}
+        if self.parsed:
+            out[PARSED_KEY] = self.parsed if self.turns is not None else self.parsed[0]
         ins = [r.input_tokens for r in self.replies if r.input_tokens is not None]
         outs = [r.output_tokens for r in self.replies if r.output_tokens is not None]
         if ins or outs:
             out["usage"] = {"input_tokens": sum(ins) if ins else None, "output_tokens": sum(outs) if outs else None}
-        if reason := self.replies[-1].finish_reason:
-            out["finish_reason"] = reason
+        last = self.replies[-1]
+        if last.finish_reason:
+            out["finish_reason"] = last.finish_reason
+        out.update({key: value for key in REPRODUCIBILITY_KEYS if (value := getattr(last, key)) is not None})
         return out
 
 
@@ -268,6 +286,9 @@ async def attempt_until_done(prompt: Prompt, estimate: int, seq: int, ctx: Queue
             stats.rate_now = pacer.rate
             pacer.release()
 
+        while conversation.rejected:  # a reply refused by its schema still used tokens and money
+            rejected = conversation.rejected.pop()
+            _account(record_, {"input_tokens": rejected.input_tokens, "output_tokens": rejected.output_tokens}, estimate, ctx)
         if error.kind is ErrorKind.RATE_LIMIT:
             stats.rate_limited += 1
             pacer.on_rate_limited(error.retry_after, error.rate_limits, conversation.seq)

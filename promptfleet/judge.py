@@ -82,15 +82,24 @@ def judge_records(completed: Path, templates: dict[str, str], judges: dict[str, 
                     }
 
 
+def judge_file_name(input_file: Path) -> str:
+    """prompto's name for the judge file of `input_file`: `judge-` + its name without `completed-`."""
+    return "judge-" + input_file.name.replace("completed-", "")
+
+
 def write_records(out: Path, records: Iterator[dict[str, Any]]) -> int:
     """Write an experiment file whole or not at all."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            count += 1
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out)
     return count
 

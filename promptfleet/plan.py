@@ -19,6 +19,7 @@ from promptfleet.messages import Conversation
 from promptfleet.providers import known_apis, provider_class
 from promptfleet.providers.base import media_problem, missing_env
 from promptfleet.queues import limit_for, queue_for
+from promptfleet.schemas import SCHEMA_KEY, merge_columns, parsed_columns, schema_problem_for
 
 MAX_REPORTED_ISSUES = 200
 
@@ -65,6 +66,7 @@ class Plan:
     worst_case_output_tokens: int = 0
     worst_case_cost: float = 0.0
     unpriced_models: list[str] = field(default_factory=list)
+    parsed_columns: dict[str, str] = field(default_factory=dict)  # top-level properties of the response schemas: table columns
 
     @property
     def name(self) -> str:
@@ -117,6 +119,13 @@ def inspect(file: Path, settings: Settings) -> Plan:
             if len(plan.issues) < MAX_REPORTED_ISSUES:
                 plan.issues.append(str(record))
             continue
+        if SCHEMA_KEY in record:
+            if problem := schema_problem_for(record[SCHEMA_KEY], provider_class(record["api"])):
+                plan.issue_count += 1
+                if len(plan.issues) < MAX_REPORTED_ISSUES:
+                    plan.issues.append(str(Issue(str(file), item.line, SCHEMA_KEY, problem)))
+                continue
+            merge_columns(plan.parsed_columns, parsed_columns(record[SCHEMA_KEY]))
         plan.prompts += 1
         name = queue_for(record, settings.parallel, limits)
         default = settings.max_queries or provider_class(record["api"]).default_rate_per_minute

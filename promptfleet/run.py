@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from promptfleet import inbox
+from promptfleet import inbox, manifest
 from promptfleet.config import Settings
 from promptfleet.costs import Budget, Spend
 from promptfleet.engine import Prompt, QueueContext, QueueStats, RetryPolicy, run_queue
@@ -159,9 +159,10 @@ class Run:
         creds = sorted(resolve_env(cls.required_env + cls.optional_env, model).items())
         return ("model", queue.target, hashlib.sha256(repr(creds).encode()).hexdigest())
 
-    def finish(self) -> RunSummary:
-        """Tables and summary; when every prompt has landed, the run is closed (state
-        finished). An unfinished run stays resumable."""
+    def finish(self, orchestration: dict[str, Any] | None = None) -> RunSummary:
+        """Tables, manifest and summary; when every prompt has landed, the run is closed
+        (state finished). An unfinished run stays resumable. `orchestration` is the Prefect
+        flow run (id, URL) when there is one, for the manifest."""
         self.journal.close()
         paths = self.paths
         answered, failed = _count_lines(paths.completed), _count_lines(paths.failed)
@@ -169,13 +170,15 @@ class Run:
         complete = answered + failed == self.plan.prompts and unchanged and self.stopped_by is None
         stats = list(self.stats.values())
         score_keys = sorted({k for s in stats for k in s.score_keys})
-        per_model = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys)
+        per_model = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys, parsed_columns=self.plan.parsed_columns)
+        state = read_state(paths)
         if complete:
-            write_state(paths, **{**read_state(paths), "finished": True, "ended": datetime.now(timezone.utc).isoformat()})
+            state = {**state, "finished": True, "ended": datetime.now(timezone.utc).isoformat()}
+            write_state(paths, **state)
         outputs = {"completed": paths.completed, "failed": paths.failed, "log": paths.log, "parquet": paths.parquet, "input": paths.input}
         if self.settings.output_as_csv:
             outputs["csv"] = paths.csv
-        return RunSummary(
+        summary = RunSummary(
             experiment=self.name,
             prompts=self.plan.prompts,
             answered=answered,
@@ -193,6 +196,9 @@ class Run:
             paths=paths,
             stopped_by=self.stopped_by,
         )
+        manifest.write(paths, manifest.build(paths, self.settings, state, summary, orchestration))
+        summary.outputs["manifest"] = paths.manifest
+        return summary
 
     async def aclose(self) -> None:
         if self in self.session.runs:

@@ -59,6 +59,10 @@ class RunPaths:
         return self._file("run", ".json")
 
     @property
+    def manifest(self) -> Path:
+        return self._file("manifest", ".json")
+
+    @property
     def parquet(self) -> Path:
         return self._file("results", ".parquet")
 

@@ -26,6 +26,10 @@ TABLE_SCHEMA = {
     "input_tokens": pl.Int64,
     "output_tokens": pl.Int64,
     "finish_reason": pl.String,
+    "model_version": pl.String,
+    "system_fingerprint": pl.String,
+    "request_id": pl.String,
+    "seed": pl.Int64,
     "error_type": pl.String,
     "error_status": pl.Int64,
     "error_message": pl.String,
@@ -39,7 +43,23 @@ def _as_text(value: Any) -> str | None:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _row(record: dict[str, Any], status: str, score_keys: list[str]) -> dict[str, Any]:
+PARSED_TYPES = {"string": pl.String, "integer": pl.Int64, "number": pl.Float64, "boolean": pl.Boolean, "json": pl.String}
+
+
+def _parsed(value: Any, kind: str) -> Any:
+    """One `parsed_<name>` cell: the value if it has the column's type, JSON text for json."""
+    if value is None:
+        return None
+    if kind == "json":
+        return json.dumps(value, ensure_ascii=False)
+    if kind == "boolean" or isinstance(value, bool):
+        return value if kind == "boolean" and isinstance(value, bool) else None
+    if kind == "number":
+        return float(value) if isinstance(value, (int, float)) else None
+    return value if isinstance(value, {"integer": int, "string": str}[kind]) else None
+
+
+def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_columns: dict[str, str] | None = None) -> dict[str, Any]:
     usage = record.get("usage") or {}
     error = record.get("error") or {}
     return {
@@ -57,12 +77,22 @@ def _row(record: dict[str, Any], status: str, score_keys: list[str]) -> dict[str
         "input_tokens": usage.get("input_tokens"),
         "output_tokens": usage.get("output_tokens"),
         "finish_reason": record.get("finish_reason"),
+        "model_version": record.get("model_version"),
+        "system_fingerprint": record.get("system_fingerprint"),
+        "request_id": record.get("request_id"),
+        "seed": record.get("seed") if isinstance(record.get("seed"), int) else None,
         "error_type": error.get("type"),
         "error_status": error.get("status"),
         "error_message": error.get("message"),
         "parameters": _as_text(record.get("parameters")),
         **{f"score_{k}": _score(record.get(k)) for k in score_keys},
+        **_parsed_cells(record.get("response_parsed"), parsed_columns or {}),
     }
+
+
+def _parsed_cells(parsed: Any, columns: dict[str, str]) -> dict[str, Any]:
+    values = parsed if isinstance(parsed, dict) else {}
+    return {f"parsed_{name}": _parsed(values.get(name), kind) for name, kind in columns.items()}
 
 
 def _score(value: Any) -> float | None:
@@ -70,14 +100,18 @@ def _score(value: Any) -> float | None:
     return float(value) if isinstance(value, (bool, int, float)) else None
 
 
-def write_tables(paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000) -> pl.DataFrame:
+def write_tables(
+    paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000, parsed_columns: dict[str, str] | None = None
+) -> pl.DataFrame:
     """Parquet (and CSV) of every prompt in the run, one row each (answers, then failures, as they
     landed; `input_line` gives the input order); returns a per-model summary.
 
     Rows go to Parquet parts `batch` at a time, which polars then streams into one file, so a
     million-line run needs the memory of one batch (polars' NDJSON reader would hold it all).
     """
+    parsed_columns = parsed_columns or {}
     schema = TABLE_SCHEMA | {f"score_{k}": pl.Float64 for k in score_keys}
+    schema |= {f"parsed_{name}": PARSED_TYPES[kind] for name, kind in parsed_columns.items()}
     parts = paths.out_dir / f".{paths.stamp}-table-{paths.name}"
     parts.mkdir(exist_ok=True)
     try:
@@ -88,7 +122,7 @@ def write_tables(paths: RunPaths, csv: bool = False, score_keys: list[str] = (),
                 continue
             with path.open(encoding="utf-8") as fh:
                 for text in fh:
-                    rows.append(_row(json.loads(text), status, list(score_keys)))
+                    rows.append(_row(json.loads(text), status, list(score_keys), parsed_columns))
                     if len(rows) == batch:
                         pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
                         written, rows = written + 1, []

@@ -9,6 +9,8 @@ normally, each a status code (with optional Retry-After and body) or "malformed"
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import threading
@@ -17,6 +19,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from promptfleet.schemas import example_instance
 
 
 @dataclass
@@ -48,6 +52,11 @@ class FakeState:
     seen: list[Seen] = field(default_factory=list)
     times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     lock: threading.Lock = field(default_factory=threading.Lock)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # Gemini File API, by name
+    uploads: list[bytes] = field(default_factory=list)  # bytes received by the upload endpoint
+    pending_uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    processing_polls: int = 0  # GETs an uploaded file answers PROCESSING before ACTIVE
+    schema_replies: list[str] = field(default_factory=list)  # raw answers to play first when JSON is asked for
 
     @property
     def requests(self) -> list[dict[str, Any]]:
@@ -73,7 +82,8 @@ def _openai_text(p: dict) -> str:
 
 def _openai_ok(p: dict, answer: str, n: int) -> dict:
     return {
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": p.get("model", "tgi"),
+        "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
+        "model": f"{p.get('model', 'tgi')}-2026-01-01", "system_fingerprint": "fp_fake",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
         "usage": {"prompt_tokens": n, "completion_tokens": n + 2, "total_tokens": 2 * n + 2},
     }  # fmt: skip
@@ -89,7 +99,7 @@ def _anthropic_text(p: dict) -> str:
 
 def _anthropic_ok(p: dict, answer: str, n: int) -> dict:
     return {
-        "id": "msg_fake", "type": "message", "role": "assistant", "model": p["model"],
+        "id": "msg_fake", "type": "message", "role": "assistant", "model": f"{p['model']}-20260101",
         "content": [{"type": "text", "text": answer}], "stop_reason": "end_turn", "stop_sequence": None,
         "usage": {"input_tokens": n, "output_tokens": n + 2},
     }  # fmt: skip
@@ -108,7 +118,7 @@ def _gemini_ok(p: dict, answer: str, n: int) -> dict:
     return {
         "candidates": [{"content": {"role": "model", "parts": [{"text": answer}]}, "finishReason": "STOP", "index": 0}],
         "usageMetadata": {"promptTokenCount": n, "candidatesTokenCount": n + 2, "totalTokenCount": 2 * n + 2},
-        "modelVersion": "fake",
+        "modelVersion": "fake-model-001", "responseId": "resp_fake",
     }
 
 
@@ -134,6 +144,18 @@ def _ollama_ok(p: dict, answer: str, n: int) -> dict:
 
 def _ollama_err(status: int, message: str) -> dict:
     return {"error": message}
+
+
+def asked_schema(protocol: str, p: dict) -> dict | None:
+    """The JSON Schema a request asks the answer to follow, in each API's own place."""
+    if protocol == "openai":
+        return ((p.get("response_format") or {}).get("json_schema") or {}).get("schema")
+    if protocol == "anthropic":
+        return ((p.get("output_config") or {}).get("format") or {}).get("schema")
+    if protocol == "gemini":
+        config = p.get("generationConfig") or {}
+        return config.get("responseJsonSchema") if config.get("responseMimeType") == "application/json" else None
+    return p.get("format") if isinstance(p.get("format"), dict) else None
 
 
 PROTOCOLS = {
@@ -174,8 +196,56 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0]
+        state = self.state
+        with state.lock:
+            if re.fullmatch(r"/v1(?:beta)?/files", path):
+                return self._send(200, {"files": list(state.files.values())})
+            if (m := re.fullmatch(r"/v1(?:beta)?/(files/[^/]+)", path)) and m.group(1) in state.files:
+                file = state.files[m.group(1)]
+                if file["state"] == "PROCESSING":
+                    file["_polls"] = file.get("_polls", 0) + 1
+                    if file["_polls"] > state.processing_polls:
+                        file["state"] = "ACTIVE"
+                return self._send(200, {k: v for k, v in file.items() if not k.startswith("_")})
+        self._send(404, {"error": {"code": 404, "message": f"no route {self.path}", "status": "NOT_FOUND"}})
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        path = self.path.split("?")[0]
+        with self.state.lock:
+            if (m := re.fullmatch(r"/v1(?:beta)?/(files/[^/]+)", path)) and self.state.files.pop(m.group(1), None):
+                return self._send(200, {})
+        self._send(404, {"error": {"code": 404, "message": "no such file", "status": "NOT_FOUND"}})
+
+    def _file_upload(self, body: bytes) -> None:
+        """The File API's resumable upload: a start request, then the bytes with finalize."""
+        state = self.state
+        command = self.headers.get("x-goog-upload-command", "")
+        with state.lock:
+            if command == "start":
+                upload_id = str(len(state.pending_uploads) + len(state.uploads))
+                meta = json.loads(body or b"{}").get("file", {})
+                meta.setdefault("mimeType", self.headers.get("x-goog-upload-header-content-type"))
+                state.pending_uploads[upload_id] = meta
+                host = self.headers.get("host")
+                return self._send(200, {}, {"x-goog-upload-url": f"http://{host}/upload/v1beta/files?upload_id={upload_id}"})
+            upload_id = self.path.split("upload_id=")[-1]
+            meta = state.pending_uploads.pop(upload_id)
+            state.uploads.append(body)
+            name = f"files/fake{len(state.uploads)}"
+            digest = base64.b64encode(hashlib.sha256(body).hexdigest().encode()).decode()
+            file = {"name": name, "displayName": meta.get("displayName", meta.get("display_name")), "mimeType": meta.get("mimeType"),
+                    "sizeBytes": str(len(body)), "sha256Hash": digest, "uri": f"http://{self.headers.get('host')}/v1beta/{name}",
+                    "state": "PROCESSING" if state.processing_polls else "ACTIVE"}  # fmt: skip
+            state.files[name] = file
+        self._send(200, {"file": file}, {"x-goog-upload-status": "final"})
+
     def do_POST(self) -> None:  # noqa: N802
-        payload = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+        body = self.rfile.read(int(self.headers.get("content-length", 0)))
+        if self.path.startswith(("/upload/v1beta/files", "/upload/v1/files")):
+            return self._file_upload(body)
+        payload = json.loads(body)
         protocol = protocol_of(self.path)
         if protocol is None:
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
@@ -203,7 +273,13 @@ class _Handler(BaseHTTPRequestHandler):
                 headers = {"retry-after": str(step.retry_after)} if step.retry_after is not None else {}
                 body = step.body if step.body is not None else error(int(step.status), f"fake error {step.status}")
                 return self._send(int(step.status), body, headers)
-        self._send(200, ok(payload, f"answer to: {text}", len(text.split())), limit_headers)
+        answer = f"answer to: {text}"
+        if (schema := asked_schema(protocol, payload)) is not None:
+            with state.lock:
+                played = state.schema_replies.pop(0) if state.schema_replies else None
+            answer = played if played is not None else json.dumps(example_instance(schema, text))
+        request_id = {"x-request-id": f"req_fake_{len(state.seen)}", "request-id": f"req_fake_{len(state.seen)}"}
+        self._send(200, ok(payload, answer, len(text.split())), {**limit_headers, **request_id})
 
     @staticmethod
     def _enforce_limit(state: FakeState) -> tuple[dict[str, str], float | None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from promptfleet.messages import parse_conversation
+from promptfleet.messages import parse_conversation, user
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderError, ProviderOptions
 from promptfleet.providers.errors import classify
@@ -271,3 +271,21 @@ def test_third_party_provider_from_an_entry_point(monkeypatch):
     monkeypatch.setattr(providers, "_entry_points", lambda: {"my-api": ep})
     assert "my-api" in providers.known_apis()
     assert providers.provider_class("my-api").__name__ == "TestProvider"
+
+
+@pytest.mark.parametrize(
+    ("api", "version", "fingerprint", "request_id", "seed"),
+    [
+        ("openai", "model-x-2026-01-01", "fp_fake", "req_fake_1", 7),
+        ("azure-openai", "model-x-2026-01-01", "fp_fake", "req_fake_1", 7),
+        ("anthropic", "model-x-20260101", None, "req_fake_1", None),  # Anthropic takes no seed
+        ("gemini", "fake-model-001", None, "resp_fake", 7),
+        ("ollama", "model-x", None, None, 7),
+    ],
+)
+async def test_reply_says_which_model_answered(api, version, fingerprint, request_id, seed, server: FakeServer, tmp_path: Path):
+    clients = make_clients(api, server, tmp_path)
+    params = {} if api == "anthropic" else {"seed": 7}
+    reply = await clients.get(api, "model-x").chat("model-x", [user("hello")], params)
+    await clients.aclose()
+    assert (reply.model_version, reply.system_fingerprint, reply.request_id, reply.seed) == (version, fingerprint, request_id, seed)

@@ -13,7 +13,7 @@ import anthropic
 
 from promptfleet.media import MediaFolder, decode_data_url
 from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Role, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, rate_limit_headers
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, mime_type_of, rate_limit_headers
 
 DEFAULT_MAX_TOKENS = 1024
 
@@ -40,6 +40,11 @@ def _block(part: Part, media: MediaFolder) -> dict[str, Any]:
         case LocalMedia(kind="image") | RemoteMedia(kind="image"):
             file = media.read(part) if isinstance(part, LocalMedia) else decode_data_url(part.url)
             return {"type": "image", "source": {"type": "base64", "media_type": file.mime_type, "data": file.base64}}
+        case RemoteMedia(kind="file", url=url) if not url.startswith("data:"):
+            return {"type": "document", "source": {"type": "url", "url": url}}
+        case LocalMedia(kind="file") | RemoteMedia(kind="file"):  # PDF document blocks
+            file = media.read(part) if isinstance(part, LocalMedia) else decode_data_url(part.url)
+            return {"type": "document", "source": {"type": "base64", "media_type": file.mime_type, "data": file.base64}}
         case ProviderPart(data=data):
             return dict(data)
     raise ProviderError(f"anthropic cannot take {part.kind} media", kind="bad_request")  # type: ignore[union-attr]
@@ -50,8 +55,16 @@ class AnthropicProvider:
     required_env: ClassVar[tuple[str, ...]] = ("ANTHROPIC_API_KEY",)
     optional_env: ClassVar[tuple[str, ...]] = ("ANTHROPIC_BASE_URL",)
     default_rate_per_minute: ClassVar[int] = 10
-    media_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
+    media_kinds: ClassVar[frozenset[str]] = frozenset({"image", "file"})
     media_urls: ClassVar[bool] = True
+    structured_output: ClassVar[bool] = True
+
+    @classmethod
+    def media_refusal(cls, part: LocalMedia | RemoteMedia) -> str | None:
+        mime = mime_type_of(part)
+        if part.kind == "file" and mime != "application/pdf" and not (isinstance(part, RemoteMedia) and mime is None):
+            return f"the anthropic api takes PDF documents, not {mime or 'an unknown type'}"
+        return None
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -59,14 +72,21 @@ class AnthropicProvider:
             api_key=env["ANTHROPIC_API_KEY"], base_url=env.get("ANTHROPIC_BASE_URL"), max_retries=0, timeout=options.timeout
         )
 
-    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+    async def chat(
+        self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
+    ) -> Reply:
         system, turns = to_anthropic(messages, self._options.media)
         params = dict(parameters)
         max_tokens = params.pop("max_tokens", DEFAULT_MAX_TOKENS)
         if system is not None:
             params["system"] = system
         raw = await self._client.messages.with_raw_response.create(
-            model=model, max_tokens=max_tokens, messages=turns, extra_body=params or None
+            model=model,
+            max_tokens=max_tokens,
+            messages=turns,
+            extra_body=params or None,
+            # Structured outputs: the SDK's own parameter (no forced tool needed)
+            **({"output_config": {"format": {"type": "json_schema", "schema": response_schema}}} if response_schema is not None else {}),
         )
         response = await raw.parse()
         texts = [block.text for block in response.content if getattr(block, "type", None) == "text"]
@@ -78,6 +98,8 @@ class AnthropicProvider:
             output_tokens=response.usage.output_tokens,
             finish_reason=response.stop_reason,
             rate_limits=rate_limit_headers(raw.headers),
+            model_version=response.model or None,
+            request_id=raw.headers.get("request-id") or response.id or None,
         )
 
     async def aclose(self) -> None:

@@ -6,6 +6,7 @@ multi-turn, journaling) is the engine's, so a provider stays a page of code.
 
 from __future__ import annotations
 
+import mimetypes
 import os
 import re
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from promptfleet.media import MediaFolder
-from promptfleet.messages import Conversation, Message, RemoteMedia
+from promptfleet.messages import Conversation, LocalMedia, Message, RemoteMedia
 from promptfleet.providers.errors import (  # noqa: F401 - the provider-facing names
     ErrorKind,
     ProviderError,
@@ -32,6 +33,17 @@ class Reply:
     output_tokens: int | None = None
     finish_reason: str | None = None
     rate_limits: dict[str, str] | None = None  # the provider's rate-limit headers, for the limiter
+    # What the provider says produced the answer, for reproducibility:
+    model_version: str | None = None  # the `model` the API answered with (may differ from model_name)
+    system_fingerprint: str | None = None  # OpenAI's backend configuration fingerprint
+    request_id: str | None = None  # the provider's id of this request, for support tickets
+    seed: int | None = None  # the seed that was sent, if any
+
+
+def seed_sent(parameters: Mapping[str, Any]) -> int | None:
+    """The `seed` parameter as sent (OpenAI, Gemini, Ollama take one; Anthropic has none)."""
+    seed = parameters.get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,9 @@ class Provider(Protocol):
     default_rate_per_minute: ClassVar[int]  # used when neither -mq nor -mqj says otherwise
     media_kinds: ClassVar[frozenset[str]]  # "image", "audio", "video", "file"; others are refused at validation
     media_urls: ClassVar[bool]  # takes http(s) media URLs (data: URIs are always inlined)
+    # Optional: True when chat() takes `response_schema` (a JSON Schema) and asks the API for
+    # JSON of that shape; records with a schema are refused at validation for other providers.
+    structured_output: ClassVar[bool]
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None: ...
 
@@ -99,4 +114,15 @@ def media_problem(cls: type[Provider], conversation: Conversation) -> str | None
             return f"the {cls.api} api does not take {_PLURAL.get(part.kind, part.kind)}"
         if isinstance(part, RemoteMedia) and not part.url.startswith("data:") and not cls.media_urls:
             return f"the {cls.api} api does not take media URLs; put the file in the media folder"
+        if (refusal := getattr(cls, "media_refusal", None)) and (why := refusal(part)):
+            return why  # e.g. an audio format or document type the API cannot read
     return None
+
+
+def mime_type_of(part: LocalMedia | RemoteMedia) -> str | None:
+    """The mime type a media part will be sent with, from its file name (or data: URI)."""
+    if isinstance(part, RemoteMedia):
+        if part.url.startswith("data:"):
+            return part.url.removeprefix("data:").split(";")[0].split(",")[0] or None
+        return part.mime_type or mimetypes.guess_type(part.url)[0]
+    return mimetypes.guess_type(part.ref)[0]

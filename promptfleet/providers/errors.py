@@ -27,6 +27,7 @@ class ErrorKind(StrEnum):
     AUTH = "auth"
     NOT_FOUND = "not_found"
     UNEXPECTED = "unexpected"
+    SCHEMA = "schema"  # a reply that is not JSON of the record's response_schema: asked again
 
     @property
     def retryable(self) -> bool:
@@ -34,7 +35,8 @@ class ErrorKind(StrEnum):
 
 
 _RETRYABLE = frozenset(
-    {ErrorKind.RATE_LIMIT, ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.SERVER, ErrorKind.CONFLICT, ErrorKind.INVALID_RESPONSE}
+    {ErrorKind.RATE_LIMIT, ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.SERVER, ErrorKind.CONFLICT, ErrorKind.INVALID_RESPONSE,
+     ErrorKind.SCHEMA}  # fmt: skip
 )
 RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 

@@ -4,37 +4,51 @@
 Parameters become the GenerateContentConfig (temperature, max_output_tokens, top_k,
 safety_settings, system_instruction, ...), so an unknown key is refused by the SDK's own
 validation. System messages become the system instruction; 'assistant' turns are 'model'.
+
+Media of every kind (image, audio, video, PDF) is sent inline; a file over the inline
+limit goes to the Gemini File API instead, once: uploads are found again by SHA-256, so a
+file used by many prompts, runs or `promptfleet upload-media` is uploaded a single time.
+Vertex has no File API: large files there are given as gs:// URIs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import mimetypes
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from google import genai
 from google.genai import types
 
-from promptfleet.media import MediaFolder, decode_data_url
+from promptfleet import gemini_files
+from promptfleet.media import MediaFile, MediaFolder, decode_data_url
 from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Role, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply
+from promptfleet.providers.base import ErrorKind, ProviderError, ProviderOptions, Reply, seed_sent
+
+INLINE_LIMIT_BYTES = 20 * 1024 * 1024  # Gemini refuses requests with more inline data than this
+
+Uploaded = Mapping[str, types.File]  # media ref -> its File API upload
 
 
-def to_contents(messages: Sequence[Message], media: MediaFolder) -> tuple[str | None, list[types.Content]]:
-    """(system instruction, contents) in Gemini's shape."""
+def to_contents(messages: Sequence[Message], media: MediaFolder, uploaded: Uploaded | None = None) -> tuple[str | None, list[types.Content]]:
+    """(system instruction, contents) in Gemini's shape; `uploaded` files are referenced by URI."""
     system = "\n\n".join(m.text for m in messages if m.role is Role.SYSTEM)
     contents = [
-        types.Content(role="model" if m.role is Role.ASSISTANT else "user", parts=[_part(p, media) for p in m.parts])
+        types.Content(role="model" if m.role is Role.ASSISTANT else "user", parts=[_part(p, media, uploaded or {}) for p in m.parts])
         for m in messages
         if m.role is not Role.SYSTEM
     ]
     return system or None, contents
 
 
-def _part(part: Part, media: MediaFolder) -> types.Part:
+def _part(part: Part, media: MediaFolder, uploaded: Uploaded) -> types.Part:
     match part:
         case Text(text=text):
             return types.Part(text=text)
+        case LocalMedia(ref=ref) if ref in uploaded:
+            return types.Part.from_uri(file_uri=uploaded[ref].uri, mime_type=uploaded[ref].mime_type)
         case LocalMedia():
             file = media.read(part)
             return types.Part.from_bytes(data=file.data, mime_type=file.mime_type)
@@ -48,6 +62,31 @@ def _part(part: Part, media: MediaFolder) -> types.Part:
     raise AssertionError(part)
 
 
+class FileUploads:
+    """The File API for one client: what is already uploaded (listed once), and one upload
+    per distinct content even when many prompts ask for the same file at once."""
+
+    def __init__(self, client: genai.Client) -> None:
+        self._client = client
+        self._known: dict[str, types.File] | None = None
+        self._listing = asyncio.Lock()
+        self._pending: dict[str, asyncio.Future[types.File]] = {}
+
+    async def remote(self, file: MediaFile, display_name: str) -> types.File:
+        digest = gemini_files.sha256_hex(file.data)
+        task = self._pending.get(digest)
+        if task is None or (task.done() and (task.cancelled() or task.exception())):  # a failed upload is tried again
+            task = self._pending[digest] = asyncio.ensure_future(self._upload(file, display_name))
+        return await task
+
+    async def _upload(self, file: MediaFile, display_name: str) -> types.File:
+        async with self._listing:
+            if self._known is None:
+                self._known = await gemini_files.uploaded_by_hash(self._client)
+        remote, _ = await gemini_files.ensure_uploaded(self._client, file.data, file.mime_type, display_name, self._known)
+        return remote
+
+
 class GeminiProvider:
     api: ClassVar[str] = "gemini"
     required_env: ClassVar[tuple[str, ...]] = ("GEMINI_API_KEY",)
@@ -55,12 +94,15 @@ class GeminiProvider:
     default_rate_per_minute: ClassVar[int] = 10
     media_kinds: ClassVar[frozenset[str]] = frozenset({"image", "audio", "video", "file"})
     media_urls: ClassVar[bool] = True
+    structured_output: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
         self._client = genai.Client(
             api_key=env["GEMINI_API_KEY"], http_options=self.http_options(env, "GEMINI_BASE_URL", options)
         )
+        self._files: FileUploads | None = FileUploads(self._client)
+        self.inline_limit_bytes = INLINE_LIMIT_BYTES
 
     @staticmethod
     def http_options(env: Mapping[str, str], base_url_var: str, options: ProviderOptions) -> types.HttpOptions:
@@ -71,9 +113,16 @@ class GeminiProvider:
             retry_options=types.HttpRetryOptions(attempts=1),
         )
 
-    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
-        system, contents = to_contents(messages, self._options.media)
-        config = types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **parameters)
+    async def chat(
+        self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
+    ) -> Reply:
+        try:
+            uploaded = await self._upload_large(messages)
+        except gemini_files.UploadFailed as err:  # the File API could not process it: sending again will not help
+            raise ProviderError(str(err), kind=ErrorKind.BAD_REQUEST) from None
+        system, contents = to_contents(messages, self._options.media, uploaded)
+        asked = {"response_mime_type": "application/json", "response_json_schema": response_schema} if response_schema is not None else {}
+        config = types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **asked, **parameters)
         response = await self._client.aio.models.generate_content(model=model, contents=contents, config=config)
         candidate = response.candidates[0] if response.candidates else None
         if candidate is None:
@@ -86,7 +135,30 @@ class GeminiProvider:
             input_tokens=usage.prompt_token_count if usage else None,
             output_tokens=usage.candidates_token_count if usage else None,
             finish_reason=candidate.finish_reason.value if candidate.finish_reason else None,
+            model_version=response.model_version,
+            request_id=response.response_id,
+            seed=seed_sent(parameters),
         )
+
+    async def _upload_large(self, messages: Sequence[Message]) -> dict[str, types.File]:
+        """File API uploads for local media, largest first, until what stays inline fits
+        the request's inline limit."""
+        media = self._options.media
+        parts = {p.ref: p for m in messages for p in m.parts if isinstance(p, LocalMedia)}
+        sizes = sorted(((media.resolve(ref).stat().st_size, ref) for ref in parts), reverse=True)
+        inline = sum(size for size, _ in sizes)
+        uploaded: dict[str, types.File] = {}
+        for size, ref in sizes:
+            if inline <= self.inline_limit_bytes:
+                break
+            if self._files is None:
+                raise ProviderError(
+                    f"media file {ref!r} takes the request over the {self.inline_limit_bytes // 2**20} MB inline limit; "
+                    f"give {self.api} large files as gs:// URIs", kind="bad_request",
+                )  # fmt: skip
+            uploaded[ref] = await self._files.remote(media.read(parts[ref]), Path(ref).name)
+            inline -= size
+        return uploaded
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
@@ -114,3 +186,5 @@ class VertexAIProvider(GeminiProvider):
             credentials=credentials,
             http_options=self.http_options(env, "VERTEXAI_BASE_URL", options),
         )
+        self._files = None  # the File API is the Gemini Developer API's only
+        self.inline_limit_bytes = INLINE_LIMIT_BYTES

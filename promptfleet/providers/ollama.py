@@ -14,7 +14,7 @@ import httpx
 
 from promptfleet.media import MediaFolder, decode_data_url
 from promptfleet.messages import LocalMedia, Message, RemoteMedia, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_for_status
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_for_status, seed_sent
 
 TOP_LEVEL = ("keep_alive", "format", "think")
 
@@ -42,6 +42,7 @@ class OllamaProvider:
     default_rate_per_minute: ClassVar[int] = 10
     media_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
     media_urls: ClassVar[bool] = False
+    structured_output: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -51,9 +52,13 @@ class OllamaProvider:
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
         )
 
-    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+    async def chat(
+        self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
+    ) -> Reply:
         converted = [to_ollama(m, self._options.media) for m in messages]
         body: dict[str, Any] = {"model": model, "stream": False}
+        if response_schema is not None:
+            body["format"] = response_schema  # Ollama's structured outputs take the JSON Schema itself
         body.update({k: parameters[k] for k in TOP_LEVEL if k in parameters})
         if options := {k: v for k, v in parameters.items() if k not in TOP_LEVEL}:
             body["options"] = options
@@ -82,6 +87,8 @@ class OllamaProvider:
             input_tokens=data.get("prompt_eval_count"),
             output_tokens=data.get("eval_count"),
             finish_reason=data.get("done_reason"),
+            model_version=data.get("model"),
+            seed=seed_sent(parameters),
         )
 
     async def aclose(self) -> None:

@@ -9,13 +9,15 @@ server instead of being dropped here.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import openai
 
-from promptfleet.media import MediaFolder
+from promptfleet.media import MediaFolder, decode_data_url
 from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, rate_limit_headers
+from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, mime_type_of, rate_limit_headers, seed_sent
+from promptfleet.schemas import strict_compatible
 
 
 def to_openai_messages(messages: Sequence[Message], media: MediaFolder) -> list[dict[str, Any]]:
@@ -37,9 +39,40 @@ def _part(part: Part, media: MediaFolder) -> dict[str, Any]:
         case LocalMedia() | RemoteMedia() if part.kind == "image":
             url = media.read(part).data_url if isinstance(part, LocalMedia) else part.url
             return {"type": "image_url", "image_url": {"url": url, **({"detail": part.detail} if part.detail else {})}}
+        case LocalMedia() | RemoteMedia() if part.kind == "audio":  # audio-capable models (gpt-4o-audio-preview, ...)
+            file = media.read(part) if isinstance(part, LocalMedia) else decode_data_url(part.url)
+            if file.mime_type not in AUDIO_FORMATS:
+                raise ProviderError(f"openai takes WAV or MP3 audio, not {file.mime_type}", kind="bad_request")
+            return {"type": "input_audio", "input_audio": {"data": file.base64, "format": AUDIO_FORMATS[file.mime_type]}}
+        case LocalMedia() | RemoteMedia() if part.kind == "file":  # PDF input
+            file = media.read(part) if isinstance(part, LocalMedia) else decode_data_url(part.url)
+            name = Path(part.ref).name if isinstance(part, LocalMedia) else "document.pdf"
+            return {"type": "file", "file": {"filename": name, "file_data": file.data_url}}
         case ProviderPart(data=data):
             return dict(data)
     raise ProviderError(f"openai cannot take {part.kind} media", kind="bad_request")  # type: ignore[union-attr]
+
+
+AUDIO_FORMATS = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/mpeg": "mp3", "audio/mp3": "mp3"}
+
+
+def openai_media_refusal(api: str, part: LocalMedia | RemoteMedia) -> str | None:
+    """Audio must be WAV or MP3 and files PDF, both inline (chat completions take no URL for them)."""
+    if part.kind not in ("audio", "file"):
+        return None
+    if isinstance(part, RemoteMedia) and not part.url.startswith("data:"):
+        return f"the {api} api takes {part.kind} only inline; put the file in the media folder"
+    mime = mime_type_of(part)
+    if part.kind == "audio" and mime not in AUDIO_FORMATS:
+        return f"the {api} api takes audio as WAV or MP3, not {mime or 'an unknown type'}"
+    if part.kind == "file" and mime != "application/pdf":
+        return f"the {api} api takes PDF files, not {mime or 'an unknown type'}"
+    return None
+
+
+def response_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's structured output; strict when the schema allows it (closed objects, all required)."""
+    return {"type": "json_schema", "json_schema": {"name": "response", "schema": schema, "strict": strict_compatible(schema)}}
 
 
 class OpenAIProvider:
@@ -47,8 +80,13 @@ class OpenAIProvider:
     required_env: ClassVar[tuple[str, ...]] = ("OPENAI_API_KEY",)
     optional_env: ClassVar[tuple[str, ...]] = ("OPENAI_BASE_URL",)
     default_rate_per_minute: ClassVar[int] = 10
-    media_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
+    media_kinds: ClassVar[frozenset[str]] = frozenset({"image", "audio", "file"})
     media_urls: ClassVar[bool] = True
+    structured_output: ClassVar[bool] = True
+
+    @classmethod
+    def media_refusal(cls, part: LocalMedia | RemoteMedia) -> str | None:
+        return openai_media_refusal(cls.api, part)
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -61,9 +99,14 @@ class OpenAIProvider:
             api_key=env["OPENAI_API_KEY"], base_url=env.get("OPENAI_BASE_URL"), max_retries=0, timeout=options.timeout
         )
 
-    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+    async def chat(
+        self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
+    ) -> Reply:
         raw = await self._client.chat.completions.with_raw_response.create(
-            model=model, messages=to_openai_messages(messages, self._options.media), extra_body=parameters or None
+            model=model,
+            messages=to_openai_messages(messages, self._options.media),
+            extra_body=parameters or None,
+            **({"response_format": response_format(response_schema)} if response_schema is not None else {}),
         )
         completion = raw.parse()
         if not completion.choices:
@@ -76,6 +119,10 @@ class OpenAIProvider:
             output_tokens=usage.completion_tokens if usage else None,
             finish_reason=choice.finish_reason,
             rate_limits=rate_limit_headers(raw.headers),
+            model_version=completion.model or None,
+            system_fingerprint=completion.system_fingerprint,
+            request_id=raw.headers.get("x-request-id") or raw.headers.get("apim-request-id") or completion.id or None,
+            seed=seed_sent(parameters),
         )
 
     async def aclose(self) -> None:
@@ -108,6 +155,7 @@ class HuggingFaceTGIProvider(OpenAIProvider):
     required_env: ClassVar[tuple[str, ...]] = ("HUGGINGFACE_TGI_API_ENDPOINT",)
     optional_env: ClassVar[tuple[str, ...]] = ("HUGGINGFACE_TGI_API_KEY",)
     media_kinds: ClassVar[frozenset[str]] = frozenset()  # TGI's Messages API serves text models
+    structured_output: ClassVar[bool] = False  # TGI's grammar format is its own; not mapped yet
 
     @staticmethod
     def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:

@@ -9,18 +9,22 @@ Parameters it reads (all optional):
   raise_error    "true"/"yes" fails every attempt with a 400 (prompto's test api option)
   reply_with     "score": answer "Score: N" with N from 1 to 10, derived from the prompt
                  (a judge stand-in); any other string is answered as it is
+A record's `response_schema` is answered with JSON of that shape (unless `reply_with`
+says otherwise, which is how a schema failure is rehearsed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from promptfleet.messages import Message
-from promptfleet.providers.base import ProviderOptions, Reply, error_for_status
+from promptfleet.providers.base import ProviderOptions, Reply, error_for_status, seed_sent
+from promptfleet.schemas import example_instance
 
 
 class TestProvider:
@@ -30,11 +34,14 @@ class TestProvider:
     default_rate_per_minute: ClassVar[int] = 600  # nothing to protect; keeps the example quick
     media_kinds: ClassVar[frozenset[str]] = frozenset({"image", "audio", "video", "file"})
     media_urls: ClassVar[bool] = True
+    structured_output: ClassVar[bool] = True
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._attempts: Counter[str] = Counter()
 
-    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+    async def chat(
+        self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
+    ) -> Reply:
         if latency := float(parameters.get("latency", 0)):
             await asyncio.sleep(latency)
         if str(parameters.get("raise_error", "")).lower() in ("true", "yes"):
@@ -50,9 +57,14 @@ class TestProvider:
         digest = hashlib.sha1(f"{model}\n{question}".encode()).hexdigest()[:8]
         words = len(question.split())
         answer = f"test reply {digest} from {model} to: {question[:200]}"
+        if response_schema is not None:  # JSON of the asked shape, unless reply_with says otherwise
+            answer = json.dumps(example_instance(response_schema, f"{model}\n{question}"))
         if (reply := parameters.get("reply_with")) is not None:
             answer = f"Score: {int(digest, 16) % 10 + 1}" if reply == "score" else str(reply)
-        return Reply(answer, input_tokens=sum(len(m.text.split()) for m in messages), output_tokens=words + 5, finish_reason="stop")
+        return Reply(
+            answer, input_tokens=sum(len(m.text.split()) for m in messages), output_tokens=words + 5, finish_reason="stop",
+            model_version=model, request_id=f"test-{digest}", seed=seed_sent(parameters),
+        )  # fmt: skip
 
     async def aclose(self) -> None:
         return None

@@ -5,6 +5,7 @@ records never travel as parameters."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -28,4 +29,13 @@ async def run_queue(run: Run, queue: QueuePlan) -> QueueStats:
 
 @task(name="write_results", cache_policy=NO_CACHE)
 def write_results(run: Run) -> RunSummary:
-    return run.finish()
+    return run.finish(orchestration=_flow_run())
+
+
+def _flow_run() -> dict[str, Any] | None:
+    """The flow run this task belongs to, for the run manifest."""
+    from prefect.runtime import flow_run
+
+    if not flow_run.id:
+        return None
+    return {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name, "flow_name": flow_run.flow_name, "flow_run_url": flow_run.ui_url}
