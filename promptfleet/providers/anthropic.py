@@ -59,26 +59,40 @@ class AnthropicProvider:
             api_key=env["ANTHROPIC_API_KEY"], base_url=env.get("ANTHROPIC_BASE_URL"), max_retries=0, timeout=options.timeout
         )
 
-    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+    @property
+    def client(self) -> anthropic.AsyncAnthropic:
+        return self._client
+
+    def request(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> dict[str, Any]:
+        """The Messages API body; a Message Batch carries the same one as each request's params."""
         system, turns = to_anthropic(messages, self._options.media)
         params = dict(parameters)
         max_tokens = params.pop("max_tokens", DEFAULT_MAX_TOKENS)
         if system is not None:
             params["system"] = system
+        return {**params, "model": model, "max_tokens": max_tokens, "messages": turns}
+
+    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+        body = self.request(model, messages, parameters)
+        extra = {k: v for k, v in body.items() if k not in ("model", "max_tokens", "messages")}
         raw = await self._client.messages.with_raw_response.create(
-            model=model, max_tokens=max_tokens, messages=turns, extra_body=params or None
+            model=model, max_tokens=body["max_tokens"], messages=body["messages"], extra_body=extra or None
         )
-        response = await raw.parse()
-        texts = [block.text for block in response.content if getattr(block, "type", None) == "text"]
-        if not texts and response.stop_reason != "max_tokens":
-            raise ProviderError("response has no text content", kind="invalid_response")
-        return Reply(
-            text="".join(texts),
-            input_tokens=response.usage.input_tokens,
-            output_tokens=response.usage.output_tokens,
-            finish_reason=response.stop_reason,
-            rate_limits=rate_limit_headers(raw.headers),
-        )
+        return reply_of(await raw.parse(), rate_limit_headers(raw.headers))
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def reply_of(response: anthropic.types.Message, rate_limits: dict[str, str] | None = None) -> Reply:
+    """A Message (online, or one succeeded result of a batch) as a Reply."""
+    texts = [block.text for block in response.content if getattr(block, "type", None) == "text"]
+    if not texts and response.stop_reason != "max_tokens":
+        raise ProviderError("response has no text content", kind="invalid_response")
+    return Reply(
+        text="".join(texts),
+        input_tokens=response.usage.input_tokens,
+        output_tokens=response.usage.output_tokens,
+        finish_reason=response.stop_reason,
+        rate_limits=rate_limits,
+    )

@@ -27,6 +27,8 @@ class ErrorKind(StrEnum):
     AUTH = "auth"
     NOT_FOUND = "not_found"
     UNEXPECTED = "unexpected"
+    EXPIRED = "expired"  # a batch line the provider did not run within its window
+    CANCELLED = "cancelled"  # a batch line cancelled before it ran
 
     @property
     def retryable(self) -> bool:
@@ -34,7 +36,8 @@ class ErrorKind(StrEnum):
 
 
 _RETRYABLE = frozenset(
-    {ErrorKind.RATE_LIMIT, ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.SERVER, ErrorKind.CONFLICT, ErrorKind.INVALID_RESPONSE}
+    {ErrorKind.RATE_LIMIT, ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.SERVER, ErrorKind.CONFLICT, ErrorKind.INVALID_RESPONSE,
+     ErrorKind.EXPIRED}
 )
 RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 

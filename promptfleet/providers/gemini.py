@@ -71,22 +71,18 @@ class GeminiProvider:
             retry_options=types.HttpRetryOptions(attempts=1),
         )
 
-    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+    @property
+    def client(self) -> genai.Client:
+        return self._client
+
+    def request(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> tuple[list[types.Content], types.GenerateContentConfig]:
+        """(contents, config) of generateContent; a batch's inlined request carries the same pair."""
         system, contents = to_contents(messages, self._options.media)
-        config = types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **parameters)
-        response = await self._client.aio.models.generate_content(model=model, contents=contents, config=config)
-        candidate = response.candidates[0] if response.candidates else None
-        if candidate is None:
-            reason = response.prompt_feedback.block_reason if response.prompt_feedback else None
-            raise ProviderError(f"no candidates (prompt blocked: {reason})", kind="bad_request")
-        text = "".join(p.text for p in (candidate.content.parts if candidate.content else None) or [] if p.text)
-        usage = response.usage_metadata
-        return Reply(
-            text=text,
-            input_tokens=usage.prompt_token_count if usage else None,
-            output_tokens=usage.candidates_token_count if usage else None,
-            finish_reason=candidate.finish_reason.value if candidate.finish_reason else None,
-        )
+        return contents, types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **parameters)
+
+    async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+        contents, config = self.request(model, messages, parameters)
+        return reply_of(await self._client.aio.models.generate_content(model=model, contents=contents, config=config))
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
@@ -114,3 +110,19 @@ class VertexAIProvider(GeminiProvider):
             credentials=credentials,
             http_options=self.http_options(env, "VERTEXAI_BASE_URL", options),
         )
+
+
+def reply_of(response: types.GenerateContentResponse) -> Reply:
+    """A generateContent response (online, or one inlined response of a batch) as a Reply."""
+    candidate = response.candidates[0] if response.candidates else None
+    if candidate is None:
+        reason = response.prompt_feedback.block_reason if response.prompt_feedback else None
+        raise ProviderError(f"no candidates (prompt blocked: {reason})", kind="bad_request")
+    text = "".join(p.text for p in (candidate.content.parts if candidate.content else None) or [] if p.text)
+    usage = response.usage_metadata
+    return Reply(
+        text=text,
+        input_tokens=usage.prompt_token_count if usage else None,
+        output_tokens=usage.candidates_token_count if usage else None,
+        finish_reason=candidate.finish_reason.value if candidate.finish_reason else None,
+    )

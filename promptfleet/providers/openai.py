@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from promptfleet.media import MediaFolder
 from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Text
@@ -61,25 +62,39 @@ class OpenAIProvider:
             api_key=env["OPENAI_API_KEY"], base_url=env.get("OPENAI_BASE_URL"), max_retries=0, timeout=options.timeout
         )
 
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        return self._client
+
+    def request(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> dict[str, Any]:
+        """The chat completions body; the batch API sends the same one per line."""
+        return {**parameters, "model": model, "messages": to_openai_messages(messages, self._options.media)}
+
     async def chat(self, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> Reply:
+        body = self.request(model, messages, parameters)
+        extra = {k: v for k, v in body.items() if k not in ("model", "messages")}
         raw = await self._client.chat.completions.with_raw_response.create(
-            model=model, messages=to_openai_messages(messages, self._options.media), extra_body=parameters or None
+            model=body["model"], messages=body["messages"], extra_body=extra or None
         )
-        completion = raw.parse()
-        if not completion.choices:
-            raise ProviderError("response has no choices", kind="invalid_response")
-        choice = completion.choices[0]
-        usage = completion.usage
-        return Reply(
-            text=choice.message.content or "",
-            input_tokens=usage.prompt_tokens if usage else None,
-            output_tokens=usage.completion_tokens if usage else None,
-            finish_reason=choice.finish_reason,
-            rate_limits=rate_limit_headers(raw.headers),
-        )
+        return reply_of(raw.parse(), rate_limit_headers(raw.headers))
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def reply_of(completion: ChatCompletion, rate_limits: dict[str, str] | None = None) -> Reply:
+    """A chat completion (online, or one line of a batch's output) as a Reply."""
+    if not completion.choices:
+        raise ProviderError("response has no choices", kind="invalid_response")
+    choice = completion.choices[0]
+    usage = completion.usage
+    return Reply(
+        text=choice.message.content or "",
+        input_tokens=usage.prompt_tokens if usage else None,
+        output_tokens=usage.completion_tokens if usage else None,
+        finish_reason=choice.finish_reason,
+        rate_limits=rate_limits,
+    )
 
 
 class AzureOpenAIProvider(OpenAIProvider):
