@@ -30,7 +30,7 @@ from promptfleet.scorers import Scorer
 log = logging.getLogger("promptfleet.engine")
 
 # Keys the engine writes; stale copies from a re-run failed file are dropped.
-OUTPUT_KEYS = ("response", "error", "timestamp_sent", "latency_s", "attempts", "usage", "finish_reason", "input_line", "input_key")
+OUTPUT_KEYS = ("response", "error", "timestamp_sent", "latency_s", "attempts", "usage", "finish_reason", "input_line", "input_key", "batch")
 
 
 @dataclass
@@ -168,6 +168,13 @@ class _Conversation:
         if reason := self.replies[-1].finish_reason:
             out["finish_reason"] = reason
         return out
+
+
+def output_of(record: dict[str, Any], replies: list[Reply]) -> dict[str, Any]:
+    """The output keys of a prompt answered by `replies` (batch mode's answers take this shape too)."""
+    conversation = _Conversation(record)
+    conversation.replies = list(replies)
+    return conversation.output()
 
 
 @dataclass
