@@ -278,8 +278,10 @@ def prefect_overhead() -> list[str]:
             "", f"The whole command includes Python start-up and imports (~2–3 s) and the flow's API round trips; the overhead is {walls[1] - engine['wall_s']:.1f} s per experiment, whatever its size.", ""]  # fmt: skip
 
 
+from benchmarks.batch_cost import batch_cost  # noqa: E402
+
 SCENARIOS = {"table1": table1, "table2": table2, "table3": table3, "high_rate": high_rate, "memory": memory,
-             "faults": faults, "crash": crash, "prefect": prefect_overhead}  # fmt: skip
+             "faults": faults, "crash": crash, "prefect": prefect_overhead, "batch": batch_cost}  # fmt: skip
 
 
 def header() -> list[str]:

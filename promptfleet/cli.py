@@ -37,6 +37,7 @@ MaxQueriesJson = Annotated[
     Optional[Path], typer.Option("--max-queries-json", "-mqj", help="JSON of rate limits per api/group/model.")
 ]
 Prices = Annotated[Optional[Path], typer.Option("--prices", help="JSON of USD per million tokens per model (extends ours).")]
+Batch = Annotated[bool, typer.Option("--batch", help="Send what the providers' batch APIs take through them, at batch prices.")]
 RateShare = Annotated[
     float, typer.Option("--rate-share", min=0.01, max=1.0, help="This process's share of every rate (several workers, one key).")
 ]
@@ -97,6 +98,11 @@ def run(
     remove_original: Annotated[bool, typer.Option("--remove-original", "-ro", help="Run only the rephrased prompts.")] = False,
     only_rephrase: Annotated[bool, typer.Option("--only-rephrase", "-or", help="Stop after the rephrase experiment.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="If another process is running this experiment, wait for it instead of refusing.")] = False,
+    batch: Batch = False,
+    detach: Annotated[bool, typer.Option("--detach", help="With --batch: submit (and collect what has ended), then return.")] = False,
+    batch_poll: Annotated[float, typer.Option("--batch-poll", min=0.01, help="Longest wait between polls of live batches, seconds.")] = 60.0,
+    batch_fallback: Annotated[str, typer.Option("--batch-fallback", help="Where a retryable failed batch line goes next: batch or online.")] = "batch",
+    batch_max_requests: Annotated[Optional[int], typer.Option("--batch-max-requests", min=1, help="Fewer requests per batch than the provider allows.")] = None,
 ) -> None:
     """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume.
     With --judge-folder/--judge or --rephrase-*, the evaluation is chained (flow `run_study`)."""
@@ -117,7 +123,15 @@ def run(
         prices=prices,
         rate_share=rate_share,
         scorers=_split(scorers),
+        batch=batch,
+        batch_detach=detach,
+        batch_poll=batch_poll,
+        batch_fallback=batch_fallback,
+        batch_max_requests=batch_max_requests,
     )
+    if (detach or batch_fallback != "batch") and not batch or batch_fallback not in ("batch", "online"):
+        err.print("--detach and --batch-fallback go with --batch; --batch-fallback is 'batch' or 'online'")
+        raise typer.Exit(EXIT_BAD_INPUT)
     if bool(judge_folder) != bool(judge) or bool(rephrase_folder) != bool(rephrase_model):
         err.print("--judge-folder needs --judge, and --rephrase-folder needs --rephrase-model (and the other way round)")
         raise typer.Exit(EXIT_BAD_INPUT)
@@ -205,6 +219,11 @@ def run(
             err.print(f"stopped: {summary['stopped_by']}", markup=False, highlight=False)
         if file.parent.name == inbox.RUNNING:
             _put_back(Path(summary["outputs"].get("input", file)), settings, file.name)
+        if summary.get("live_batches") and detach:
+            err.print(f"{summary['unfinished']} prompt(s) in {summary['live_batches']} live batch(es); "
+                      "to collect them, run the same command again (or see `promptfleet batches list`):")  # fmt: skip
+            err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
+            return
         err.print(f"stopped with {summary['unfinished']} prompt(s) unfinished; to resume, run the same command again:")
         err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -253,7 +272,7 @@ async def _in_flow(start: Callable[[], Awaitable[Any]], session: Any = None) -> 
         progress.cancel()
 
 
-def _print_inspection(found) -> None:
+def _print_inspection(found, batch: bool = False) -> None:
     out = Console(soft_wrap=True)
     for issue in found.issues:
         err.print(issue, markup=False, highlight=False)
@@ -270,6 +289,11 @@ def _print_inspection(found) -> None:
         f"worst case: {found.worst_case_input_tokens} input + {found.worst_case_output_tokens} output tokens, "
         f"about ${found.worst_case_cost:.4f}{unpriced} (see --prices)"
     )
+    if batch:
+        out.print(
+            f"with --batch: {found.batch_prompts} prompt(s) through batch APIs, the rest online; worst case about "
+            f"${found.worst_case_cost_batch:.4f} instead of ${found.worst_case_cost:.4f} online"
+        )
 
 
 @app.command()
@@ -283,6 +307,7 @@ def pipeline(
     poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.1, help="Seconds between looks at input/.")] = 30.0,
     once: Annotated[bool, typer.Option("--once", help="Process what is waiting, then exit.")] = False,
     settle: Annotated[float, typer.Option("--settle", min=0, help="Seconds a file must be left unwritten before it is claimed.")] = 10.0,
+    batch: Annotated[bool, typer.Option("--batch", help="Batch mode; each poll submits and collects, never waits for a batch.")] = False,
 ) -> None:
     """Keep running every experiment dropped into DATA/input/ (prompto's pipeline), as the
     Prefect flow `watch_input`; bad files go to DATA/rejected/ with their error report."""
@@ -293,7 +318,7 @@ def pipeline(
 
     settings = _settings(
         data_folder=data_folder, max_queries=max_queries, max_attempts=max_attempts,
-        parallel=parallel, max_queries_json=max_queries_json, settle_seconds=settle,
+        parallel=parallel, max_queries_json=max_queries_json, settle_seconds=settle, batch=batch, batch_detach=batch,
     )  # fmt: skip
     settings.input_folder.mkdir(parents=True, exist_ok=True)
 
@@ -387,6 +412,7 @@ def check(
     move_to_input: MoveToInput = False,
     log_file: Annotated[Optional[Path], typer.Option("--log-file", "-l", help="Also write the report here.")] = None,
     prices: Prices = None,
+    batch: Batch = False,
 ) -> None:
     """Validate an experiment file without sending anything: bad lines, queues, missing env
     vars, and the worst-case tokens and cost."""
@@ -394,14 +420,15 @@ def check(
     from promptfleet.plan import inspect
 
     settings = _settings(
-        data_folder=data_folder, max_queries=max_queries, parallel=parallel, max_queries_json=max_queries_json, prices=prices
-    )
+        data_folder=data_folder, max_queries=max_queries, parallel=parallel, max_queries_json=max_queries_json, prices=prices,
+        batch=batch,
+    )  # fmt: skip
     try:
         found = inspect(file, settings)
     except ExperimentError as error:
         _report_issues(error)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    _print_inspection(found)
+    _print_inspection(found, batch)
     if log_file:
         lines = [*found.issues, *(f"env: {w} needs {', '.join(n)}" for w, n in found.missing_env.items())]
         log_file.write_text("\n".join(lines) + ("\n" if lines else ""))
@@ -494,6 +521,50 @@ def upload_media_delete(
         raise typer.Exit(EXIT_BAD_INPUT)
     client = _gemini_client(env_file)
     Console().print(f"deleted {_gemini_call(gemini_files.delete_all(client))} file(s)")
+
+
+batches_app = typer.Typer(no_args_is_help=True, help="The provider batches of a data folder's runs (batch mode).")
+app.add_typer(batches_app, name="batches")
+
+
+@batches_app.command("list")
+def batches_list(
+    data_folder: DataFolder = Path("data"),
+    env_file: EnvFile = Path(".env"),
+    offline: Annotated[bool, typer.Option("--offline", help="Only what the journals say; do not ask the providers.")] = False,
+) -> None:
+    """Every batch the runs under DATA/output/ submitted, with its state at the provider."""
+    _load_env(env_file)
+    from promptfleet.batch.admin import list_batches
+
+    rows = asyncio.run(list_batches(data_folder, ask=not offline))
+    from rich.table import Table
+
+    table = Table("experiment", "run", "batch", "api/model", "prompts", "journal", "provider", "done")
+    for row in rows:
+        table.add_row(row.experiment, row.stamp, row.batch_id, f"{row.api}/{row.model}", str(row.prompts), row.journal,
+                      row.provider_state or "-", row.counts or "-")  # fmt: skip
+    Console(width=max(Console().width, 160)).print(table if rows else f"no batches under {data_folder / 'output'}")
+
+
+@batches_app.command("cancel")
+def batches_cancel(
+    batch_ids: Annotated[Optional[list[str]], typer.Argument(help="Batch ids to cancel [default: every live one].")] = None,
+    data_folder: DataFolder = Path("data"),
+    env_file: EnvFile = Path(".env"),
+) -> None:
+    """Cancel live batches (all, or the ids given); the next run of each experiment collects
+    their finished lines and writes the cancelled ones to the failed file."""
+    _load_env(env_file)
+    from promptfleet.batch.admin import cancel_batches
+
+    done, problems = asyncio.run(cancel_batches(data_folder, batch_ids or None))
+    for batch_id in done:
+        Console(soft_wrap=True).print(f"cancelling {batch_id}", highlight=False)
+    for problem in problems:
+        err.print(problem, markup=False, highlight=False)
+    if problems:
+        raise typer.Exit(EXIT_BAD_INPUT)
 
 
 if __name__ == "__main__":

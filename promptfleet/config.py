@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -28,6 +29,13 @@ class Settings(BaseModel):
     rate_share: float = 1.0  # this process's share of every rate, when several processes share a key
     scorers: list[str] = []
     settle_seconds: float = 10.0  # the pipeline claims a file only after this long unwritten
+    # Batch mode (docs/batch.md): batchable prompts go through the providers' batch APIs.
+    batch: bool = False
+    batch_detach: bool = False  # submit and collect what has ended, then return; never wait
+    batch_poll: float = 60.0  # ceiling of the polling interval, seconds
+    batch_fallback: Literal["batch", "online"] = "batch"  # where a retryable failed line goes next
+    batch_max_requests: int | None = None  # lower the providers' per-batch limits
+    batch_max_bytes: int | None = None
 
     @property
     def input_folder(self) -> Path:

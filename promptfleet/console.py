@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 
 from promptfleet.session import Session
-from promptfleet.summary import LABELS, MODEL_COLUMNS, QUEUE_COLUMNS, fmt, headline
+from promptfleet.summary import BATCH_COLUMNS, LABELS, MODEL_COLUMNS, QUEUE_COLUMNS, fmt, headline
 
 def print_summary(summary: dict[str, Any], console: Console) -> None:
     for title, rows, columns in (("queues", summary["queues"], QUEUE_COLUMNS), ("models", summary["models"], MODEL_COLUMNS)):
@@ -21,6 +21,13 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
             table.add_column(LABELS.get(column, column), justify="left" if column in ("queue", "api", "model_name") else "right")
         for row in rows:
             table.add_row(*(fmt(row.get(c)) for c in columns))
+        console.print(table)
+    if summary.get("batches"):
+        table = Table(title="batches", title_justify="left")
+        for column in BATCH_COLUMNS:
+            table.add_column(column, justify="right" if column == "prompts" else "left")
+        for row in summary["batches"]:
+            table.add_row(*(fmt(row.get(c)) for c in BATCH_COLUMNS))
         console.print(table)
     console.print(headline(summary))
     for kind, path in summary["outputs"].items():

@@ -33,6 +33,18 @@ def price_of(model: str, prices: dict[str, dict[str, float]]) -> dict[str, float
     return prices[max(matches, key=len)] if matches else None
 
 
+BATCH_DISCOUNT = 0.5  # OpenAI, Azure global batch, Anthropic and Gemini all bill batches at half price
+
+
+def cost_of(price: dict[str, float], input_tokens: int, output_tokens: int, batch: bool = False) -> float:
+    """USD for these tokens; batch requests at the entry's `batch_input`/`batch_output`, else at BATCH_DISCOUNT."""
+    if batch:
+        per_in = price.get("batch_input", price["input"] * BATCH_DISCOUNT)
+        per_out = price.get("batch_output", price["output"] * BATCH_DISCOUNT)
+        return (input_tokens * per_in + output_tokens * per_out) / 1e6
+    return (input_tokens * price["input"] + output_tokens * price["output"]) / 1e6
+
+
 def _turn_texts(record: dict[str, Any]) -> list[str]:
     conv = parse_conversation(record["prompt"])
     return [m.text for m in conv.messages] + list(conv.later_turns or ())
@@ -63,10 +75,11 @@ class Spend:
     input_tokens: int = 0
     output_tokens: int = 0
     cost: float = 0.0
+    batch_saved: float = 0.0  # what the batch requests would have cost more online
     unpriced: set[str] = field(default_factory=set)
     by_model: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def add(self, model: str, input_tokens: int | None, output_tokens: int | None) -> None:
+    def add(self, model: str, input_tokens: int | None, output_tokens: int | None, batch: bool = False) -> None:
         ins, outs = input_tokens or 0, output_tokens or 0
         self.input_tokens += ins
         self.output_tokens += outs
@@ -77,7 +90,9 @@ class Spend:
             self.unpriced.add(model)
             entry["cost"] = None  # type: ignore[assignment]
             return
-        cost = (ins * price["input"] + outs * price["output"]) / 1e6
+        cost = cost_of(price, ins, outs, batch)
+        if batch:
+            self.batch_saved += cost_of(price, ins, outs) - cost
         self.cost += cost
         if entry["cost"] is not None:
             entry["cost"] += cost

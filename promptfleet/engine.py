@@ -34,7 +34,7 @@ log = logging.getLogger("promptfleet.engine")
 # What the provider reported about the model that answered (the last turn's, in a multi-turn prompt).
 REPRODUCIBILITY_KEYS = ("model_version", "system_fingerprint", "request_id", "seed")
 OUTPUT_KEYS = ("response", PARSED_KEY, "error", "timestamp_sent", "latency_s", "attempts", "usage", "finish_reason",
-               "input_line", "input_key", *REPRODUCIBILITY_KEYS)  # fmt: skip
+               "input_line", "input_key", "batch", *REPRODUCIBILITY_KEYS)  # fmt: skip
 
 
 @dataclass
@@ -187,6 +187,13 @@ class _Conversation:
             out["finish_reason"] = last.finish_reason
         out.update({key: value for key in REPRODUCIBILITY_KEYS if (value := getattr(last, key)) is not None})
         return out
+
+
+def output_of(record: dict[str, Any], replies: list[Reply]) -> dict[str, Any]:
+    """The output keys of a prompt answered by `replies` (batch mode's answers take this shape too)."""
+    conversation = _Conversation(record)
+    conversation.replies = list(replies)
+    return conversation.output()
 
 
 @dataclass

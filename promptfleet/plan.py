@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from promptfleet.batch import BATCH_QUEUE, batchable
 from promptfleet.config import Settings
-from promptfleet.costs import estimate_tokens, price_of
+from promptfleet.costs import cost_of, estimate_tokens, price_of
 from promptfleet.experiment import Issue, Scanned, check_extension, validated
 from promptfleet.messages import Conversation
 from promptfleet.providers import known_apis, provider_class
@@ -65,8 +66,14 @@ class Plan:
     worst_case_input_tokens: int = 0
     worst_case_output_tokens: int = 0
     worst_case_cost: float = 0.0
+    worst_case_cost_batch: float = 0.0  # the same, with the batchable prompts at batch prices
     unpriced_models: list[str] = field(default_factory=list)
     parsed_columns: dict[str, str] = field(default_factory=dict)  # top-level properties of the response schemas: table columns
+    batch: QueuePlan | None = None  # with settings.batch: the prompts for the batch APIs, in no queue
+
+    @property
+    def batch_prompts(self) -> int:
+        return self.batch.prompts if self.batch else 0
 
     @property
     def name(self) -> str:
@@ -93,6 +100,8 @@ class Plan:
             "queues": {q.name: {"prompts": q.prompts, "rate_per_minute": q.rate_per_minute} for q in self.queues.values()},
             "missing_env": self.missing_env,
             "worst_case_cost": self.worst_case_cost,
+            "worst_case_cost_batch": self.worst_case_cost_batch,
+            "batch_prompts": self.batch_prompts,
         }
 
 
@@ -127,6 +136,19 @@ def inspect(file: Path, settings: Settings) -> Plan:
                 continue
             merge_columns(plan.parsed_columns, parsed_columns(record[SCHEMA_KEY]))
         plan.prompts += 1
+        models.add((record["api"], record["model_name"]))
+        ins, outs = estimate_tokens(record)
+        plan.worst_case_input_tokens += ins
+        plan.worst_case_output_tokens += outs
+        if (price := price_of(record["model_name"], prices)) is None:
+            unpriced.add(record["model_name"])
+        else:
+            plan.worst_case_cost += cost_of(price, ins, outs)
+            plan.worst_case_cost_batch += cost_of(price, ins, outs, batch=batchable(record))
+        if settings.batch and batchable(record):
+            plan.batch = plan.batch or QueuePlan(name=BATCH_QUEUE, rate_per_minute=0.0)
+            plan.batch.add(item)
+            continue
         name = queue_for(record, settings.parallel, limits)
         default = settings.max_queries or provider_class(record["api"]).default_rate_per_minute
         rpm, tpm = limit_for(name, record, settings.parallel, limits, default)
@@ -140,14 +162,6 @@ def inspect(file: Path, settings: Settings) -> Plan:
         if queue.target != target:
             queue.target = None
         queue.add(item)
-        models.add((record["api"], record["model_name"]))
-        ins, outs = estimate_tokens(record)
-        plan.worst_case_input_tokens += ins
-        plan.worst_case_output_tokens += outs
-        if (price := price_of(record["model_name"], prices)) is None:
-            unpriced.add(record["model_name"])
-        else:
-            plan.worst_case_cost += (ins * price["input"] + outs * price["output"]) / 1e6
     plan.digest = digest.hexdigest()
     if plan.prompts == 0 and not plan.issue_count:
         plan.issue_count = 1

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from promptfleet import inbox, manifest
+from promptfleet.batch.runner import BatchContext, BatchRunner
 from promptfleet.config import Settings
 from promptfleet.costs import Budget, Spend
 from promptfleet.engine import Prompt, QueueContext, QueueStats, RetryPolicy, run_queue
@@ -41,6 +42,7 @@ class CostSummary:
     estimated_usd: float
     unpriced_models: list[str]
     by_model: dict[str, dict[str, Any]]
+    batch_saved_usd: float = 0.0  # what the batch requests would have cost more online
 
 
 @dataclass
@@ -61,6 +63,8 @@ class RunSummary:
     budget_stop: str | None = None
     cost: CostSummary | None = None
     stopped_by: str | None = None  # why sending stopped early, when it did
+    batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: each provider batch and its state
+    live_batches: int = 0  # still running at the provider: a rerun collects them
 
     @property
     def unfinished(self) -> int:
@@ -109,6 +113,10 @@ class Run:
         self.reader = RecordReader(paths.input)
         self.scorers = [load_scorer(name) for name in settings.scorers]
         self.stats = {q.name: QueueStats(q.name, q.rate_per_minute, total=q.prompts, skipped=q.prompts - self._todo(q)) for q in self.queues}
+        if plan.batch:
+            self.stats[plan.batch.name] = QueueStats(plan.batch.name, 0.0, total=plan.batch.prompts, skipped=plan.batch.prompts - self._todo(plan.batch))
+        self.batches: list[dict[str, Any]] = []
+        self.live_batches = 0
         if session.stopping:
             self.stop.set()
         session.runs.append(self)
@@ -148,6 +156,17 @@ class Run:
             queue.name, stats.answered, stats.failed, stats.retries, stats.rate_limited, stats.elapsed, pacer.rate,
             " (stopped)" if stats.stopped else "",
         )  # fmt: skip
+        return stats
+
+    async def send_batches(self) -> QueueStats:
+        """The plan's batchable prompts through the providers' batch APIs (promptfleet.batch)."""
+        assert self.plan.batch is not None
+        stats = self.stats[self.plan.batch.name]
+        ctx = BatchContext(self.paths, self.settings, self.plan.batch, self.reader, self.clients, self.journal, stats,
+                           self._skip.get(self.plan.batch.name), self.stop, self.spend, self.budget, self.scorers)  # fmt: skip
+        runner = BatchRunner(ctx)
+        self.batches = await runner.run()
+        self.live_batches = runner.live
         return stats
 
     def _pacer_key(self, queue: QueuePlan) -> tuple:
@@ -195,6 +214,8 @@ class Run:
             outputs={k: v for k, v in outputs.items() if v.exists()},
             paths=paths,
             stopped_by=self.stopped_by,
+            batches=self.batches,
+            live_batches=self.live_batches,
         )
         manifest.write(paths, manifest.build(paths, self.settings, state, summary, orchestration))
         summary.outputs["manifest"] = paths.manifest
@@ -289,7 +310,7 @@ def _skips(plan: Plan, done, same_file: bool) -> tuple[dict[str, bytearray], int
     keys = Counter(done.keys)
     skip: dict[str, bytearray] = {}
     matched = 0
-    for queue in plan.queues.values():
+    for queue in [*plan.queues.values(), *([plan.batch] if plan.batch else [])]:
         marks = bytearray(queue.prompts)
         for i in range(queue.prompts):
             key = queue.key(i)
@@ -312,7 +333,8 @@ def _count_lines(path: Path) -> int:
 
 def _cost_summary(spend: Spend) -> CostSummary:
     """This session's tokens and estimated cost (a resumed run counts what it sent itself)."""
-    return CostSummary(spend.input_tokens, spend.output_tokens, round(spend.cost, 6), sorted(spend.unpriced), spend.by_model)
+    return CostSummary(spend.input_tokens, spend.output_tokens, round(spend.cost, 6), sorted(spend.unpriced), spend.by_model,
+                       round(spend.batch_saved, 6))  # fmt: skip
 
 
 @contextmanager
@@ -335,5 +357,5 @@ def run_log(path: Path) -> Iterator[None]:
 async def run_all(run: Run) -> RunSummary:
     """Every queue at once, then the tables: the whole run without Prefect."""
     with run_log(run.paths.log):
-        await asyncio.gather(*(run.send_queue(q) for q in run.queues))
+        await asyncio.gather(*(run.send_queue(q) for q in run.queues), *([run.send_batches()] if run.plan.batch else []))
         return run.finish()

@@ -51,6 +51,11 @@ class RunPaths:
         return self._file("failed")
 
     @property
+    def batches(self) -> Path:
+        """The batch journal (batch mode): which provider batch holds which lines."""
+        return self._file("batches")
+
+    @property
     def log(self) -> Path:
         return self._file("log", ".txt")
 

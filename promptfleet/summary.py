@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 QUEUE_COLUMNS = ("queue", "rate_per_minute", "rate_at_end", "prompts", "already_done", "answered", "failed", "retries", "rate_limited", "latency_p50_s", "latency_p95_s", "wall_s")
+BATCH_COLUMNS = ("batch", "api", "model", "prompts", "state")
 MODEL_COLUMNS = ("api", "model_name", "prompts", "answered", "failed", "latency_p50_s", "latency_p95_s", "input_tokens", "output_tokens")
 LABELS = {
     "rate_per_minute": "rate/min",
@@ -37,6 +38,8 @@ def headline(summary: dict[str, Any]) -> str:
     spent = f", {cost.get('input_tokens', 0) + cost.get('output_tokens', 0)} tokens, about ${cost.get('estimated_usd') or 0:.4f}"
     if cost.get("unpriced_models"):
         spent += f" + unpriced {', '.join(cost['unpriced_models'])}"
+    if cost.get("batch_saved_usd"):
+        spent += f" (batch prices saved ${cost['batch_saved_usd']:.4f})"
     return (
         f"{summary['experiment']}{resumed}: {summary['prompts']} prompts, {summary['answered']} answered, "
         f"{summary['failed']} failed, {summary['retries']} retries{spent}, {summary['wall_s']:.1f}s — {state}"
@@ -55,5 +58,10 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     outputs = "".join(f"- {kind}: `{path}`\n" for kind, path in summary["outputs"].items())
     return (
         f"# {summary['experiment']}\n\n{headline(summary)}\n\n## Queues\n\n{table_markdown(summary['queues'], QUEUE_COLUMNS)}"
-        f"\n## Models\n\n{table_markdown(summary['models'], MODEL_COLUMNS)}\n## Outputs\n\n{outputs}"
+        f"\n## Models\n\n{table_markdown(summary['models'], MODEL_COLUMNS)}{_batches_markdown(summary)}\n## Outputs\n\n{outputs}"
     )
+
+
+def _batches_markdown(summary: dict[str, Any]) -> str:
+    batches = summary.get("batches")
+    return f"\n## Batches\n\n{table_markdown(batches, BATCH_COLUMNS)}" if batches else ""

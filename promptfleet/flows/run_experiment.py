@@ -21,7 +21,7 @@ from promptfleet.config import Settings
 from promptfleet.run import Run, run_log
 from promptfleet.session import current_session
 from promptfleet.summary import summary_markdown
-from promptfleet.tasks import load_and_validate, run_queue, write_results
+from promptfleet.tasks import load_and_validate, run_batches, run_queue, write_results
 from promptfleet.tasks.secrets import env_from_secret_blocks
 
 log = logging.getLogger("promptfleet")
@@ -63,7 +63,8 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
         with run_log(run.paths.log):
             progress = asyncio.create_task(_follow_progress(run))
             try:
-                await asyncio.gather(*(run_queue(run, queue) for queue in run.queues))
+                batches = [run_batches(run)] if run.plan.batch else []
+                await asyncio.gather(*(run_queue(run, queue) for queue in run.queues), *batches)
             finally:
                 progress.cancel()
                 await progress

@@ -72,35 +72,48 @@ class AnthropicProvider:
             api_key=env["ANTHROPIC_API_KEY"], base_url=env.get("ANTHROPIC_BASE_URL"), max_retries=0, timeout=options.timeout
         )
 
-    async def chat(
+    @property
+    def client(self) -> anthropic.AsyncAnthropic:
+        return self._client
+
+    def request(
         self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
-    ) -> Reply:
+    ) -> dict[str, Any]:
+        """The Messages API body; a Message Batch carries the same one as each request's params."""
         system, turns = to_anthropic(messages, self._options.media)
         params = dict(parameters)
         max_tokens = params.pop("max_tokens", DEFAULT_MAX_TOKENS)
         if system is not None:
             params["system"] = system
+        if response_schema is not None:  # structured outputs: the API's own parameter, no forced tool
+            params["output_config"] = {"format": {"type": "json_schema", "schema": response_schema}}
+        return {**params, "model": model, "max_tokens": max_tokens, "messages": turns}
+
+    async def chat(
+        self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
+    ) -> Reply:
+        body = self.request(model, messages, parameters, response_schema)
+        extra = {k: v for k, v in body.items() if k not in ("model", "max_tokens", "messages")}
         raw = await self._client.messages.with_raw_response.create(
-            model=model,
-            max_tokens=max_tokens,
-            messages=turns,
-            extra_body=params or None,
-            # Structured outputs: the SDK's own parameter (no forced tool needed)
-            **({"output_config": {"format": {"type": "json_schema", "schema": response_schema}}} if response_schema is not None else {}),
+            model=model, max_tokens=body["max_tokens"], messages=body["messages"], extra_body=extra or None
         )
-        response = await raw.parse()
-        texts = [block.text for block in response.content if getattr(block, "type", None) == "text"]
-        if not texts and response.stop_reason != "max_tokens":
-            raise ProviderError("response has no text content", kind="invalid_response")
-        return Reply(
-            text="".join(texts),
-            input_tokens=response.usage.input_tokens,
-            output_tokens=response.usage.output_tokens,
-            finish_reason=response.stop_reason,
-            rate_limits=rate_limit_headers(raw.headers),
-            model_version=response.model or None,
-            request_id=raw.headers.get("request-id") or response.id or None,
-        )
+        return reply_of(await raw.parse(), rate_limit_headers(raw.headers), raw.headers.get("request-id"))
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def reply_of(response: anthropic.types.Message, rate_limits: dict[str, str] | None = None, request_id: str | None = None) -> Reply:
+    """A Message (online, or one succeeded result of a batch) as a Reply."""
+    texts = [block.text for block in response.content if getattr(block, "type", None) == "text"]
+    if not texts and response.stop_reason != "max_tokens":
+        raise ProviderError("response has no text content", kind="invalid_response")
+    return Reply(
+        text="".join(texts),
+        input_tokens=response.usage.input_tokens,
+        output_tokens=response.usage.output_tokens,
+        finish_reason=response.stop_reason,
+        rate_limits=rate_limits,
+        model_version=response.model or None,
+        request_id=request_id or response.id or None,
+    )

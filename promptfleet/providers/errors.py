@@ -28,6 +28,8 @@ class ErrorKind(StrEnum):
     NOT_FOUND = "not_found"
     UNEXPECTED = "unexpected"
     SCHEMA = "schema"  # a reply that is not JSON of the record's response_schema: asked again
+    EXPIRED = "expired"  # a batch line the provider did not run within its window
+    CANCELLED = "cancelled"  # a batch line cancelled before it ran
 
     @property
     def retryable(self) -> bool:
@@ -36,7 +38,7 @@ class ErrorKind(StrEnum):
 
 _RETRYABLE = frozenset(
     {ErrorKind.RATE_LIMIT, ErrorKind.TIMEOUT, ErrorKind.CONNECTION, ErrorKind.SERVER, ErrorKind.CONFLICT, ErrorKind.INVALID_RESPONSE,
-     ErrorKind.SCHEMA}  # fmt: skip
+     ErrorKind.SCHEMA, ErrorKind.EXPIRED}  # fmt: skip
 )
 RATE_LIMIT_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
 

@@ -113,6 +113,23 @@ class GeminiProvider:
             retry_options=types.HttpRetryOptions(attempts=1),
         )
 
+    @property
+    def client(self) -> genai.Client:
+        return self._client
+
+    def request(
+        self,
+        model: str,
+        messages: Sequence[Message],
+        parameters: dict[str, Any],
+        response_schema: dict[str, Any] | None = None,
+        uploaded: Uploaded | None = None,
+    ) -> tuple[list[types.Content], types.GenerateContentConfig]:
+        """(contents, config) of generateContent; a batch's inlined request carries the same pair."""
+        system, contents = to_contents(messages, self._options.media, uploaded)
+        asked = {"response_mime_type": "application/json", "response_json_schema": response_schema} if response_schema is not None else {}
+        return contents, types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **asked, **parameters)
+
     async def chat(
         self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
     ) -> Reply:
@@ -120,25 +137,9 @@ class GeminiProvider:
             uploaded = await self._upload_large(messages)
         except gemini_files.UploadFailed as err:  # the File API could not process it: sending again will not help
             raise ProviderError(str(err), kind=ErrorKind.BAD_REQUEST) from None
-        system, contents = to_contents(messages, self._options.media, uploaded)
-        asked = {"response_mime_type": "application/json", "response_json_schema": response_schema} if response_schema is not None else {}
-        config = types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **asked, **parameters)
+        contents, config = self.request(model, messages, parameters, response_schema, uploaded)
         response = await self._client.aio.models.generate_content(model=model, contents=contents, config=config)
-        candidate = response.candidates[0] if response.candidates else None
-        if candidate is None:
-            reason = response.prompt_feedback.block_reason if response.prompt_feedback else None
-            raise ProviderError(f"no candidates (prompt blocked: {reason})", kind="bad_request")
-        text = "".join(p.text for p in (candidate.content.parts if candidate.content else None) or [] if p.text)
-        usage = response.usage_metadata
-        return Reply(
-            text=text,
-            input_tokens=usage.prompt_token_count if usage else None,
-            output_tokens=usage.candidates_token_count if usage else None,
-            finish_reason=candidate.finish_reason.value if candidate.finish_reason else None,
-            model_version=response.model_version,
-            request_id=response.response_id,
-            seed=seed_sent(parameters),
-        )
+        return reply_of(response, seed_sent(parameters))
 
     async def _upload_large(self, messages: Sequence[Message]) -> dict[str, types.File]:
         """File API uploads for local media, largest first, until what stays inline fits
@@ -188,3 +189,22 @@ class VertexAIProvider(GeminiProvider):
         )
         self._files = None  # the File API is the Gemini Developer API's only
         self.inline_limit_bytes = INLINE_LIMIT_BYTES
+
+
+def reply_of(response: types.GenerateContentResponse, seed: int | None = None) -> Reply:
+    """A generateContent response (online, or one inlined response of a batch) as a Reply."""
+    candidate = response.candidates[0] if response.candidates else None
+    if candidate is None:
+        reason = response.prompt_feedback.block_reason if response.prompt_feedback else None
+        raise ProviderError(f"no candidates (prompt blocked: {reason})", kind="bad_request")
+    text = "".join(p.text for p in (candidate.content.parts if candidate.content else None) or [] if p.text)
+    usage = response.usage_metadata
+    return Reply(
+        text=text,
+        input_tokens=usage.prompt_token_count if usage else None,
+        output_tokens=usage.candidates_token_count if usage else None,
+        finish_reason=candidate.finish_reason.value if candidate.finish_reason else None,
+        model_version=response.model_version,
+        request_id=response.response_id,
+        seed=seed,
+    )

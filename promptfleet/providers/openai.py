@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import openai
+from openai.types.chat import ChatCompletion
 
 from promptfleet.media import MediaFolder, decode_data_url
 from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Text
@@ -99,34 +100,53 @@ class OpenAIProvider:
             api_key=env["OPENAI_API_KEY"], base_url=env.get("OPENAI_BASE_URL"), max_retries=0, timeout=options.timeout
         )
 
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        return self._client
+
+    def request(
+        self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The chat completions body; the batch API sends the same one per line."""
+        body = {**parameters, "model": model, "messages": to_openai_messages(messages, self._options.media)}
+        if response_schema is not None:
+            body["response_format"] = response_format(response_schema)
+        return body
+
     async def chat(
         self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
     ) -> Reply:
+        body = self.request(model, messages, parameters, response_schema)
+        extra = {k: v for k, v in body.items() if k not in ("model", "messages")}
         raw = await self._client.chat.completions.with_raw_response.create(
-            model=model,
-            messages=to_openai_messages(messages, self._options.media),
-            extra_body=parameters or None,
-            **({"response_format": response_format(response_schema)} if response_schema is not None else {}),
+            model=body["model"], messages=body["messages"], extra_body=extra or None
         )
-        completion = raw.parse()
-        if not completion.choices:
-            raise ProviderError("response has no choices", kind="invalid_response")
-        choice = completion.choices[0]
-        usage = completion.usage
-        return Reply(
-            text=choice.message.content or "",
-            input_tokens=usage.prompt_tokens if usage else None,
-            output_tokens=usage.completion_tokens if usage else None,
-            finish_reason=choice.finish_reason,
-            rate_limits=rate_limit_headers(raw.headers),
-            model_version=completion.model or None,
-            system_fingerprint=completion.system_fingerprint,
-            request_id=raw.headers.get("x-request-id") or raw.headers.get("apim-request-id") or completion.id or None,
-            seed=seed_sent(parameters),
-        )
+        request_id = raw.headers.get("x-request-id") or raw.headers.get("apim-request-id")
+        return reply_of(raw.parse(), rate_limit_headers(raw.headers), request_id, seed_sent(parameters))
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+def reply_of(
+    completion: ChatCompletion, rate_limits: dict[str, str] | None = None, request_id: str | None = None, seed: int | None = None
+) -> Reply:
+    """A chat completion (online, or one line of a batch's output) as a Reply."""
+    if not completion.choices:
+        raise ProviderError("response has no choices", kind="invalid_response")
+    choice = completion.choices[0]
+    usage = completion.usage
+    return Reply(
+        text=choice.message.content or "",
+        input_tokens=usage.prompt_tokens if usage else None,
+        output_tokens=usage.completion_tokens if usage else None,
+        finish_reason=choice.finish_reason,
+        rate_limits=rate_limits,
+        model_version=completion.model or None,
+        system_fingerprint=completion.system_fingerprint,
+        request_id=request_id or completion.id or None,
+        seed=seed,
+    )
 
 
 class AzureOpenAIProvider(OpenAIProvider):

@@ -27,6 +27,11 @@ async def run_queue(run: Run, queue: QueuePlan) -> QueueStats:
     return await run.send_queue(queue)
 
 
+@task(name="run_batches", cache_policy=NO_CACHE)
+async def run_batches(run: Run) -> QueueStats:
+    return await run.send_batches()
+
+
 @task(name="write_results", cache_policy=NO_CACHE)
 def write_results(run: Run) -> RunSummary:
     return run.finish(orchestration=_flow_run())

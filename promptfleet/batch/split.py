@@ -1,0 +1,51 @@
+"""Chunking requests into batches within a provider's documented limits.
+
+The limits are the providers' own (see each protocol module) and can be lowered per run
+(`Settings.batch_max_requests`, `batch_max_bytes`), e.g. for an account with a smaller
+enqueued-token quota, or in a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_requests: int
+    max_bytes: int
+
+    def capped(self, max_requests: int | None = None, max_bytes: int | None = None) -> Limits:
+        return Limits(
+            min(self.max_requests, max_requests or self.max_requests),
+            min(self.max_bytes, max_bytes or self.max_bytes),
+        )
+
+
+class Chunker(Generic[T]):
+    """Fills one batch at a time; `add` hands back the full batch when the next item would
+    not fit. An item larger than a whole batch is the caller's to refuse (see `fits`)."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.items: list[T] = []
+        self.size = 0
+
+    def fits(self, size: int) -> bool:
+        return size <= self.limits.max_bytes
+
+    def add(self, item: T, size: int) -> list[T] | None:
+        full = None
+        if self.items and (len(self.items) >= self.limits.max_requests or self.size + size > self.limits.max_bytes):
+            full = self.flush()
+        self.items.append(item)
+        self.size += size
+        return full
+
+    def flush(self) -> list[T]:
+        items, self.items, self.size = self.items, [], 0
+        return items
+
