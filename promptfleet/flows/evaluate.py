@@ -11,10 +11,11 @@ from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from promptfleet import judge as judging
-from promptfleet.flows.run_experiment import artifact_key, run_experiment
+from promptfleet.flows.run_experiment import run_experiment
 from promptfleet.summary import table_markdown
 from promptfleet.rundir import RunPaths
 from promptfleet.config import Settings
+from promptfleet.slug import slug
 from promptfleet.study import write_study
 
 
@@ -58,7 +59,7 @@ async def judge_experiment(
     names = [t.removesuffix(".txt") for t in templates]
     study = write_study_table(original, judge_run, judges, names)
     await acreate_markdown_artifact(
-        key=f"study-{artifact_key(original.name)}",
+        key=f"study-{slug(original.name)}",
         markdown=f"# Study: {original.name}\n\n{table_markdown(study['summary'])}\n\n- table: `{study['parquet']}`\n",
         description=f"answers and verdicts of {original.name}",
     )

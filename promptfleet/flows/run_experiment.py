@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from promptfleet.config import Settings
 from promptfleet.run import Run, run_log
 from promptfleet.session import current_session
+from promptfleet.slug import slug
 from promptfleet.summary import summary_markdown
 from promptfleet.tasks import load_and_validate, run_batches, run_queue, write_results
 from promptfleet.tasks.secrets import env_from_secret_blocks
@@ -36,7 +37,7 @@ def _run_name() -> str:
 async def _follow_progress(run: Run, interval: float = 2.0) -> None:
     last = -1.0
     try:
-        artifact = await acreate_progress_artifact(0.0, key=f"progress-{artifact_key(run.name)}", description=f"{run.name}: prompts done")
+        artifact = await acreate_progress_artifact(0.0, key=f"progress-{slug(run.name)}", description=f"{run.name}: prompts done")
         while True:
             percent = round(100.0 * sum(s.done + s.skipped for s in run.stats.values()) / max(run.plan.prompts, 1), 1)
             if percent != last:
@@ -45,10 +46,6 @@ async def _follow_progress(run: Run, interval: float = 2.0) -> None:
             await asyncio.sleep(interval)
     except asyncio.CancelledError:
         pass
-
-
-def artifact_key(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "experiment"
 
 
 @flow(name="run_experiment", flow_run_name=_run_name, log_prints=True)
@@ -72,7 +69,7 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
     finally:
         await run.aclose()
     await acreate_markdown_artifact(
-        key=f"summary-{artifact_key(run.name)}",
+        key=f"summary-{slug(run.name)}",
         markdown=summary_markdown(summary),
         description=f"promptfleet summary of {run.name}",
     )

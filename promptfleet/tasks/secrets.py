@@ -14,10 +14,11 @@ from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 
 from promptfleet.providers import known_apis, provider_class
+from promptfleet.slug import slug
 
 
 def block_name(env_var: str) -> str:
-    return env_var.lower().replace("_", "-")
+    return slug(env_var, distinct=False)
 
 
 async def env_from_secret_blocks(environ: MutableMapping[str, str] = os.environ) -> list[str]:
