@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 from collections.abc import Awaitable, Callable
@@ -22,6 +21,7 @@ err = Console(stderr=True, soft_wrap=True)  # never wrap a file:line message
 
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
+EXIT_WRITE_FAILED = 74  # sysexits EX_IOERR: the disk refused a write
 
 File = Annotated[Path, typer.Option("--file", "-f", help="Experiment file (.jsonl or .csv).")]
 DataFolder = Annotated[Path, typer.Option("--data-folder", "-d", help="Folder with input/, output/, media/.")]
@@ -38,6 +38,10 @@ MaxQueriesJson = Annotated[
 ]
 Prices = Annotated[Optional[Path], typer.Option("--prices", help="JSON of USD per million tokens per model (extends ours).")]
 Batch = Annotated[bool, typer.Option("--batch", help="Send what the providers' batch APIs take through them, at batch prices.")]
+Grace = Annotated[
+    Optional[float],
+    typer.Option("--grace", min=0, help="Seconds in-flight answers get to land after Ctrl-C/SIGTERM [default: the request timeout]."),
+]
 RateShare = Annotated[
     float, typer.Option("--rate-share", min=0.01, max=1.0, help="This process's share of every rate (several workers, one key).")
 ]
@@ -87,6 +91,7 @@ def run(
     max_tokens_total: Annotated[Optional[int], typer.Option(help="Stop sending when this many tokens were used.")] = None,
     prices: Prices = None,
     rate_share: RateShare = 1.0,
+    grace: Grace = None,
     scorers: Annotated[Optional[str], typer.Option("--scorer", "-s", "--scorers", help="Comma-separated scorers: match, includes, an entry point or module:function.")] = None,
     judge_folder: Annotated[Optional[Path], typer.Option("--judge-folder", "-l", "-jf", help="Judge folder (settings.json + templates).")] = None,
     judge_templates: Annotated[str, typer.Option("--judge-templates", "-jt", "--templates", "-t", help="Comma-separated template files.")] = "template.txt",
@@ -122,6 +127,7 @@ def run(
         max_tokens_total=max_tokens_total,
         prices=prices,
         rate_share=rate_share,
+        grace=grace,
         scorers=_split(scorers),
         batch=batch,
         batch_detach=detach,
@@ -204,6 +210,9 @@ def run(
     except ExperimentError as error:
         _report_issues(error)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    except OSError as error:  # e.g. the run's state file on a full disk, before anything is sent
+        err.print(f"cannot write: {error}; nothing was sent. Free space, then run the same command again.", markup=False, highlight=False)
+        raise typer.Exit(EXIT_WRITE_FAILED) from None
     if result is None:
         raise typer.Exit(EXIT_INTERRUPTED)
     from promptfleet.console import print_study, print_summary
@@ -215,10 +224,17 @@ def run(
     if "run" in result:
         print_study(result, console)
     if not summary["complete"]:
-        if summary.get("stopped_by"):
-            err.print(f"stopped: {summary['stopped_by']}", markup=False, highlight=False)
         if file.parent.name == inbox.RUNNING:
             _put_back(Path(summary["outputs"].get("input", file)), settings, file.name)
+        if summary.get("journal_error"):
+            err.print(
+                f"{summary['journal_error']}. Stopped sending: {summary['unsaved']} answer(s) that landed could not be saved "
+                "and will be asked again. Free space, then resume with: " + shlex.join(["promptfleet", *sys.argv[1:]]),
+                markup=False, highlight=False,
+            )  # fmt: skip
+            raise typer.Exit(EXIT_WRITE_FAILED)
+        if summary.get("stopped_by"):
+            err.print(f"stopped: {summary['stopped_by']}", markup=False, highlight=False)
         if summary.get("live_batches") and detach:
             err.print(f"{summary['unfinished']} prompt(s) in {summary['live_batches']} live batch(es); "
                       "to collect them, run the same command again (or see `promptfleet batches list`):")  # fmt: skip
@@ -242,21 +258,10 @@ async def _in_flow(start: Callable[[], Awaitable[Any]], session: Any = None) -> 
     live progress display; None when a second interrupt abandoned it."""
     from promptfleet.console import show_progress
     from promptfleet.session import Session, using
+    from promptfleet.signals import stop_on_signals
 
     session = session or Session()
-    loop = asyncio.get_running_loop()
-    main = asyncio.current_task()
-
-    def on_signal() -> None:
-        if session.stopping:
-            err.print("second interrupt: abandoning in-flight requests")
-            main.cancel()  # type: ignore[union-attr]
-            return
-        err.print("stopping: no new requests; waiting for in-flight answers (interrupt again to abandon them)")
-        session.request_stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    stop_on_signals(session)
     if not os.environ.get("PREFECT_API_URL"):
         err.print(
             "Starting Prefect's temporary local server (10-20 s). For repeated runs, start one with "
@@ -308,6 +313,7 @@ def pipeline(
     once: Annotated[bool, typer.Option("--once", help="Process what is waiting, then exit.")] = False,
     settle: Annotated[float, typer.Option("--settle", min=0, help="Seconds a file must be left unwritten before it is claimed.")] = 10.0,
     batch: Annotated[bool, typer.Option("--batch", help="Batch mode; each poll submits and collects, never waits for a batch.")] = False,
+    grace: Grace = None,
 ) -> None:
     """Keep running every experiment dropped into DATA/input/ (prompto's pipeline), as the
     Prefect flow `watch_input`; bad files go to DATA/rejected/ with their error report."""
@@ -319,10 +325,12 @@ def pipeline(
     settings = _settings(
         data_folder=data_folder, max_queries=max_queries, max_attempts=max_attempts,
         parallel=parallel, max_queries_json=max_queries_json, settle_seconds=settle, batch=batch, batch_detach=batch,
+        grace=grace,
     )  # fmt: skip
     settings.input_folder.mkdir(parents=True, exist_ok=True)
+    failure: list[str] = []
 
-    async def loop() -> int:
+    async def loop() -> tuple[int, bool]:
         stop = current_session().stop
         runs = 0
         while not stop.is_set():
@@ -330,17 +338,25 @@ def pipeline(
                 for summary in await watch_input(settings=settings):
                     runs += 1
                     err.print(f"{summary['experiment']}: {summary['answered']} answered, {summary['failed']} failed", markup=False)
-            if once:
+                    if summary.get("journal_error"):
+                        failure.append(summary["journal_error"])
+            if once or failure:
                 break
             try:  # sleep until the next poll, or until Ctrl-C
                 await asyncio.wait_for(stop.wait(), timeout=poll_interval)
             except asyncio.TimeoutError:
                 pass
-        return runs
+        return runs, stop.is_set()
 
     err.print(f"watching {settings.input_folder} every {poll_interval:g}s (Ctrl-C to stop)" if not once else f"processing {settings.input_folder}")
-    runs = asyncio.run(_in_flow(loop))
-    if runs is None:
+    outcome = asyncio.run(_in_flow(loop))
+    runs, stopped = outcome if outcome is not None else (0, True)
+    resume = f"unfinished files are back in {settings.input_folder} and resume with: " + shlex.join(["promptfleet", *sys.argv[1:]])
+    if failure:
+        err.print(f"{failure[0]}: pipeline stopped; {resume}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_WRITE_FAILED)
+    if stopped:
+        err.print(f"pipeline stopped after {runs} run(s); {resume}", markup=False, highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
     err.print(f"pipeline stopped after {runs} run(s)")
 

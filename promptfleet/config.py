@@ -22,6 +22,7 @@ class Settings(BaseModel):
     max_queries_json: Path | None = None
     max_in_flight: int = 512
     timeout: float = 120.0
+    grace: float | None = None  # seconds in-flight answers get to land after a stop; None: the timeout
     output_as_csv: bool = False
     max_cost: float | None = None
     max_tokens_total: int | None = None
@@ -36,6 +37,10 @@ class Settings(BaseModel):
     batch_fallback: Literal["batch", "online"] = "batch"  # where a retryable failed line goes next
     batch_max_requests: int | None = None  # lower the providers' per-batch limits
     batch_max_bytes: int | None = None
+
+    @property
+    def stop_grace(self) -> float:
+        return self.timeout if self.grace is None else self.grace
 
     @property
     def input_folder(self) -> Path:

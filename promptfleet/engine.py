@@ -68,6 +68,7 @@ class QueueStats:
     rate_now: float = 0.0
     stopped: bool = False
     budget_stop: str | None = None
+    unsaved: int = 0  # outcomes that landed but the journal refused: asked again on resume
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     latencies: array = field(default_factory=lambda: array("d"))
@@ -100,6 +101,7 @@ class QueueStats:
             "wall_s": round(self.elapsed, 3),
             "stopped": self.stopped,
             "budget_stop": self.budget_stop,
+            "unsaved": self.unsaved,
             "score_keys": sorted(self.score_keys),
         }
 
@@ -226,6 +228,9 @@ async def run_queue(prompts: Iterable[Prompt], ctx: QueueContext) -> QueueStats:
         for prompt in prompts:
             estimate = sum(estimate_tokens(prompt.record)) if ctx.pacer.limits_tokens else 0  # only a TPM limit needs it
             seq = await ctx.pacer.acquire(estimate)
+            if stop.is_set():  # stopped while this one waited for its send time: it stays unsent
+                ctx.pacer.release()
+                return
             task = asyncio.create_task(_handle(prompt, estimate, seq, ctx))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -324,16 +329,21 @@ def record(prompt: Prompt, outcome: Outcome, estimate: int, ctx: QueueContext) -
             scores = scorers.apply(ctx.scorers, done)
             done.update(scores)
             ctx.stats.score_keys.update(scores)
-        ctx.journal.write("completed", done)
-        ctx.stats.answered += 1
+        if ctx.journal.write("completed", done):
+            ctx.stats.answered += 1
+        else:
+            ctx.stats.unsaved += 1
         _account(prompt.record, outcome.output.get("usage"), estimate, ctx)
         return
     error = outcome.error
     log.warning("line %d (%s/%s) failed after %d attempt(s): %s", prompt.line, prompt.record["api"], prompt.record["model_name"], outcome.attempts, outcome.message)
-    ctx.journal.write("failed", {**base, "error": {"type": str(error.kind), "status": error.status, "message": outcome.message,
-                                                   "attempts": outcome.attempts},
-                                 "timestamp_sent": outcome.first_sent, "input_line": prompt.line, "input_key": prompt.key})  # fmt: skip
-    ctx.stats.failed += 1
+    failed = {**base, "error": {"type": str(error.kind), "status": error.status, "message": outcome.message,
+                                "attempts": outcome.attempts},
+              "timestamp_sent": outcome.first_sent, "input_line": prompt.line, "input_key": prompt.key}  # fmt: skip
+    if ctx.journal.write("failed", failed):
+        ctx.stats.failed += 1
+    else:
+        ctx.stats.unsaved += 1
 
 
 def _account(record: dict[str, Any], usage: dict[str, Any] | None, estimate: int, ctx: QueueContext) -> None:

@@ -65,6 +65,8 @@ class RunSummary:
     stopped_by: str | None = None  # why sending stopped early, when it did
     batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: each provider batch and its state
     live_batches: int = 0  # still running at the provider: a rerun collects them
+    journal_error: str | None = None  # the disk refused the journal: the run stopped
+    unsaved: int = 0  # outcomes that landed but could not be journaled
 
     @property
     def unfinished(self) -> int:
@@ -109,6 +111,7 @@ class Run:
         self.budget = Budget(settings.max_cost, settings.max_tokens_total)
         self.stop = asyncio.Event()
         self.stopped_by: str | None = None
+        self.journal_error: str | None = None
         self.journal = Journal(paths, on_error=self._journal_failed)
         self.reader = RecordReader(paths.input)
         self.scorers = [load_scorer(name) for name in settings.scorers]
@@ -130,6 +133,8 @@ class Run:
         return queue.prompts - (sum(skip) if skip else 0)
 
     def _journal_failed(self, error: OSError) -> None:
+        if self.journal_error is None:  # even after a Ctrl-C: the resume must know
+            self.journal_error = f"cannot write the journal in {self.paths.out_dir}: {error.strerror or error}"
         if not self.stop.is_set():
             self.stopped_by = f"writing {self.paths.out_dir} failed ({error.strerror}); nothing more is sent"
             log.error("%s", self.stopped_by)
@@ -149,7 +154,7 @@ class Run:
         log.info("queue %s: %d prompts at %g/min%s (%d already done)", queue.name, queue.prompts, queue.rate_per_minute, tpm, stats.skipped)
         with self.session.pacers.pacer(self._pacer_key(queue), queue.rate_per_minute, queue.tokens_per_minute, self.settings.max_in_flight) as pacer:
             ctx = QueueContext(self.clients, pacer, self.journal, stats, self.policy, self.stop, self.spend, self.budget,
-                               self.scorers, grace=self.settings.timeout)  # fmt: skip
+                               self.scorers, grace=self.settings.stop_grace)  # fmt: skip
             await run_queue(self.prompts(queue), ctx)
         log.info(
             "queue %s: %d answered, %d failed, %d retries, %d rate-limited in %.1fs, rate at end %.0f/min%s",
@@ -186,10 +191,12 @@ class Run:
         paths = self.paths
         answered, failed = _count_lines(paths.completed), _count_lines(paths.failed)
         unchanged = paths.input.stat().st_size == self.plan.size  # nobody appended to it meanwhile
-        complete = answered + failed == self.plan.prompts and unchanged and self.stopped_by is None
+        complete = answered + failed == self.plan.prompts and unchanged and self.stopped_by is None and self.journal_error is None
         stats = list(self.stats.values())
         score_keys = sorted({k for s in stats for k in s.score_keys})
-        per_model = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys, parsed_columns=self.plan.parsed_columns)
+        models = []
+        if self.journal_error is None:  # a disk that refused the journal would refuse the tables: the resume writes them
+            models = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys, parsed_columns=self.plan.parsed_columns).to_dicts()
         state = read_state(paths)
         if complete:
             state = {**state, "finished": True, "ended": datetime.now(timezone.utc).isoformat()}
@@ -210,15 +217,18 @@ class Run:
             cost=_cost_summary(self.spend),
             wall_s=max((s.elapsed for s in stats), default=0.0),
             queues=[s.as_dict() for s in stats],
-            models=per_model.to_dicts(),
+            models=models,
             outputs={k: v for k, v in outputs.items() if v.exists()},
             paths=paths,
             stopped_by=self.stopped_by,
             batches=self.batches,
             live_batches=self.live_batches,
+            journal_error=self.journal_error,
+            unsaved=sum(s.unsaved for s in stats),
         )
-        manifest.write(paths, manifest.build(paths, self.settings, state, summary, orchestration))
-        summary.outputs["manifest"] = paths.manifest
+        if self.journal_error is None:  # likewise the manifest
+            manifest.write(paths, manifest.build(paths, self.settings, state, summary, orchestration))
+            summary.outputs["manifest"] = paths.manifest
         return summary
 
     async def aclose(self) -> None:
@@ -337,11 +347,19 @@ def _cost_summary(spend: Spend) -> CostSummary:
                        round(spend.batch_saved, 6))  # fmt: skip
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """A run log on a full disk drops its lines instead of printing a traceback per line:
+    the journal failure that matters is reported once, on the console."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+        pass
+
+
 @contextmanager
 def run_log(path: Path) -> Iterator[None]:
     """Mirror promptfleet's log lines into the run's `-log-` file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _QuietFileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("promptfleet")
     root.addHandler(handler)

@@ -155,32 +155,44 @@ class Journal:
     """Append-only completed/failed files shared by every queue of a run.
 
     O_APPEND and one os.write per record keep lines whole even when several queues or
-    processes append at once. Data is fsynced at most once a second: a power cut can lose
-    that last second, a killed process loses nothing the OS accepted.
+    processes append at once. A record always starts on a fresh line: if the file does not
+    end in a newline (a write torn by a full disk or a crash), one is written first, so a
+    torn record never swallows the next. Data is fsynced at most once a second: a power cut
+    can lose that last second, a killed process loses nothing the OS accepted.
     """
 
     def __init__(self, paths: RunPaths, sync_interval: float = 1.0, on_error: Callable[[OSError], None] | None = None):
         paths.out_dir.mkdir(parents=True, exist_ok=True)
         self._on_error = on_error
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read too: to see how the file ends
         self._fds = {"completed": os.open(paths.completed, flags, 0o644), "failed": os.open(paths.failed, flags, 0o644)}
         self._sync_interval = sync_interval
         self._last_sync = time.monotonic()
 
-    def write(self, kind: str, record: dict[str, Any]) -> None:
-        """Append one record; a failed write (disk full, I/O error) goes to `on_error`, which
-        stops the run: the record's prompt stays unanswered for the resume."""
+    def write(self, kind: str, record: dict[str, Any]) -> bool:
+        """Append one record; False when it could not be written. A failed write (disk full,
+        I/O error) goes to `on_error`, which stops the run: the record's prompt stays
+        unanswered for the resume."""
         data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
         fd = self._fds[kind]
         try:
-            while data:
-                data = data[os.write(fd, data):]
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            self._append(fd, data)
             if time.monotonic() - self._last_sync > self._sync_interval:
                 self.sync()
         except OSError as err:
             if self._on_error is None:
                 raise
             self._on_error(err)
+            return False
+        return True
+
+    @staticmethod
+    def _append(fd: int, data: bytes) -> None:
+        while data:
+            data = data[os.write(fd, data) :]
 
     def sync(self) -> None:
         for fd in self._fds.values():
@@ -192,8 +204,9 @@ class Journal:
             return
         try:
             self.sync()
-        except OSError:
-            pass
+        except OSError as err:  # answers may not have reached the disk
+            if self._on_error is not None:
+                self._on_error(err)
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
@@ -217,8 +230,10 @@ def read_journal(paths: RunPaths) -> Answered:
         if not path.exists():
             continue
         good, bad = [], []
+        ends_whole = True
         with path.open("rb") as fh:
             for raw in fh:
+                ends_whole = raw.endswith(b"\n")
                 try:
                     record = json.loads(raw)
                     if not isinstance(record, dict) or "input_line" not in record:
@@ -235,6 +250,7 @@ def read_journal(paths: RunPaths) -> Answered:
         if bad:
             with open(str(path) + ".corrupt", "ab") as fh:
                 fh.write(b"".join(bad))
+        if bad or not ends_whole:  # a whole last record may lack only its newline
             _replace(path, b"".join(good))
             done.corrupt += len(bad)
     return done

@@ -33,6 +33,8 @@ def headline(summary: dict[str, Any]) -> str:
     state = "complete" if summary["complete"] else f"stopped with {summary['unfinished']} unfinished"
     if summary.get("budget_stop"):
         state += f" ({summary['budget_stop']})"
+    if summary.get("journal_error"):
+        state += " (the journal could not be written)"
     resumed = " (resumed)" if summary["resumed"] else ""
     cost = summary.get("cost") or {}
     spent = f", {cost.get('input_tokens', 0) + cost.get('output_tokens', 0)} tokens, about ${cost.get('estimated_usd') or 0:.4f}"

@@ -15,6 +15,7 @@ from promptfleet.flows.run_experiment import run_experiment
 from promptfleet.summary import table_markdown
 from promptfleet.rundir import RunPaths
 from promptfleet.config import Settings
+from promptfleet.signals import stop_on_signals
 from promptfleet.slug import slug
 from promptfleet.study import write_study
 
@@ -47,6 +48,7 @@ async def judge_experiment(
     completed: str, judge_folder: str, judges: list[str], templates: list[str] | None = None, settings: Settings | None = None
 ) -> dict[str, Any]:
     """Judge every answer of a finished run, then join answers and verdicts in one table."""
+    stop_on_signals()
     settings = settings or Settings()
     templates = templates or ["template.txt"]
     original = run_paths_of(Path(completed))
@@ -77,6 +79,7 @@ async def rephrase_experiment(
     settings: Settings | None = None,
 ) -> dict[str, Any]:
     """Rephrase every prompt, then run the rephrased prompts (and the originals) on their models."""
+    stop_on_signals()
     settings = settings or Settings()
     source = Path(file)
     lines, models_settings = judging.load_rephrase_folder(Path(rephrase_folder), templates or ["template.txt"], models)
@@ -113,6 +116,7 @@ async def run_study(
     only_rephrase: bool = False,
 ) -> dict[str, Any]:
     """An experiment with its evaluation chained: rephrase first (if asked), run, then judge."""
+    stop_on_signals()
     settings = settings or Settings()
     result: dict[str, Any] = {}
     if rephrase_folder:

@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from promptfleet.config import Settings
 from promptfleet.run import Run, run_log
 from promptfleet.session import current_session
+from promptfleet.signals import stop_on_signals
 from promptfleet.slug import slug
 from promptfleet.summary import summary_markdown
 from promptfleet.tasks import load_and_validate, run_batches, run_queue, write_results
@@ -53,6 +54,7 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
     """Run one prompto-format experiment file; every queue is a task in one event loop."""
     settings = settings or Settings()
     session = current_session()
+    stop_on_signals(session)
     if filled := await env_from_secret_blocks():
         log.info("API keys from Prefect Secret blocks: %s", ", ".join(filled))
     run = load_and_validate(Path(file), settings, session, move_to_input, wait)

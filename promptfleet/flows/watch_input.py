@@ -19,6 +19,7 @@ from promptfleet.experiment import ExperimentError
 from promptfleet.flows.run_experiment import run_experiment
 from promptfleet.rundir import RunBusy
 from promptfleet.session import current_session
+from promptfleet.signals import stop_on_signals
 
 log = logging.getLogger("promptfleet.pipeline")
 
@@ -35,6 +36,7 @@ def _poll_name() -> str:
 async def watch_input(settings: Settings | None = None) -> list[dict[str, Any]]:
     settings = settings or Settings()
     session = current_session()
+    stop_on_signals(session)
     for path in inbox.requeue_orphans(settings.input_folder):
         log.info("put back %s, left running by a process that is gone", path.name)
     summaries = []
@@ -60,6 +62,9 @@ async def watch_input(settings: Settings | None = None) -> list[dict[str, Any]]:
         if not summary["complete"]:
             inbox.give_back(Path(summary["outputs"]["input"]), settings.input_folder, path.name)
         summaries.append(summary)
+        if summary.get("journal_error"):  # the disk refuses writes: the next file would fail the same way
+            log.error("%s; no further files are started", summary["journal_error"])
+            break
     return summaries
 
 
