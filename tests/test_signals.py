@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer, Scripted
+from tests.test_server_mode import prefect_server  # noqa: F401  (fixture)
 
 
 def rows(n: int) -> list[dict]:
@@ -112,5 +113,60 @@ def test_ctrl_c_waits_for_slow_answers_up_to_the_request_timeout(tmp_path: Path,
         assert {f"q{i}" for i in range(slow)} <= landed  # every slow in-flight answer was kept
 
         finished = subprocess.run(cmd, env=environment(server, prefect_api), cwd=tmp_path, capture_output=True, timeout=180)
+        assert finished.returncode == 0, finished.stderr.decode()[-3000:]
+    assert_each_answered_once(completed, n, server)
+
+
+@pytest.mark.slow
+def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_the_file_back(tmp_path: Path, prefect_server):
+    """Prefect cancellation SIGTERMs the flow-run process; Prefect's own handler would raise
+    TerminationSignal mid-send. Ours stops sending, journals what is in flight, releases."""
+    import re
+
+    import httpx
+
+    from tests.test_server_mode import PREFECT, REPO, run
+
+    api, env = prefect_server
+    n = 80
+    work = tmp_path / "project"
+    data = work / "data"
+    with FakeServer() as server:
+        server.state.latency = 0.5
+        write_jsonl(data / "input" / "exp.jsonl", rows(n))
+        env = {**env, "OPENAI_API_KEY": "sk-worker-test-000000", "OPENAI_BASE_URL": server.base_url}
+        run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
+        run([PREFECT, "--no-prompt", "deploy", "--name", "pipeline", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
+        created = run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params",
+                       '{"settings": {"data_folder": "data", "max_queries": 600}}'], env, work)  # fmt: skip
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created).group(1)
+        log = (tmp_path / "worker.log").open("wb")
+        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "promptfleet", "--run-once"], env=env, cwd=work,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and sum(server.state.calls.values()) < 8:
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                time.sleep(0.1)
+            cancelling = httpx.post(f"{api}/flow_runs/{flow_run_id}/set_state", json={"state": {"type": "CANCELLING"}})
+            assert cancelling.json()["status"] == "ACCEPT", cancelling.text
+            worker.wait(timeout=120)
+        finally:
+            if worker.poll() is None:
+                os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait()
+            log.close()
+        output = (tmp_path / "worker.log").read_text()
+        sent = sum(server.state.calls.values())
+        assert sent < n, output[-3000:]
+        assert "TerminationSignal" not in output and "Traceback" not in output, output[-5000:]
+        assert (data / "input" / "exp.jsonl").exists(), output[-3000:]  # given back to the inbox
+        assert [p.name for p in (data / "input" / ".running").iterdir()] == []
+        [completed] = (data / "output" / "exp").glob("*-completed-exp.jsonl")
+        assert len(read_jsonl(completed)) == sent  # every answer in flight at the cancel was kept
+
+        once = [sys.executable, "-m", "promptfleet.cli", "pipeline", "-d", str(data), "-mq", "3000", "--once"]
+        assert httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]["type"] == "CANCELLED"
+        finished = subprocess.run(once, env=env, cwd=work, capture_output=True, timeout=180)
         assert finished.returncode == 0, finished.stderr.decode()[-3000:]
     assert_each_answered_once(completed, n, server)
