@@ -170,3 +170,21 @@ def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_th
         finished = subprocess.run(once, env=env, cwd=work, capture_output=True, timeout=180)
         assert finished.returncode == 0, finished.stderr.decode()[-3000:]
     assert_each_answered_once(completed, n, server)
+
+
+@pytest.mark.parametrize(("grace", "landed"), [(0.2, 0), (None, 3)])
+async def test_the_grace_after_a_stop_is_a_setting_defaulting_to_the_request_timeout(tmp_path: Path, grace, landed):
+    import asyncio
+
+    from promptfleet import Experiment, Settings, runtime
+
+    slow = [{"api": "test", "model_name": "m", "prompt": f"p{i}", "parameters": {"latency": 1.5}} for i in range(3)]
+    settings = Settings(data_folder=tmp_path / "data", timeout=30, grace=grace)
+    assert settings.stop_grace == (30 if grace is None else grace)
+    running = asyncio.create_task(Experiment(write_jsonl(tmp_path / "exp.jsonl", slow), settings).process())
+    while not (runs := runtime.active_runs()) or sum(s.in_flight for s in runs[0].stats.values()) < 3:
+        await asyncio.sleep(0.01)
+    runtime.request_stop()
+    summary = await running
+    runtime.reset_stop()
+    assert summary["answered"] == landed  # 1.5 s answers: abandoned after 0.2 s, kept within the 30 s timeout
