@@ -87,6 +87,7 @@ def test_a_whole_last_record_without_its_newline_counts(tmp_path: Path):
     paths.completed.write_text(json.dumps({"input_line": 1}) + "\n" + json.dumps({"input_line": 2}))
     assert finished_lines(paths) == {1, 2}
     assert not corrupt_file(paths.completed).exists()
+    assert paths.completed.read_text().endswith("}\n")  # so counting lines counts it too
 
 
 def test_a_refused_write_is_reported_to_the_run_and_not_counted_as_written(tmp_path: Path):
