@@ -73,7 +73,7 @@ def test_sigterm_pipeline_gives_its_file_back_and_the_next_start_finishes_it(tmp
         server.state.latency = 0.5
         data = tmp_path / "data"
         write_jsonl(data / "input" / "exp.jsonl", rows(n))
-        cmd = [sys.executable, "-m", "promptfleet.cli", "pipeline", "-d", str(data), "-mq", "600", "--poll-interval", "60"]
+        cmd = [sys.executable, "-m", "promptfleet.cli", "pipeline", "-d", str(data), "-mq", "600", "--settle", "0", "--poll-interval", "60"]
         proc = subprocess.Popen(cmd, env=environment(server, prefect_api), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_for_calls(server, proc, 8)
         proc.send_signal(signal.SIGTERM)
@@ -133,7 +133,7 @@ def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_th
     data = work / "data"
     with FakeServer() as server:
         server.state.latency = 0.5
-        write_jsonl(data / "input" / "exp.jsonl", rows(n))
+        os.utime(write_jsonl(data / "input" / "exp.jsonl", rows(n)), (time.time() - 60, time.time() - 60))  # settled
         env = {**env, "OPENAI_API_KEY": "sk-worker-test-000000", "OPENAI_BASE_URL": server.base_url}
         run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
         run([PREFECT, "--no-prompt", "deploy", "--name", "pipeline", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
@@ -165,7 +165,7 @@ def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_th
         [completed] = (data / "output" / "exp").glob("*-completed-exp.jsonl")
         assert len(read_jsonl(completed)) == sent  # every answer in flight at the cancel was kept
 
-        once = [sys.executable, "-m", "promptfleet.cli", "pipeline", "-d", str(data), "-mq", "3000", "--once"]
+        once = [sys.executable, "-m", "promptfleet.cli", "pipeline", "-d", str(data), "-mq", "3000", "--settle", "0", "--once"]
         assert httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]["type"] == "CANCELLED"
         finished = subprocess.run(once, env=env, cwd=work, capture_output=True, timeout=180)
         assert finished.returncode == 0, finished.stderr.decode()[-3000:]
@@ -176,15 +176,15 @@ def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_th
 async def test_the_grace_after_a_stop_is_a_setting_defaulting_to_the_request_timeout(tmp_path: Path, grace, landed):
     import asyncio
 
-    from promptfleet import Experiment, Settings, runtime
+    from promptfleet import Experiment, Session, Settings
 
     slow = [{"api": "test", "model_name": "m", "prompt": f"p{i}", "parameters": {"latency": 1.5}} for i in range(3)]
     settings = Settings(data_folder=tmp_path / "data", timeout=30, grace=grace)
     assert settings.stop_grace == (30 if grace is None else grace)
-    running = asyncio.create_task(Experiment(write_jsonl(tmp_path / "exp.jsonl", slow), settings).process())
-    while not (runs := runtime.active_runs()) or sum(s.in_flight for s in runs[0].stats.values()) < 3:
+    session = Session()
+    running = asyncio.create_task(Experiment(write_jsonl(tmp_path / "exp.jsonl", slow), settings, session=session).process())
+    while not session.runs or sum(s.in_flight for s in session.runs[0].stats.values()) < 3:
         await asyncio.sleep(0.01)
-    runtime.request_stop()
+    session.request_stop()
     summary = await running
-    runtime.reset_stop()
     assert summary["answered"] == landed  # 1.5 s answers: abandoned after 0.2 s, kept within the 30 s timeout
