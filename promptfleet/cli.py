@@ -7,8 +7,9 @@ import dataclasses
 import os
 import shlex
 import sys
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Optional
 
 import typer
@@ -22,6 +23,15 @@ err = Console(stderr=True, soft_wrap=True)  # never wrap a file:line message
 EXIT_BAD_INPUT = 1
 EXIT_INTERRUPTED = 130
 EXIT_WRITE_FAILED = 74  # sysexits EX_IOERR: the disk refused a write
+DEBUG_ENV = "PROMPTFLEET_DEBUG"
+
+
+def _set_debug(value: bool) -> None:
+    if value:
+        os.environ[DEBUG_ENV] = "1"
+
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.", callback=_set_debug, expose_value=False)]
 
 File = Annotated[Path, typer.Option("--file", "-f", help="Experiment file (.jsonl or .csv).")]
 DataFolder = Annotated[Path, typer.Option("--data-folder", "-d", help="Folder with input/, output/, media/.")]
@@ -42,6 +52,15 @@ Grace = Annotated[
     Optional[float],
     typer.Option("--grace", min=0, help="Seconds in-flight answers get to land after Ctrl-C/SIGTERM [default: the request timeout]."),
 ]
+Ephemeral = Annotated[
+    bool,
+    typer.Option(
+        "--ephemeral",
+        help="Use a temporary Prefect server for this command only (also: PROMPTFLEET_EPHEMERAL=1), "
+        "instead of the background one. PREFECT_API_URL, when set, always wins.",
+    ),
+]
+CreateDataFolder = Annotated[bool, typer.Option("--create-data-folder", help="Create the data folder if it does not exist.")]
 RateShare = Annotated[
     float, typer.Option("--rate-share", min=0.01, max=1.0, help="This process's share of every rate (several workers, one key).")
 ]
@@ -68,7 +87,105 @@ def _settings(**values: Any):
     return Settings(**values)
 
 
+def _data_folder(folder: Path, create: bool) -> None:
+    """Refuse a data folder that does not exist (prompto does too): a typo must not scatter
+    input/ and output/ folders around; --create-data-folder makes it."""
+    if folder.is_dir():
+        return
+    if folder.exists():
+        _fail(f"{folder}: the data folder is a file, not a folder")
+    if not create:
+        _fail(f"{folder}: data folder not found (check -d, or add --create-data-folder to create it)")
+    folder.mkdir(parents=True)
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    err.print(message, markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def _check_scorers(names: list[str]) -> None:
+    """Import every scorer before anything starts, so a typo costs a second, not a run."""
+    from promptfleet.scorers import scorer_problem
+
+    for name in names:
+        if problem := scorer_problem(name):
+            _fail(f"--scorer {name}: {problem}")
+
+
+@contextmanager
+def _prefect_api(ephemeral: bool) -> Iterator[str]:
+    """The Prefect API for this command: the one the user configured, else the background
+    server (started by the first command), else with --ephemeral a temporary one."""
+    from promptfleet import server
+
+    if configured := server.configured_api_url():
+        yield configured
+        return
+    home = server.prefect_home()
+    if server.ephemeral_requested(ephemeral):
+        err.print("starting a temporary Prefect server (~15 s; it stops with this command)")
+        try:
+            with server.temporary(home) as info, _api_url(info.api_url):
+                yield info.api_url
+        except server.ServerError as error:
+            _fail(f"cannot start the Prefect server: {error}")
+        return
+    from promptfleet.flows.crashed_runs import heartbeat_env
+
+    info = _background_server(home)
+    with _api_url(info.api_url, heartbeat_env()):  # a run killed with -9 is marked Crashed, not Running forever
+        yield info.api_url
+
+
+def _background_server(home: Path, port: int | None = None):
+    """The background server, started if needed (with the automation that marks runs of
+    killed processes Crashed); a failure to start is one line."""
+    from promptfleet import server
+    from promptfleet.flows.crashed_runs import ensure_crash_automation
+
+    try:
+        info, started = server.start(home, port, announce=lambda line: err.print(line, markup=False, highlight=False))
+    except server.ServerError as error:
+        _fail(f"cannot start the Prefect server: {error}")
+    if started:
+        with _api_url(info.api_url):
+            asyncio.run(ensure_crash_automation())
+    return info
+
+
+@contextmanager
+def _api_url(url: str, extra_env: dict[str, str] | None = None) -> Iterator[None]:
+    """Point Prefect at `url` for the rest of this process (its threads included), then back."""
+    import prefect.context
+
+    changes = {"PREFECT_API_URL": url, **(extra_env or {})}
+    saved_env, saved_context = {name: os.environ.get(name) for name in changes}, prefect.context.GLOBAL_SETTINGS_CONTEXT
+    os.environ.update(changes)
+    prefect.context.refresh_global_settings_context()
+    try:
+        yield
+    finally:
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        prefect.context.GLOBAL_SETTINGS_CONTEXT = saved_context  # as it was, without re-reading every source
+
+
+def _missing_env_lines(found, present: set[str], where_hint: str) -> list[str]:
+    lines = []
+    for where, names in found.missing_env.items():
+        if missing := [name for name in names if name not in present]:
+            lines.append(f"{found.file}: env: {where} needs {', '.join(missing)} ({where_hint})")
+    return lines
+
+
 def _report_issues(error: ExperimentError) -> None:
+    if len(error.issues) == 1:
+        err.print(f"cannot run: {error.issues[0]}", markup=False, highlight=False)
+        return
     err.print(f"[red]cannot run: {len(error.issues)} problem(s)[/red]")
     for issue in error.issues:
         err.print(f"  {issue}", markup=False, highlight=False)
@@ -108,6 +225,9 @@ def run(
     batch_poll: Annotated[float, typer.Option("--batch-poll", min=0.01, help="Longest wait between polls of live batches, seconds.")] = 60.0,
     batch_fallback: Annotated[str, typer.Option("--batch-fallback", help="Where a retryable failed batch line goes next: batch or online.")] = "batch",
     batch_max_requests: Annotated[Optional[int], typer.Option("--batch-max-requests", min=1, help="Fewer requests per batch than the provider allows.")] = None,
+    create_data_folder: CreateDataFolder = False,
+    ephemeral: Ephemeral = False,
+    _debug: Debug = False,
 ) -> None:
     """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume.
     With --judge-folder/--judge or --rephrase-*, the evaluation is chained (flow `run_study`)."""
@@ -139,12 +259,12 @@ def run(
         err.print("--detach and --batch-fallback go with --batch; --batch-fallback is 'batch' or 'online'")
         raise typer.Exit(EXIT_BAD_INPUT)
     if bool(judge_folder) != bool(judge) or bool(rephrase_folder) != bool(rephrase_model):
-        err.print("--judge-folder needs --judge, and --rephrase-folder needs --rephrase-model (and the other way round)")
-        raise typer.Exit(EXIT_BAD_INPUT)
+        _fail("--judge-folder needs --judge, and --rephrase-folder needs --rephrase-model (and the other way round)")
     if rephrase_parser != "default":
-        err.print("only the 'default' rephrase parser is built in")
-        raise typer.Exit(EXIT_BAD_INPUT)
-    try:  # refuse a bad file in a second, before Prefect starts (env vars may still come from Secret blocks)
+        _fail("only the 'default' rephrase parser is built in")
+    _data_folder(data_folder, create_data_folder)
+    _check_scorers(settings.scorers)
+    try:  # refuse a bad file in a second, before Prefect starts
         found = inspect(file, settings)
     except ExperimentError as error:
         _report_issues(error)
@@ -152,6 +272,17 @@ def run(
     if found.issue_count:
         _print_inspection(found)
         raise typer.Exit(EXIT_BAD_INPUT)
+    if judge_folder or rephrase_folder:
+        from promptfleet import judge as judging
+
+        try:  # a bad judge or rephrase folder is refused before anything is sent
+            if judge_folder:
+                judging.load_judge_folder(judge_folder, _split(judge_templates), _split(judge))
+            if rephrase_folder:
+                judging.load_rephrase_folder(rephrase_folder, _split(rephrase_templates), _split(rephrase_model))
+        except ExperimentError as error:
+            _report_issues(error)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
 
     from promptfleet import inbox
     from promptfleet.session import Session
@@ -177,22 +308,10 @@ def run(
             inbox.release(file)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
-    from promptfleet.flows import run_experiment
-    from promptfleet.flows.evaluate import run_study
+    def start():
+        if judge_folder or rephrase_folder:
+            from promptfleet.flows.evaluate import run_study
 
-    if judge_folder or rephrase_folder:
-        from promptfleet import judge as judging
-
-        try:  # a bad judge or rephrase folder is refused before anything is sent
-            if judge_folder:
-                judging.load_judge_folder(judge_folder, _split(judge_templates), _split(judge))
-            if rephrase_folder:
-                judging.load_rephrase_folder(rephrase_folder, _split(rephrase_templates), _split(rephrase_model))
-        except ExperimentError as error:
-            _report_issues(error)
-            raise typer.Exit(EXIT_BAD_INPUT) from None
-
-        def start():
             return run_study(
                 file=str(file), settings=settings, move_to_input=move_to_input,
                 judge_folder=str(judge_folder) if judge_folder else None, judges=_split(judge),
@@ -200,19 +319,27 @@ def run(
                 rephrase_models=_split(rephrase_model), rephrase_templates=_split(rephrase_templates),
                 remove_original=remove_original, only_rephrase=only_rephrase,
             )  # fmt: skip
-    else:
+        from promptfleet.flows import run_experiment
 
-        def start():
-            return run_experiment(file=str(file), settings=settings, move_to_input=move_to_input, wait=wait)
+        return run_experiment(file=str(file), settings=settings, move_to_input=move_to_input, wait=wait)
 
-    try:
-        result = asyncio.run(_in_flow(start, session))
-    except ExperimentError as error:
-        _report_issues(error)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
-    except OSError as error:  # e.g. the run's state file on a full disk, before anything is sent
-        err.print(f"cannot write: {error}; nothing was sent. Free space, then run the same command again.", markup=False, highlight=False)
-        raise typer.Exit(EXIT_WRITE_FAILED) from None
+    with _prefect_api(ephemeral):
+        if found.missing_env:  # keys may still come from Prefect Secret blocks, as in the flow
+            from promptfleet.tasks.secrets import env_from_secret_blocks
+
+            filled = asyncio.run(env_from_secret_blocks(name for names in found.missing_env.values() for name in names))
+            if lines := _missing_env_lines(found, set(filled), "not set in the environment, the .env file or a Prefect Secret block"):
+                if file.parent.name == inbox.RUNNING:
+                    inbox.release(file)
+                _fail("\n".join(lines))
+        try:
+            result = asyncio.run(_in_flow(start, session))
+        except ExperimentError as error:
+            _report_issues(error)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
+        except OSError as error:  # e.g. the run's state file on a full disk, before anything is sent
+            err.print(f"cannot write: {error}; nothing was sent. Free space, then run the same command again.", markup=False, highlight=False)
+            raise typer.Exit(EXIT_WRITE_FAILED) from None
     if result is None:
         raise typer.Exit(EXIT_INTERRUPTED)
     from promptfleet.console import print_study, print_summary
@@ -262,11 +389,6 @@ async def _in_flow(start: Callable[[], Awaitable[Any]], session: Any = None) -> 
 
     session = session or Session()
     stop_on_signals(session)
-    if not os.environ.get("PREFECT_API_URL"):
-        err.print(
-            "Starting Prefect's temporary local server (10-20 s). For repeated runs, start one with "
-            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api."
-        )
     progress = asyncio.create_task(show_progress(err, session))
     try:
         with using(session):
@@ -275,16 +397,17 @@ async def _in_flow(start: Callable[[], Awaitable[Any]], session: Any = None) -> 
         return None
     finally:
         progress.cancel()
+        await asyncio.wait([progress])  # the live table is gone before anything else prints
 
 
-def _print_inspection(found, batch: bool = False) -> None:
+def _print_inspection(found, batch: bool = False, env_lines: list[str] | None = None) -> None:
     out = Console(soft_wrap=True)
     for issue in found.issues:
         err.print(issue, markup=False, highlight=False)
     if found.issue_count > len(found.issues):
         err.print(f"... and {found.issue_count - len(found.issues)} more problems")
-    for where, names in found.missing_env.items():
-        err.print(f"{found.file}: env: {where} needs {', '.join(names)} (not set)", markup=False, highlight=False)
+    for line in _missing_env_lines(found, set(), "not set") if env_lines is None else env_lines:
+        err.print(line, markup=False, highlight=False)
     out.print(f"{found.file}: {found.prompts} valid prompt(s), {found.issue_count} bad line(s)")
     for queue in found.queues.values():
         tpm = f", {queue.tokens_per_minute:g} tokens/min" if queue.tokens_per_minute else ""
@@ -314,10 +437,14 @@ def pipeline(
     settle: Annotated[float, typer.Option("--settle", min=0, help="Seconds a file must be left unwritten before it is claimed.")] = 10.0,
     batch: Annotated[bool, typer.Option("--batch", help="Batch mode; each poll submits and collects, never waits for a batch.")] = False,
     grace: Grace = None,
+    create_data_folder: CreateDataFolder = False,
+    ephemeral: Ephemeral = False,
+    _debug: Debug = False,
 ) -> None:
     """Keep running every experiment dropped into DATA/input/ (prompto's pipeline), as the
     Prefect flow `watch_input`; bad files go to DATA/rejected/ with their error report."""
     _load_env(env_file)
+    _data_folder(data_folder, create_data_folder)
     from promptfleet import inbox
     from promptfleet.flows import watch_input
     from promptfleet.session import current_session
@@ -349,7 +476,8 @@ def pipeline(
         return runs, stop.is_set()
 
     err.print(f"watching {settings.input_folder} every {poll_interval:g}s (Ctrl-C to stop)" if not once else f"processing {settings.input_folder}")
-    outcome = asyncio.run(_in_flow(loop))
+    with _prefect_api(ephemeral):
+        outcome = asyncio.run(_in_flow(loop))
     runs, stopped = outcome if outcome is not None else (0, True)
     resume = f"unfinished files are back in {settings.input_folder} and resume with: " + shlex.join(["promptfleet", *sys.argv[1:]])
     if failure:
@@ -368,11 +496,14 @@ def judge(
     judge: Annotated[str, typer.Option("--judge", "-j", help="Comma-separated judge ids from settings.json.")],
     judge_templates: Annotated[str, typer.Option("--judge-templates", "-jt", "--templates", "-t", help="Comma-separated template files.")] = "template.txt",
     output_folder: Annotated[Path, typer.Option("--output-folder", "-o", help="Folder to write judge-<input name>.jsonl in (prompto's).")] = Path("."),
+    _debug: Debug = False,
 ) -> None:
     """Create a judge experiment file from a completed one (prompto_create_judge_file); run it with `promptfleet run`."""
     from promptfleet import judge as judging
     from promptfleet.flows.evaluate import run_paths_of
 
+    if not input_file.is_file():
+        _fail(f"{input_file}: file not found")
     completed = "-completed-" in input_file.name
     out = output_folder / judging.judge_file_name(input_file)
     failed = run_paths_of(input_file).failed if completed else None
@@ -384,9 +515,8 @@ def judge(
     except ExperimentError as error:
         _report_issues(error)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    except FileNotFoundError:
-        err.print(f"{input_file}: file not found", markup=False, highlight=False)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+    except OSError as error:  # a missing parent, no permission, a name taken by a folder: say which path and why
+        _fail(f"{out}: cannot write the judge file there ({error.strerror or error})")
     Console(soft_wrap=True).print(f"wrote {made['records']} judge prompt(s) to {out}", highlight=False)
     if made["skipped_failed"]:
         err.print(f"{made['skipped_failed']} failed prompt(s) not judged: {made['skipped_reason']}")
@@ -429,9 +559,10 @@ def check(
     log_file: Annotated[Optional[Path], typer.Option("--log-file", "-l", help="Also write the report here.")] = None,
     prices: Prices = None,
     batch: Batch = False,
+    _debug: Debug = False,
 ) -> None:
     """Validate an experiment file without sending anything: bad lines, queues, missing env
-    vars, and the worst-case tokens and cost."""
+    vars (a Prefect Secret block counts as set), and the worst-case tokens and cost."""
     _load_env(env_file)
     from promptfleet.plan import inspect
 
@@ -439,16 +570,18 @@ def check(
         data_folder=data_folder, max_queries=max_queries, parallel=parallel, max_queries_json=max_queries_json, prices=prices,
         batch=batch,
     )  # fmt: skip
+    if move_to_input:
+        _data_folder(data_folder, create=False)
     try:
         found = inspect(file, settings)
     except ExperimentError as error:
         _report_issues(error)
         raise typer.Exit(EXIT_BAD_INPUT) from None
-    _print_inspection(found, batch)
+    env_lines = _env_lines_with_secret_blocks(found)
+    _print_inspection(found, batch, env_lines)
     if log_file:
-        lines = [*found.issues, *(f"env: {w} needs {', '.join(n)}" for w, n in found.missing_env.items())]
-        log_file.write_text("\n".join(lines) + ("\n" if lines else ""))
-    if not found.ok:
+        log_file.write_text("".join(f"{line}\n" for line in [*found.issues, *env_lines]))
+    if found.issue_count or env_lines:
         raise typer.Exit(EXIT_BAD_INPUT)
     if move_to_input:
         settings.input_folder.mkdir(parents=True, exist_ok=True)
@@ -583,5 +716,87 @@ def batches_cancel(
         raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def _env_lines_with_secret_blocks(found) -> list[str]:
+    """Missing variables, counting Prefect Secret blocks as set when a server is at hand
+    (`check` never starts one)."""
+    if not found.missing_env:
+        return []
+    from promptfleet import server
+
+    api = server.configured_api_url()
+    if api is None and (running := server.status(server.prefect_home())) is not None:
+        api = running.api_url
+    if api is None:
+        return _missing_env_lines(found, set(), "not set; Prefect Secret blocks not checked: no Prefect server is running")
+    from promptfleet.tasks.secrets import secret_blocks_for
+
+    with _api_url(api):
+        try:
+            present = asyncio.run(secret_blocks_for(n for names in found.missing_env.values() for n in names))
+        except Exception as error:  # noqa: BLE001 - an unreachable server is not the file's fault
+            return _missing_env_lines(found, set(), f"not set; Prefect Secret blocks not checked: {type(error).__name__}")
+    return _missing_env_lines(found, present, "not set in the environment, the .env file or a Prefect Secret block")
+
+
+server_app = typer.Typer(no_args_is_help=True, help="The background Prefect server that promptfleet commands share.")
+app.add_typer(server_app, name="server")
+
+
+@server_app.command("start")
+def server_start(
+    port: Annotated[Optional[int], typer.Option(help="Port on 127.0.0.1 [default: 4200, or a free one if taken].")] = None,
+    _debug: Debug = False,
+) -> None:
+    """Start the background Prefect server (the first `run` does this too)."""
+    from promptfleet import server
+
+    if configured := server.configured_api_url():
+        err.print(f"note: PREFECT_API_URL is set ({configured}); promptfleet commands use that server, not this one", markup=False)
+    home = server.prefect_home()
+    running = server.status(home)
+    info = _background_server(home, port)
+    Console(soft_wrap=True).print(f"Prefect server {'already running' if running else 'started'}: {info.ui_url} (pid {info.pid})", highlight=False)
+
+
+@server_app.command("status")
+def server_status(_debug: Debug = False) -> None:
+    """Where the background server is (UI URL, PID); exit 1 when none is running."""
+    from promptfleet import server
+
+    info = server.status(server.prefect_home())
+    out = Console(soft_wrap=True)
+    if configured := server.configured_api_url():
+        out.print(f"PREFECT_API_URL is set: commands use {configured}", highlight=False)
+    if info is None:
+        out.print("no background Prefect server running (the next `promptfleet run` starts one)", highlight=False)
+        raise typer.Exit(1)
+    state = "answering" if server.healthy(info.api_url) else "not answering"
+    out.print(f"Prefect server: {info.ui_url} (pid {info.pid}, since {info.started}, {state})", highlight=False)
+
+
+@server_app.command("stop")
+def server_stop(_debug: Debug = False) -> None:
+    """Stop the background Prefect server. Runs stay in its database for the next start."""
+    from promptfleet import server
+
+    info = server.stop(server.prefect_home())
+    out = Console(soft_wrap=True)
+    out.print(f"stopped the Prefect server at {info.ui_url} (pid {info.pid})" if info else "no background Prefect server running", highlight=False)
+
+
+def main() -> None:
+    """The `promptfleet` command: an unexpected error is one line; --debug shows its traceback."""
+    try:
+        app()
+    except Exception as error:  # noqa: BLE001 - the last line of defence for people, not for code
+        if os.environ.get(DEBUG_ENV):
+            raise
+        from promptfleet.providers import redact
+
+        first = (str(error).strip().splitlines() or [""])[0]
+        err.print(f"error: {type(error).__name__}: {redact(first)} (run again with --debug for the traceback)", markup=False, highlight=False)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.table import Table
 
@@ -32,6 +35,8 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
     console.print(headline(summary))
     for kind, path in summary["outputs"].items():
         console.print(f"  {kind:9} {path}", soft_wrap=True, highlight=False)
+    if url := summary.get("flow_run_url"):
+        console.print(f"  {'prefect':9} {url}", soft_wrap=True, highlight=False)
 
 
 def _progress_table(session: Session) -> Table:
@@ -66,13 +71,36 @@ def _progress_line(session: Session) -> str:
     return "; ".join(parts)
 
 
-async def show_progress(console: Console, session: Session, interval: float | None = None) -> None:
-    """Live table on a terminal; a plain line every 10 s otherwise (CI, logs). Cancel to stop."""
+@contextmanager
+def _log_handlers_print_to(console: Console) -> Iterator[None]:
+    """Point every logging handler that prints through a rich Console (Prefect's console
+    handler) at `console`, so that while it shows a Live display, log lines go above the
+    display instead of painting over it (which leaves stale copies of the table)."""
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    swapped: list[tuple[Any, Console]] = []
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(getattr(handler, "console", None), Console) and handler.console is not console:
+                swapped.append((handler, handler.console))
+                handler.console = console
+    try:
+        yield
+    finally:
+        for handler, original in swapped:
+            handler.console = original
+
+
+async def show_progress(
+    console: Console, session: Session, interval: float | None = None, render: Callable[[], RenderableType] | None = None
+) -> None:
+    """Live table on a terminal, with log lines printed above it; a plain line every 10 s
+    otherwise (CI, logs). Cancel to stop; the table then disappears, leaving the log lines."""
+    render = render or (lambda: _progress_table(session))
     if console.is_terminal:
-        with Live(_progress_table(session), console=console, refresh_per_second=4, transient=True) as live:
+        with _log_handlers_print_to(console), Live(render(), console=console, refresh_per_second=4, transient=True) as live:
             while True:
                 await asyncio.sleep(interval or 0.25)
-                live.update(_progress_table(session))
+                live.update(render())
     last = time.monotonic()
     while True:
         await asyncio.sleep(interval or 10)

@@ -44,6 +44,27 @@ def load_scorer(name: str) -> Scorer:
     raise ValueError(f"unknown scorer {name!r}: use {', '.join(BUILTIN)}, an entry point, or module:function")
 
 
+def scorer_problem(name: str) -> str | None:
+    """Why `name` cannot be loaded as a scorer, in one line for people; None when it can."""
+    module = name.partition(":")[0]
+    try:
+        scorer = load_scorer(name)
+    except ModuleNotFoundError as error:
+        if error.name and module.split(".")[0] == error.name.split(".")[0]:
+            return (
+                f"cannot import module {module!r}: a module in the current folder needs PYTHONPATH=. "
+                "(e.g. `PYTHONPATH=. promptfleet run ...`), otherwise install the package that has it"
+            )
+        return f"importing {module!r} failed: {error}"
+    except AttributeError:
+        return f"module {module!r} has no function {name.partition(':')[2]!r}"
+    except ValueError as error:  # not built in, not an entry point, not module:function
+        return str(error)
+    except Exception as error:  # noqa: BLE001 - the user's module may raise anything at import
+        return f"{type(error).__name__}: {error}"
+    return None if callable(scorer) else f"{name} is not a function"
+
+
 def apply(scorers: list[Scorer], record: dict[str, Any]) -> dict[str, Any]:
     """New keys from every scorer; a scorer that raises is reported in `score_errors`, not fatal."""
     scores: dict[str, Any] = {}

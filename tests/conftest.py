@@ -1,5 +1,6 @@
 """Hermetic test setup: a temporary PREFECT_HOME, no PREFECT_API_URL, telemetry off,
-one Prefect test server for the whole session, and no real provider credentials."""
+one Prefect test server for the whole session, no background server left running, and
+no real provider credentials."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "WARNING"
+# A command that finds no server uses a temporary one that dies with it, never the
+# persistent background server (tests of that give it a PREFECT_HOME of its own).
+os.environ["PROMPTFLEET_EPHEMERAL"] = "1"
 for _name in list(os.environ):
     if _name.startswith(("OPENAI_", "AZURE_OPENAI_", "ANTHROPIC_", "GEMINI_", "OLLAMA_", "HUGGINGFACE_")):
         del os.environ[_name]

@@ -53,6 +53,7 @@ def test_check_reads_the_env_file(tmp_path: Path, monkeypatch):
 def test_run_refuses_bad_file_and_leaves_everything_in_place(tmp_path: Path):
     path = write_jsonl(tmp_path / "exp.jsonl", [GOOD, {**GOOD, "parameters": "hot"}])
     data = tmp_path / "data"
+    data.mkdir()
     result = runner.invoke(app, ["run", "-f", str(path), "-d", str(data), "-m"])
     assert result.exit_code == 1
     assert f"{path}:2: parameters: must be an object" in result.output
@@ -62,7 +63,7 @@ def test_run_refuses_bad_file_and_leaves_everything_in_place(tmp_path: Path):
 def test_run_executes_the_flow_and_writes_prompto_layout(tmp_path: Path, prefect_api: str):
     path = write_jsonl(tmp_path / "exp.jsonl", [GOOD, {**GOOD, "prompt": ["a", "b"]}, {**GOOD, "parameters": {"fail_status": 400}}])
     data = tmp_path / "data"
-    result = runner.invoke(app, ["run", "-f", str(path), "-d", str(data), "--output-as-csv", "-p"])
+    result = runner.invoke(app, ["run", "-f", str(path), "-d", str(data), "--output-as-csv", "-p", "--create-data-folder"])
     assert result.exit_code == 0, result.output
     assert "exp: 3 prompts, 2 answered, 1 failed" in result.output
     [out] = (data / "output").iterdir()
@@ -112,7 +113,7 @@ def test_resume_after_kill_9_answers_each_prompt_once(tmp_path: Path, prefect_ap
         path = write_jsonl(tmp_path / "exp.jsonl", [{"id": i, "api": "openai", "model_name": "gpt-fake", "prompt": f"q{i}"} for i in range(n)])
         data = tmp_path / "data"
         env = {**os.environ, "OPENAI_API_KEY": "sk-kill-test-000000", "OPENAI_BASE_URL": server.base_url, "PREFECT_API_URL": prefect_api}
-        cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "900"]  # 15/s: ~4 s
+        cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "900", "--create-data-folder"]  # 15/s: ~4 s
 
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
@@ -147,7 +148,7 @@ def test_ctrl_c_drains_in_flight_then_resume_sends_nothing_twice(tmp_path: Path,
         path = write_jsonl(tmp_path / "exp.jsonl", [{"api": "openai", "model_name": "gpt-fake", "prompt": f"q{i}"} for i in range(n)])
         data = tmp_path / "data"
         env = {**os.environ, "OPENAI_API_KEY": "sk-sigint-test-000000", "OPENAI_BASE_URL": server.base_url, "PREFECT_API_URL": prefect_api}
-        cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "600"]
+        cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "600", "--create-data-folder"]
 
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120

@@ -128,7 +128,7 @@ def test_rephrase_records_and_post_rephrase_round_trip(tmp_path: Path):
 def test_run_with_judge_chains_the_study_offline(tmp_path: Path, prefect_api: str):
     data = tmp_path / "data"
     result = CliRunner().invoke(app, [
-        "run", "-f", str(REPO / "data/examples/quickstart.jsonl"), "-d", str(data),
+        "run", "-f", str(REPO / "data/examples/quickstart.jsonl"), "-d", str(data), "--create-data-folder",
         "--judge-folder", str(REPO / "data/judge"), "--judge", "test-judge,test-yes-no", "--judge-templates", "template.txt,yes-no.txt",
         "--scorer", "match",
     ])  # fmt: skip
@@ -147,7 +147,7 @@ def test_run_with_judge_chains_the_study_offline(tmp_path: Path, prefect_api: st
 def test_run_with_rephrase_runs_both_experiments(tmp_path: Path, prefect_api: str):
     data = tmp_path / "data"
     path = write_jsonl(tmp_path / "exp.jsonl", [{"id": i, "api": "test", "model_name": "m", "prompt": f"Question {i}?"} for i in range(3)])
-    result = CliRunner().invoke(app, ["run", "-f", str(path), "-d", str(data), "--rephrase-folder", str(REPO / "data/rephrase"),
+    result = CliRunner().invoke(app, ["run", "-f", str(path), "-d", str(data), "--create-data-folder", "--rephrase-folder", str(REPO / "data/rephrase"),
                                       "--rephrase-model", "test-rephraser", "--remove-original"])  # fmt: skip
     assert result.exit_code == 0, result.output
     [post] = (data / "output" / "post-rephrased-exp").glob("*-completed-*.jsonl")

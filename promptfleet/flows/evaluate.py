@@ -68,7 +68,13 @@ async def judge_experiment(
     return {"judge_file": created, "judge_run": summary, "study": study}
 
 
-@flow(name="rephrase_experiment", log_prints=True)
+def _rephrase_flow_name() -> str:
+    from prefect.runtime import flow_run
+
+    return "rephrase-" + Path(str(flow_run.parameters["file"])).stem
+
+
+@flow(name="rephrase_experiment", flow_run_name=_rephrase_flow_name, log_prints=True)
 async def rephrase_experiment(
     file: str,
     rephrase_folder: str,

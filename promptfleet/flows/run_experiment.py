@@ -11,13 +11,17 @@ import asyncio
 import logging
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import flow
 from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, aupdate_progress_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
+from prefect.states import Failed
+from prefect.utilities.urls import url_for
 
 from promptfleet.config import Settings
+from promptfleet.experiment import ExperimentError
 from promptfleet.run import Run, run_log
 from promptfleet.session import current_session
 from promptfleet.signals import stop_on_signals
@@ -35,16 +39,23 @@ def _run_name() -> str:
     return Path(str(flow_run.parameters["file"])).stem
 
 
-async def _follow_progress(run: Run, interval: float = 2.0) -> None:
-    last = -1.0
+def _percent(done: int, prompts: int) -> float:
+    return round(100.0 * done / max(prompts, 1), 1)
+
+
+async def _follow_progress(run: Run, artifact: UUID, interval: float = 2.0) -> None:
+    last = 0.0
     try:
+<<<<<<< HEAD
         artifact = await acreate_progress_artifact(0.0, key=f"progress-{slug(run.name)}", description=f"{run.name}: prompts done")
+=======
+>>>>>>> 6f6a5ee (Background Prefect server by default (promptfleet server start|status|stop, --ephemeral), runs that stay in the UI, a terminal that shows what happens, mistakes in one line, less flow overhead (#14))
         while True:
-            percent = round(100.0 * sum(s.done + s.skipped for s in run.stats.values()) / max(run.plan.prompts, 1), 1)
+            await asyncio.sleep(interval)
+            percent = _percent(sum(s.done + s.skipped for s in run.stats.values()), run.plan.prompts)
             if percent != last:
                 await aupdate_progress_artifact(artifact, percent)
                 last = percent
-            await asyncio.sleep(interval)
     except asyncio.CancelledError:
         pass
 
@@ -57,10 +68,14 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
     stop_on_signals(session)
     if filled := await env_from_secret_blocks():
         log.info("API keys from Prefect Secret blocks: %s", ", ".join(filled))
-    run = load_and_validate(Path(file), settings, session, move_to_input, wait)
+    run = await load_and_validate(Path(file), settings, session, move_to_input, wait)
+    if isinstance(run, ExperimentError):  # the flow run fails in one line; its caller gets the ExperimentError
+        more = f" (and {len(run.issues) - 1} more)" if len(run.issues) > 1 else ""
+        return Failed(message=f"cannot run: {run.issues[0] if run.issues else run}{more}", data=run)  # type: ignore[return-value]
     try:
+        artifact = await acreate_progress_artifact(0.0, key=f"progress-{artifact_key(run.name)}", description=f"{run.name}: prompts done")
         with run_log(run.paths.log):
-            progress = asyncio.create_task(_follow_progress(run))
+            progress = asyncio.create_task(_follow_progress(run, artifact))
             try:
                 batches = [run_batches(run)] if run.plan.batch else []
                 await asyncio.gather(*(run_queue(run, queue) for queue in run.queues), *batches)
@@ -70,6 +85,10 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
             summary = write_results(run).to_dict()
     finally:
         await run.aclose()
+    # the last word on progress: what landed, so a finished run reads 100%
+    await aupdate_progress_artifact(artifact, _percent(summary["answered"] + summary["failed"], summary["prompts"]))
+    if flow_run.id and (url := url_for("flow-run", obj_id=flow_run.id)):
+        summary["flow_run_url"] = url
     await acreate_markdown_artifact(
         key=f"summary-{slug(run.name)}",
         markdown=summary_markdown(summary),

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
-
 from promptfleet import inbox
 from promptfleet.config import Settings
 from promptfleet.experiment import ExperimentError
@@ -50,7 +49,8 @@ async def watch_input(settings: Settings | None = None) -> list[dict[str, Any]]:
             summary = await run_experiment(file=str(claimed), settings=settings, move_to_input=True)
         except ExperimentError as error:
             target = inbox.reject(claimed, str(error), settings.data_folder)
-            log.error("%s cannot run and was moved to %s (%d problem(s); report in %s.errors.txt)", path.name, target, len(error.issues), target.name)
+            first = f", first: {error.issues[0]}" if error.issues else ""
+            log.error("%s cannot run (%d problem(s)%s); moved to %s with the full report", path.name, len(error.issues), first, target)
             continue
         except RunBusy as busy:
             inbox.release(claimed)

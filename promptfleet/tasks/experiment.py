@@ -12,14 +12,23 @@ from prefect.cache_policies import NO_CACHE
 
 from promptfleet.config import Settings
 from promptfleet.engine import QueueStats
+from promptfleet.experiment import ExperimentError
 from promptfleet.plan import QueuePlan
 from promptfleet.run import Run, RunSummary, open_run
 from promptfleet.session import Session
 
 
 @task(name="load_and_validate", cache_policy=NO_CACHE)
-def load_and_validate(file: Path, settings: Settings, session: Session, move_to_input: bool = False, wait: bool = False) -> Run:
-    return open_run(file, settings, session=session, move_to_input=move_to_input, plan=session.plan_for(Path(file)), wait=wait)
+async def load_and_validate(
+    file: Path, settings: Settings, session: Session, move_to_input: bool = False, wait: bool = False
+) -> Run | ExperimentError:
+    """The run, or the problems of a file that cannot run: finding them is this task's job
+    done, so they are its result, not a crash with a traceback. Async although the work is
+    not: a sync task costs a second Prefect client (and its TLS set-up) per run."""
+    try:
+        return open_run(file, settings, session=session, move_to_input=move_to_input, plan=session.plan_for(Path(file)), wait=wait)
+    except ExperimentError as error:
+        return error
 
 
 @task(name="run_queue", task_run_name="{queue.name}", cache_policy=NO_CACHE)

@@ -8,7 +8,7 @@ environment only, never into parameters, logs or artifacts.
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Iterable, MutableMapping
 
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
@@ -21,22 +21,36 @@ def block_name(env_var: str) -> str:
     return slug(env_var, distinct=False)
 
 
-async def env_from_secret_blocks(environ: MutableMapping[str, str] = os.environ) -> list[str]:
-    """Fill unset provider variables from Secret blocks; returns the names filled."""
-    wanted = {}
+def _provider_env_names() -> set[str]:
+    """Every variable a provider reads (imports every provider's SDK: only when needed)."""
+    names: set[str] = set()
     for api in known_apis():
         cls = provider_class(api)
-        for name in cls.required_env + cls.optional_env:
-            if not environ.get(name):
-                wanted[block_name(name)] = name
-    if not wanted:
-        return []
+        names.update(cls.required_env + cls.optional_env)
+    return names
+
+
+async def _secret_block_names() -> set[str]:
     async with get_client() as client:
         documents = await client.read_block_documents_by_type("secret", include_secrets=False)
-    filled = []
-    for doc in documents:
-        if doc.name in wanted:
-            secret = await Secret.aload(doc.name)
-            environ[wanted[doc.name]] = str(secret.get())
-            filled.append(wanted[doc.name])
-    return sorted(filled)
+    return {doc.name for doc in documents if doc.name}
+
+
+async def secret_blocks_for(names: Iterable[str]) -> set[str]:
+    """The variables among `names` that a Secret block would set (values are not read)."""
+    blocks = await _secret_block_names()
+    return {name for name in names if block_name(name) in blocks}
+
+
+async def env_from_secret_blocks(names: Iterable[str] | None = None, environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """Fill unset variables among `names` (default: every provider's) from Secret blocks;
+    returns the names filled. One API call when there is nothing to fill."""
+    blocks = await _secret_block_names()
+    candidates = {name.upper().replace("-", "_") for name in blocks}
+    candidates = {name for name in candidates if not environ.get(name)}
+    if not candidates:
+        return []
+    wanted = candidates & (set(names) if names is not None else _provider_env_names())
+    for name in wanted:
+        environ[name] = str((await Secret.aload(block_name(name))).get())
+    return sorted(wanted)

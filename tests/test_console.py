@@ -1,0 +1,78 @@
+"""The terminal while a run is live: log lines above the progress table, one table, no
+stale copies. rich writes real escape sequences into a buffer; pyte plays them on a
+virtual screen, so the assertions are about what a person would see."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+import pyte
+from rich.console import Console
+from rich.table import Table
+
+from prefect.logging.handlers import PrefectConsoleHandler
+from promptfleet.console import show_progress
+
+WIDTH, HEIGHT = 80, 30
+
+
+def screen_of(raw: str) -> list[str]:
+    screen = pyte.Screen(WIDTH, HEIGHT)
+    pyte.Stream(screen).feed(raw.replace("\n", "\r\n"))
+    return [line.rstrip() for line in screen.display]
+
+
+def table(tick: list[int]) -> Table:
+    tick[0] += 1
+    t = Table(title="progress", title_justify="left")
+    t.add_column("queue")
+    t.add_column("done")
+    t.add_row("q", f"{tick[0]}/100")
+    return t
+
+
+async def test_log_lines_print_above_one_live_table_and_leave_no_copies():
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=WIDTH, height=HEIGHT, color_system=None)
+    # Prefect's console handler as Prefect sets it up: its own Console on the same terminal
+    handler = PrefectConsoleHandler(stream=out)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("promptfleet.test-console")
+    logger.addHandler(handler)
+    logger.propagate = False
+    original_console = handler.console
+    tick = [0]
+    progress = asyncio.create_task(show_progress(console, interval=0.01, render=lambda: table(tick)))
+    try:
+        for n in range(1, 4):
+            await asyncio.sleep(0.05)
+            logger.warning("retry %d of capital-%d after a 429", n, n)
+        await asyncio.sleep(0.05)
+        during = screen_of(out.getvalue())
+    finally:
+        progress.cancel()
+        await asyncio.wait([progress])
+        logger.removeHandler(handler)
+    after = screen_of(out.getvalue())
+
+    assert tick[0] > 5  # the table was redrawn many times while the logs came in
+    lines = [line for line in during if line]
+    logs = [i for i, line in enumerate(lines) if line.startswith("retry ")]
+    titles = [i for i, line in enumerate(lines) if line.startswith("progress")]
+    assert [lines[i] for i in logs] == [f"retry {n} of capital-{n} after a 429" for n in (1, 2, 3)]
+    assert len(titles) == 1 and titles[0] > logs[-1]  # one table, below every log line
+    assert sum("/100" in line for line in lines) == 1  # no stale copy of a row
+    # afterwards the table is gone, the log lines stay, and the handler prints where it did
+    assert [line for line in after if line] == [f"retry {n} of capital-{n} after a 429" for n in (1, 2, 3)]
+    assert handler.console is original_console
+
+
+async def test_without_a_terminal_progress_is_plain_lines(capsys):
+    console = Console(file=io.StringIO(), force_terminal=False)
+    progress = asyncio.create_task(show_progress(console, interval=0.01, render=lambda: table([0])))
+    await asyncio.sleep(0.05)
+    progress.cancel()
+    await asyncio.wait([progress])
+    assert "\x1b[" not in console.file.getvalue()  # no escape sequences into a pipe

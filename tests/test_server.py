@@ -1,0 +1,206 @@
+"""The background Prefect server, for real: `promptfleet` commands as subprocesses with a
+PREFECT_HOME of their own and no PREFECT_API_URL, as a new user has them. Every test
+stops what it started, and checks that nothing of it is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from promptfleet import server
+from promptfleet.flows.crashed_runs import AUTOMATION_NAME, ensure_crash_automation
+from tests.conftest import write_jsonl
+
+PROMPTFLEET = [shutil.which("promptfleet", path=str(Path(sys.executable).parent)) or "promptfleet"]
+TWENTY = [{"id": i, "api": "test", "model_name": "test-m", "prompt": f"q{i}"} for i in range(20)]
+
+
+def processes_of(home: Path) -> list[int]:
+    """PIDs of live processes whose environment names this PREFECT_HOME (servers included)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if f"PREFECT_HOME={home}".encode() in environ.split(b"\0") and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    home = tmp_path / "prefect home"  # a space, as in many real home folders
+    yield home
+    server.stop(home)
+    for pid in processes_of(home):  # whatever a failed test left behind
+        os.kill(pid, signal.SIGKILL)
+    assert server.status(home) is None
+
+
+def cli(args: list[str], home: Path, cwd: Path, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
+    environ.update(PREFECT_HOME=str(home), **env)
+    return subprocess.run(PROMPTFLEET + args, env=environ, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def api(info: server.ServerInfo, path: str, body: dict) -> list[dict]:
+    return httpx.post(f"{info.api_url}{path}", json=body, timeout=10).json()
+
+
+@pytest.mark.slow
+def test_first_run_starts_the_server_later_runs_reuse_it_and_the_run_stays_in_the_ui(tmp_path: Path, home: Path):
+    path = write_jsonl(tmp_path / "twenty.jsonl", TWENTY)
+    (tmp_path / "data").mkdir()
+    assert cli(["server", "status"], home, tmp_path).returncode == 1
+
+    first = cli(["run", "-f", str(path), "-mq", "60000"], home, tmp_path, OPENAI_API_KEY="sk-not-for-the-server-000000")
+    assert first.returncode == 0, first.stderr[-3000:]
+    info = server.status(home)
+    assert info is not None and server.healthy(info.api_url)  # still up after the command ended
+    assert b"sk-not-for-the-server" not in Path(f"/proc/{info.pid}/environ").read_bytes()  # a long-lived process holds no keys
+    [starting] = [line for line in first.stderr.splitlines() if line.startswith("starting Prefect server")]
+    assert starting == f"starting Prefect server at {info.ui_url} (first time ~15 s) — stop with `promptfleet server stop`"
+    assert "Traceback" not in first.stderr
+
+    # the flow run, its task run per queue and its artifacts are in the API after the exit
+    [link] = [line.split()[-1] for line in first.stdout.splitlines() if line.strip().startswith("prefect ")]
+    assert link.startswith(f"{info.ui_url}/runs/flow-run/")
+    flow_run_id = link.rsplit("/", 1)[1]
+    [flow_run] = api(info, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    assert flow_run["name"] == "twenty" and flow_run["state_type"] == "COMPLETED"
+    deadline = time.monotonic() + 20  # task runs arrive as events, recorded asynchronously
+    while time.monotonic() < deadline:
+        tasks = {t["name"] for t in api(info, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})}
+        if "all" in tasks and len(tasks) >= 3:
+            break
+        time.sleep(0.5)
+    assert "all" in tasks and any(t.startswith("write_results") for t in tasks)
+    artifacts = {a["key"]: a for a in api(info, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})}
+    assert "20 answered, 0 failed" in artifacts["summary-twenty"]["data"]
+    assert artifacts["progress-twenty"]["data"] == 100.0
+    automations = httpx.post(f"{info.api_url}/automations/filter", json={}, timeout=10).json()
+    assert [a["name"] for a in automations] == [AUTOMATION_NAME]  # created with the server, once
+
+    second = cli(["run", "-f", str(path), "-mq", "60000"], home, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "starting Prefect server" not in second.stderr
+    assert server.status(home) == info  # the same server, reused
+
+    status = cli(["server", "status"], home, tmp_path)
+    assert status.returncode == 0 and f"{info.ui_url} (pid {info.pid}" in status.stdout and "answering" in status.stdout
+    stopped = cli(["server", "stop"], home, tmp_path)
+    assert stopped.returncode == 0 and f"pid {info.pid}" in stopped.stdout
+    assert server.status(home) is None and processes_of(home) == []
+    assert not (home / server.STATE_FILE).exists() and not (home / server.PREFECT_PID_FILE).exists()
+    assert cli(["server", "stop"], home, tmp_path).stdout.strip() == "no background Prefect server running"
+
+
+@pytest.mark.slow
+def test_a_stale_state_file_is_recognised_and_a_taken_port_is_avoided(tmp_path: Path, home: Path):
+    home.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (home / server.STATE_FILE).write_text(json.dumps({"pid": int(dead.stdout), "port": 4200, "started": "yesterday"}))
+    (home / server.PREFECT_PID_FILE).write_text(dead.stdout)  # as a kill -9 of the server leaves them
+
+    status = cli(["server", "status"], home, tmp_path)
+    assert status.returncode == 1 and "no background Prefect server running" in status.stdout
+    assert not (home / server.STATE_FILE).exists() and not (home / server.PREFECT_PID_FILE).exists()
+
+    with socket.socket() as taken, socket.socket() as mine:
+        try:  # make sure 4200 is taken: by us, or already by someone else on this machine
+            taken.bind(("127.0.0.1", 4200))
+            taken.listen()
+        except OSError:
+            pass
+        mine.bind(("127.0.0.1", 0))
+        mine.listen()
+        port = mine.getsockname()[1]
+        refused = cli(["server", "start", "--port", str(port)], home, tmp_path)
+        assert refused.returncode == 1
+        assert refused.stderr.strip() == f"cannot start the Prefect server: port {port} on 127.0.0.1 is taken; choose another with --port"
+
+        started = cli(["server", "start"], home, tmp_path)
+        assert started.returncode == 0, started.stderr[-3000:]
+        info = server.status(home)
+        assert info is not None and info.port != 4200 and server.healthy(info.api_url)
+        assert f"{info.ui_url} (pid {info.pid})" in started.stdout
+        again = cli(["server", "start"], home, tmp_path)
+        assert "already running" in again.stdout and server.status(home) == info
+
+
+@pytest.mark.slow
+def test_kill_9_of_an_ephemeral_run_leaves_no_server_behind(tmp_path: Path, home: Path):
+    rows = [{"id": i, "api": "test", "model_name": "m", "prompt": f"q{i}", "parameters": {"latency": 0.5}} for i in range(200)]
+    path = write_jsonl(tmp_path / "slow.jsonl", rows)
+    environ = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    environ.update(PREFECT_HOME=str(home), PROMPTFLEET_EPHEMERAL="1")
+    cmd = PROMPTFLEET + ["run", "-f", str(path), "-d", str(tmp_path / "data"), "--create-data-folder", "-mq", "600"]
+    proc = subprocess.Popen(cmd, env=environ, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and not list((tmp_path / "data" / "output").glob("slow/*-completed-slow.jsonl")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.2)
+        servers = [pid for pid in processes_of(home) if pid != proc.pid]
+        assert servers, "the temporary server was not found"
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 30  # the kernel sends SIGTERM; uvicorn takes a moment to stop
+    while time.monotonic() < deadline and processes_of(home):
+        time.sleep(0.2)
+    assert processes_of(home) == []
+    assert server.status(home) is None  # a temporary server never writes the state file
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path: Path, home: Path):
+    import asyncio
+    from datetime import timedelta
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    info, started = server.start(home)
+    assert started
+    with temporary_settings({PREFECT_API_URL: info.api_url}):  # a shorter silence than the default, to keep the test short
+        assert asyncio.run(ensure_crash_automation(silence=timedelta(seconds=40)))
+    rows = [{"id": i, "api": "test", "model_name": "m", "prompt": f"q{i}", "parameters": {"latency": 1.0}} for i in range(600)]
+    path = write_jsonl(tmp_path / "doomed.jsonl", rows)
+    environ = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
+    environ["PREFECT_HOME"] = str(home)
+    cmd = PROMPTFLEET + ["run", "-f", str(path), "-d", str(tmp_path / "data"), "--create-data-folder", "-mq", "600"]
+    proc = subprocess.Popen(cmd, env=environ, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        runs: list[dict] = []
+        while time.monotonic() < deadline and not (runs and runs[0]["state_type"] == "RUNNING"):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            runs = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
+            time.sleep(0.5)
+        assert runs and runs[0]["state_type"] == "RUNNING"
+        time.sleep(2)  # the first heartbeat is sent as the run starts
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        [run] = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
+        if run["state_type"] != "RUNNING":
+            break
+        time.sleep(2)
+    assert run["state_type"] == "CRASHED", run["state_type"]
