@@ -14,6 +14,7 @@ from rich.table import Table
 
 from prefect.logging.handlers import PrefectConsoleHandler
 from promptfleet.console import show_progress
+from promptfleet.session import Session
 
 WIDTH, HEIGHT = 80, 30
 
@@ -44,7 +45,7 @@ async def test_log_lines_print_above_one_live_table_and_leave_no_copies():
     logger.propagate = False
     original_console = handler.console
     tick = [0]
-    progress = asyncio.create_task(show_progress(console, interval=0.01, render=lambda: table(tick)))
+    progress = asyncio.create_task(show_progress(console, Session(), interval=0.01, render=lambda: table(tick)))
     try:
         for n in range(1, 4):
             await asyncio.sleep(0.05)
@@ -71,7 +72,7 @@ async def test_log_lines_print_above_one_live_table_and_leave_no_copies():
 
 async def test_without_a_terminal_progress_is_plain_lines(capsys):
     console = Console(file=io.StringIO(), force_terminal=False)
-    progress = asyncio.create_task(show_progress(console, interval=0.01, render=lambda: table([0])))
+    progress = asyncio.create_task(show_progress(console, Session(), interval=0.01, render=lambda: table([0])))
     await asyncio.sleep(0.05)
     progress.cancel()
     await asyncio.wait([progress])

@@ -132,7 +132,7 @@ def test_a_bad_file_in_the_pipeline_is_one_line_with_the_report_in_rejected(tmp_
     data = tmp_path / "data"
     write_jsonl(data / "input" / "bad.jsonl", [GOOD, {"api": "nope", "model_name": "m", "prompt": "x"}, {"api": "test"}])
     with caplog.at_level("INFO"):
-        result = runner.invoke(app, ["pipeline", "-d", str(data), "--once"])
+        result = runner.invoke(app, ["pipeline", "-d", str(data), "--once", "--settle", "0"])
     assert result.exit_code == 0, result.output
     about_it = [r for r in caplog.records if "bad.jsonl" in r.getMessage() and r.name.startswith("promptfleet")]
     [line] = [r.getMessage() for r in about_it]

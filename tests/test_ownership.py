@@ -32,6 +32,7 @@ def rows(n: int, prefix: str = "q") -> list[dict]:
 
 def cli(path: Path, data: Path, server: FakeServer, api: str, *extra: str) -> tuple[list[str], dict]:
     env = {**os.environ, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": server.base_url, "PREFECT_API_URL": api}
+    data.mkdir(parents=True, exist_ok=True)  # -d names an existing folder, as in prompto
     return [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "300", *extra], env
 
 
@@ -108,7 +109,7 @@ def test_judge_and_rephrase_files_are_written_beside_their_source(tmp_path: Path
     repo = Path(__file__).resolve().parents[1]
     data = tmp_path / "data"
     result = CliRunner().invoke(app, ["run", "-f", str(repo / "data/examples/quickstart.jsonl"), "-d", str(data),
-                                      "--judge-folder", str(repo / "data/judge"), "--judge", "test-judge"])  # fmt: skip
+                                      "--create-data-folder", "--judge-folder", str(repo / "data/judge"), "--judge", "test-judge"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert not (data / "input").exists() or not list((data / "input").iterdir())
     assert (data / "output" / "quickstart" / "judge-quickstart.jsonl").exists()
