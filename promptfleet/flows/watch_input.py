@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+
 from promptfleet import inbox
 from promptfleet.config import Settings
 from promptfleet.experiment import ExperimentError
