@@ -744,7 +744,7 @@ app.add_typer(server_app, name="server")
 
 @server_app.command("start")
 def server_start(
-    port: Annotated[Optional[int], typer.Option(help="Port on 127.0.0.1 [default: 4200, or a free one if taken].")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port on 127.0.0.1 [default: PREFECT_SERVER_API_PORT, 4200, or a free one if that is taken].")] = None,
     _debug: Debug = False,
 ) -> None:
     """Start the background Prefect server (the first `run` does this too)."""

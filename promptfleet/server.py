@@ -167,7 +167,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pick_port(preferred: int = DEFAULT_PORT) -> int:
+def preferred_port() -> int:
+    """Prefect's own setting for its server's port (PREFECT_SERVER_API_PORT, 4200 by default)."""
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().server.api.port or DEFAULT_PORT
+
+
+def pick_port(preferred: int | None = None) -> int:
+    preferred = preferred or preferred_port()
     return preferred if _port_free(preferred) else free_port()
 
 

@@ -207,7 +207,7 @@ def test_the_input_file_is_opened_at_most_three_times_whatever_the_queues(tmp_pa
     watching = True
     sys.addaudithook(hook)  # audit hooks cannot be removed: the flag turns it off
     try:
-        result = CliRunner().invoke(app, ["run", "-f", str(path), "-d", str(data), "-p"])
+        result = CliRunner().invoke(app, ["run", "-f", str(path), "-d", str(data), "-p", "--create-data-folder"])
     finally:
         watching = False
     assert result.exit_code == 0, result.output

@@ -121,23 +121,19 @@ def test_a_stale_state_file_is_recognised_and_a_taken_port_is_avoided(tmp_path: 
     assert status.returncode == 1 and "no background Prefect server running" in status.stdout
     assert not (home / server.STATE_FILE).exists() and not (home / server.PREFECT_PID_FILE).exists()
 
-    with socket.socket() as taken, socket.socket() as mine:
-        try:  # make sure 4200 is taken: by us, or already by someone else on this machine
-            taken.bind(("127.0.0.1", 4200))
-            taken.listen()
-        except OSError:
-            pass
-        mine.bind(("127.0.0.1", 0))
-        mine.listen()
-        port = mine.getsockname()[1]
+    with socket.socket() as preferred, socket.socket() as mine:
+        for held in (preferred, mine):  # two ports taken: the one Prefect's setting prefers, and one we ask for
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+        taken, port = preferred.getsockname()[1], mine.getsockname()[1]
         refused = cli(["server", "start", "--port", str(port)], home, tmp_path)
         assert refused.returncode == 1
         assert refused.stderr.strip() == f"cannot start the Prefect server: port {port} on 127.0.0.1 is taken; choose another with --port"
 
-        started = cli(["server", "start"], home, tmp_path)
+        started = cli(["server", "start"], home, tmp_path, PREFECT_SERVER_API_PORT=str(taken))
         assert started.returncode == 0, started.stderr[-3000:]
         info = server.status(home)
-        assert info is not None and info.port != 4200 and server.healthy(info.api_url)
+        assert info is not None and info.port not in (taken, port) and server.healthy(info.api_url)
         assert f"{info.ui_url} (pid {info.pid})" in started.stdout
         again = cli(["server", "start"], home, tmp_path)
         assert "already running" in again.stdout and server.status(home) == info
