@@ -105,6 +105,7 @@ def test_judge_output_folder_that_is_a_file_is_refused(tmp_path: Path):
 def test_run_takes_prompto_021_short_flags(tmp_path: Path):
     """-l/-t/-j/-s are parsed (a usage error would exit 2); the bad file is what stops it."""
     bad = write_jsonl(tmp_path / "exp.jsonl", [{"api": "test"}])
+    (tmp_path / "d").mkdir()
     args = ["run", "-f", str(bad), "-d", str(tmp_path / "d"), "-l", str(REPO / "data/judge"), "-t", "template.txt",
             "-j", "test-judge", "-s", "match", "-rp", "default"]  # fmt: skip
     result = runner.invoke(app, args)
