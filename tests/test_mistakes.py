@@ -101,14 +101,18 @@ async def _delete_block(name: str) -> None:
 
 
 def test_judge_output_that_cannot_be_written_is_one_line(tmp_path: Path):
+    from promptfleet.judge import judge_file_name
+
     completed = write_jsonl(tmp_path / "24-11-2026-18-12-22-completed-exp.jsonl", [{**GOOD, "id": 1, "response": "yes"}])
+    judge = ["judge", "-i", str(completed), "-l", str(REPO / "data/judge"), "-j", "test-judge"]
     folder = tmp_path / "out folder"
-    folder.mkdir()
-    (folder / "judge-exp.jsonl").mkdir()  # a name that is taken by a folder
-    result = runner.invoke(app, ["judge", "-i", str(completed), "-l", str(REPO / "data/judge"), "-j", "test-judge",
-                                 "-o", str(folder / "judge-exp.jsonl")])  # fmt: skip
+    (folder / judge_file_name(completed)).mkdir(parents=True)  # the judge file's name is taken by a folder
+    result = runner.invoke(app, [*judge, "-o", str(folder)])
     assert result.exit_code == 1
-    assert one_line(result.output).startswith(f"{folder / 'judge-exp.jsonl'}: cannot write the judge file there (")
+    assert one_line(result.output).startswith(f"{folder / judge_file_name(completed)}: cannot write the judge file there (")
+    (tmp_path / "a file").write_text("")
+    result = runner.invoke(app, [*judge, "-o", str(tmp_path / "a file")])
+    assert result.exit_code == 1 and one_line(result.output) == f"{tmp_path / 'a file'}: --output-folder is a file, not a folder"
     missing = runner.invoke(app, ["judge", "-i", str(tmp_path / "nope.jsonl"), "-l", str(REPO / "data/judge"), "-j", "test-judge"])
     assert missing.exit_code == 1 and one_line(missing.output) == f"{tmp_path / 'nope.jsonl'}: file not found"
 
