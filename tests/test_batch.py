@@ -248,6 +248,7 @@ def test_kill_9_after_submission_then_rerun_submits_nothing_twice(tmp_path: Path
         fake.state.hold = True
         path = write_jsonl(tmp_path / "exp.jsonl", mixed(n))
         data = tmp_path / "data"
+        data.mkdir()  # -d names an existing folder, as in prompto
         env = {**os.environ, **fake.env(), "PREFECT_API_URL": prefect_api}
         cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "--batch", "--batch-poll", "0.05"]
         proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -320,6 +321,7 @@ def test_cli_detach_then_collect_through_the_flow(tmp_path: Path, fake: FakeBatc
     fake.state.hold = True
     path = write_jsonl(tmp_path / "exp.jsonl", mixed(6))
     data = tmp_path / "data"
+    data.mkdir()
     args = ["run", "-f", str(path), "-d", str(data), "--batch", "--batch-poll", "0.05", "-e", str(tmp_path / "none.env")]
     detached = CliRunner().invoke(app, [*args, "--detach"])
     assert detached.exit_code == 0, detached.output
