@@ -133,7 +133,7 @@ def test_cli_says_in_one_line_what_happened_and_how_to_resume(tmp_path: Path, op
     path = write_jsonl(tmp_path / "exp.jsonl", rows(30))
     FullDisk.written, FullDisk.room = 0, 5
     monkeypatch.setattr(runs, "Journal", FullDisk)
-    result = runner.invoke(app, ["run", "-f", str(path), "-d", str(tmp_path / "data"), "-mq", "600", "--max-in-flight", "2"])
+    result = runner.invoke(app, ["run", "-f", str(path), "-d", str(tmp_path / "data"), "--create-data-folder", "-mq", "600", "--max-in-flight", "2"])
     assert result.exit_code == 74, result.output
     [line] = [x for x in result.output.splitlines() if "Stopped sending" in x]
     assert line.startswith("cannot write the journal in ") and "No space left on device" in line
@@ -170,7 +170,7 @@ def test_real_full_disk_mid_run_then_space_freed_resumes_cleanly(tmp_path: Path,
             server.state.latency = 0.05
             path = write_jsonl(tmp_path / "exp.jsonl", rows(n))
             env = {**os.environ, "OPENAI_API_KEY": "sk-disk-test-000000", "OPENAI_BASE_URL": server.base_url, "PREFECT_API_URL": prefect_api}
-            cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(disk / "data"), "-mq", "1200", "--max-in-flight", "4"]
+            cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(disk / "data"), "--create-data-folder", "-mq", "1200", "--max-in-flight", "4"]
             proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and sum(server.state.calls.values()) < 20 and proc.poll() is None:

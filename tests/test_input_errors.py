@@ -79,6 +79,7 @@ def test_run_refuses_a_bad_csv_row_before_anything_is_sent(tmp_path: Path):
     path = tmp_path / "exp.csv"
     path.write_text("api,model_name,prompt\ntest,m,ok\ntest,m,a,b\n")
     data = tmp_path / "data"
+    data.mkdir()
     result = runner.invoke(app, ["run", "-f", str(path), "-d", str(data)])
     assert result.exit_code == 1
     assert f"{path}:3: row has 4 cells but the header names 3 columns" in result.output

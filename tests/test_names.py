@@ -49,6 +49,7 @@ def test_prefect_accepts_every_slug():
 def test_run_completes_for_any_file_name(tmp_path: Path, prefect_api: str, name: str):
     path = write_jsonl(tmp_path / f"{name}.jsonl", [{"api": "test", "model_name": "m", "prompt": f"q{i}"} for i in range(3)])
     data = tmp_path / "data"
+    data.mkdir()
     result = runner.invoke(app, ["run", "-f", str(path), "-d", str(data)])
     assert result.exit_code == 0, result.output
     [out] = (data / "output").iterdir()

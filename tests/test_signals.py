@@ -47,6 +47,7 @@ def test_sigterm_run_drains_in_flight_exits_130_without_traceback(tmp_path: Path
         server.state.latency = 0.5
         path = write_jsonl(tmp_path / "exp.jsonl", rows(n))
         data = tmp_path / "data"
+        data.mkdir()
         cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "600"]
         proc = subprocess.Popen(cmd, env=environment(server, prefect_api), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_for_calls(server, proc, 8)
@@ -102,6 +103,7 @@ def test_ctrl_c_waits_for_slow_answers_up_to_the_request_timeout(tmp_path: Path,
             server.state.script[f"q{i}"] = [Scripted("slow", retry_after=15)]
         path = write_jsonl(tmp_path / "exp.jsonl", rows(n))
         data = tmp_path / "data"
+        data.mkdir()
         cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "120", "--timeout", "60"]
         proc = subprocess.Popen(cmd, env=environment(server, prefect_api), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_for_calls(server, proc, slow)

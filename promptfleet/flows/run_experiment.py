@@ -46,10 +46,6 @@ def _percent(done: int, prompts: int) -> float:
 async def _follow_progress(run: Run, artifact: UUID, interval: float = 2.0) -> None:
     last = 0.0
     try:
-<<<<<<< HEAD
-        artifact = await acreate_progress_artifact(0.0, key=f"progress-{slug(run.name)}", description=f"{run.name}: prompts done")
-=======
->>>>>>> 6f6a5ee (Background Prefect server by default (promptfleet server start|status|stop, --ephemeral), runs that stay in the UI, a terminal that shows what happens, mistakes in one line, less flow overhead (#14))
         while True:
             await asyncio.sleep(interval)
             percent = _percent(sum(s.done + s.skipped for s in run.stats.values()), run.plan.prompts)
@@ -73,7 +69,7 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
         more = f" (and {len(run.issues) - 1} more)" if len(run.issues) > 1 else ""
         return Failed(message=f"cannot run: {run.issues[0] if run.issues else run}{more}", data=run)  # type: ignore[return-value]
     try:
-        artifact = await acreate_progress_artifact(0.0, key=f"progress-{artifact_key(run.name)}", description=f"{run.name}: prompts done")
+        artifact = await acreate_progress_artifact(0.0, key=f"progress-{slug(run.name)}", description=f"{run.name}: prompts done")
         with run_log(run.paths.log):
             progress = asyncio.create_task(_follow_progress(run, artifact))
             try:
