@@ -43,7 +43,7 @@ Grace = Annotated[
     typer.Option("--grace", min=0, help="Seconds in-flight answers get to land after Ctrl-C/SIGTERM [default: the request timeout]."),
 ]
 RateShare = Annotated[
-    float, typer.Option("--rate-share", min=0.01, max=1.0, help="This process's share of every rate (several workers, one key).")
+    float, typer.Option("--rate-share", min=0.01, max=1.0, help="Use this fraction of every rate (with a Prefect server: of the key's shared rate).")
 ]
 
 

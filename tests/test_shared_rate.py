@@ -250,3 +250,36 @@ def test_two_runs_on_one_key_share_its_limit(tmp_path: Path, prefect_api: str):
     # together); sharing adds next to none: two runs draw what two runs alone would.
     assert state.rejected <= 2 * rejected_alone + 2
     assert 0.8 * limit <= rate <= 1.05 * limit  # not 2x the limit, not half of it
+
+
+# -- the hook in the Pacer -------------------------------------------------------------------
+
+
+class CountingRate:
+    """A SharedRate that records what the Pacer asks of it."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self.rates: list[float] = []
+
+    async def take(self) -> None:
+        self.taken += 1
+
+    def set_rate(self, per_minute: float) -> None:
+        self.rates.append(per_minute)
+
+
+async def test_every_send_waits_for_the_shared_rate_and_a_lowered_ceiling_is_shared():
+    from promptfleet.limiter import Pacer
+
+    shared = CountingRate()
+    pacer = Pacer(60_000, shared=shared)
+    for _ in range(3):
+        await pacer.acquire()
+        pacer.release()
+    await pacer.pace()  # a later turn of a conversation is a request too
+    assert shared.taken == 4
+    pacer.on_rate_limited(None)  # a 429 slows this process only
+    pacer.on_success({"x-ratelimit-limit-requests": "500"})  # the provider states the key's limit
+    pacer.lower_ceiling(900)  # higher than what we know: nothing to share
+    assert shared.rates == [500]
