@@ -125,7 +125,7 @@ def test_two_workers_on_postgres_run_six_inbox_files_once_and_survive_a_kill_9(t
     work = tmp_path / "project"
     inbox, out = work / "data" / "input", work / "data" / "output"
     names = [f"exp{k}" for k in range(1, FILES + 1)]
-    params = json.dumps({"settings": {"data_folder": "data", "parallel": True, "max_queries": LIMIT * 60}})
+    params = json.dumps({"settings": {"data_folder": "data", "parallel": True, "max_queries": LIMIT * 60, "settle_seconds": 0}})
 
     with FakeServer() as fake:
         fake.state.limit, fake.state.window = LIMIT, 1.0
@@ -155,16 +155,16 @@ def test_two_workers_on_postgres_run_six_inbox_files_once_and_survive_a_kill_9(t
             # Wait until both workers are inside an experiment, then kill one of them, flow and all.
             victim, deadline = None, time.monotonic() + 150
             while victim is None and time.monotonic() < deadline:
-                owners = {}
-                for owner in (inbox / ".running").glob(".*.owner") if (inbox / ".running").is_dir() else []:
+                holders = {}  # experiment -> pid of the process that holds its run lock
+                for name in names:
                     try:
-                        owners[owner.name[1:].removesuffix(".jsonl.owner")] = json.loads(owner.read_text())["pid"]
+                        holders[name] = json.loads((out / name / ".lock").read_text())["pid"]
                     except (OSError, ValueError, KeyError):
                         continue
-                running = {name: pid for name, pid in owners.items() if 5 <= len(_completed_lines(out, name)) < PROMPTS - 5}
-                by_worker = {i: [(n, p) for n, p in running.items() if _parent_of(p) == w.pid] for i, w in enumerate(workers)}
-                if len(owners) == 2 and by_worker[0]:
-                    victim = by_worker[0][0]
+                alive = {n: p for n, p in holders.items() if _parent_of(p) in (workers[0].pid, workers[1].pid)}
+                mid_run = [(n, p) for n, p in alive.items() if _parent_of(p) == workers[0].pid and 5 <= len(_completed_lines(out, n)) < PROMPTS - 5]
+                if len(alive) == 2 and mid_run:
+                    victim = mid_run[0]
                 else:
                     time.sleep(0.2)
             assert victim is not None, [p.read_text()[-2000:] for p in (tmp_path / "worker0.log", tmp_path / "worker1.log")]
