@@ -100,7 +100,9 @@ async def test_two_takers_share_one_rate_in_blocks(prefect_api: str):
     await asyncio.gather(_take_for(a, seconds, times_a), _take_for(b, seconds, times_b))
     together = times_a + times_b
     # 10/s together, not 20: at most the rate plus one block, and no less than 80% of it.
-    assert 0.8 * 10 * seconds <= len(together) <= 10 * seconds + 20  # + one block (2 s) at the start
+    # At most the rate plus the first block (2 s); at least well above what half each would
+    # give (a loaded test server slows the hand-overs; the two-run test below measures the rate).
+    assert 0.6 * 10 * seconds <= len(together) <= 10 * seconds + 20
     assert _max_in_window(together) <= 10 + 1  # at a hand-over, the answer's latency may shift one in
     assert times_a and times_b  # both got blocks
     assert a.blocks + b.blocks <= len(together) / 10 + 2  # one server grant per second's worth, not per request
@@ -249,7 +251,7 @@ def test_two_runs_on_one_key_share_its_limit(tmp_path: Path, prefect_api: str):
     # Each run draws its own few 429s from its first requests (they leave the process
     # together); sharing adds next to none: two runs draw what two runs alone would.
     assert state.rejected <= 2 * rejected_alone + 2
-    assert 0.8 * limit <= rate <= 1.05 * limit  # not 2x the limit, not half of it
+    assert 0.85 * limit <= rate <= 1.05 * limit  # about the limit: not 2x, not half (measured 95%)
 
 
 # -- the hook in the Pacer -------------------------------------------------------------------
