@@ -4,16 +4,16 @@ under the key's limit.
 
 The shared bucket is a Prefect global concurrency limit with slot decay, one per (api,
 model, credentials): `slot_decay_per_second` is the key's rate and `limit` one block of
-about a second's sends. A process takes a whole block at once and hands its requests
-out within the block's window (the Pacer keeps them evenly spaced), so a queue makes one
-or two server calls a second, not one per request. Slots not used by the end of the
-window are dropped: a process that slowed down cannot overlap the next holder's window.
+BLOCK_S seconds of sends. A process takes a whole block at once and hands its requests
+out evenly over the block's window, so a queue makes about one server call a second, not
+one per request. Sends not used by the end of the window are dropped: a process that
+slowed down cannot overlap the next holder's window.
 
 Why not `prefect.concurrency.asyncio.rate_limit()`: on a 423 it sleeps the server's
 `Retry-After`, a random interval around a whole block's decay time, so a process that
 lost one race waits about a block for nothing while the bucket refills unused, and the
-process that held the last block wins the next one too (measured: 8.4/s of 10/s with two
-processes, one of them starved for seconds). Here a process reads the limit first (a
+process that held the last block tends to win the next one too (measured here: two
+processes together got 8.4/s of a 10/s limit). Here a process reads the limit first (a
 read changes nothing), sleeps until the slots have decayed, and asks then; the process
 that held the last block asks a little later, so blocks alternate between waiting
 processes.
@@ -23,8 +23,8 @@ kept on the machine), never the key or a plain hash of it: names are shown in th
 the API. Processes on several machines share a limit only when they share the salt
 (`PROMPTFLEET_RATE_SALT`).
 
-Without a Prefect server (no `PREFECT_API_URL`) there is nothing to share and pacing
-stays in-process; when the server stops answering mid-run, the queue goes on at its own
+Without a Prefect server (no `PREFECT_API_URL`, a temporary server, or the plain Python
+API, which reports nothing) there is nothing to share and pacing stays in-process; when the server stops answering mid-run, the queue goes on at its own
 pace and asks the server again a little later.
 """
 
@@ -165,7 +165,7 @@ class GlobalRate:
         self._spacing = 0.0
         self._offline_until = 0.0
         self._lock = asyncio.Lock()
-        self.blocks = 0  # blocks taken, for the tests and the log
+        self.blocks = 0  # blocks taken (server grants), for the tests
 
     @property
     def name(self) -> str:
@@ -251,16 +251,19 @@ def _age(bucket: Bucket) -> float:
     return (datetime.now(timezone.utc) - bucket.updated).total_seconds()
 
 
-def server_configured() -> bool:
-    """Runs report to a Prefect server whose limits other processes can see."""
+def reporting_to_a_server() -> bool:
+    """This code runs in a Prefect flow run that reports to a server other processes can
+    see (PREFECT_API_URL set: not a temporary server, not the plain Python API)."""
+    from prefect.context import FlowRunContext, TaskRunContext
     from prefect.settings import PREFECT_API_URL
 
-    return bool(PREFECT_API_URL.value())
+    in_a_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
+    return in_a_run and bool(PREFECT_API_URL.value())
 
 
 def shared_rate_for(api: str, model: str, credentials: Mapping[str, str], per_minute: float) -> GlobalRate | None:
     """The shared rate of this model and key, or None when there is no server to share it."""
-    if not server_configured():
+    if not reporting_to_a_server():
         return None
     return GlobalRate(PrefectLimits(limit_name(api, model, credentials, machine_salt())), per_minute)
 

@@ -136,7 +136,8 @@ def test_two_workers_on_postgres_run_six_inbox_files_once_and_survive_a_kill_9(t
         # The recipe, as the README gives it.
         work.mkdir()
         run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
-        run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
+        # The pipeline only: `--all` would add the judge, triggered by each finished run.
+        run([PREFECT, "--no-prompt", "deploy", "--name", "pipeline", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
         # Test only: polls start when the test says (with its rate), not on the minute's schedule.
         run([PREFECT, "deployment", "schedule", "clear", "watch_input/pipeline", "--accept-yes"], env, work)
         logs = [(tmp_path / f"worker{i}.log").open("wb") for i in range(2)]

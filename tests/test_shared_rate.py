@@ -61,11 +61,17 @@ def test_limit_name_hides_the_key_and_depends_on_the_salt():
     assert fingerprint(creds, b"s" * 64) != fingerprint({**creds, "OPENAI_API_KEY": KEY + "x"}, b"s" * 64)
 
 
-def test_without_a_server_pacing_stays_in_process():
+def test_only_flow_runs_reporting_to_a_server_share(prefect_api: str):
+    from prefect import flow
+
+    @flow
+    def shares() -> bool:
+        return shared_rate_for("openai", "gpt", {"OPENAI_API_KEY": KEY}, 600) is not None
+
+    assert shares()  # a flow run on the server
+    assert shared_rate_for("openai", "gpt", {"OPENAI_API_KEY": KEY}, 600) is None  # the plain Python API
     with api_url(""):
-        assert shared_rate_for("openai", "gpt", {"OPENAI_API_KEY": KEY}, 600) is None
-    with api_url("http://127.0.0.1:9/api"):
-        assert shared_rate_for("openai", "gpt", {"OPENAI_API_KEY": KEY}, 600) is not None
+        assert not shares()  # a temporary server: nobody else to share with
 
 
 def api_url(url: str):
