@@ -49,7 +49,7 @@ SALT_ENV = "PROMPTFLEET_RATE_SALT"
 SALT_FILE = "promptfleet-rate-salt"
 PREFIX = "promptfleet-rate"
 BLOCK_S = 2.0  # a block holds this many seconds of sends: fewer hand-overs, less lost to latency
-GAP_S = 0.05  # a block's sends end this long before the next holder's may start (server latency jitter)
+GAP_S = 0.05  # a block's sends end this long before the next holder's may start (timer jitter)
 SPACING_MARGIN = 0.002  # sends exactly 1/rate apart put rate+1 of them in some closed second
 HANDOVER_S = 0.03  # a process that just held a block asks for the next one this much later than a waiting one
 SLOTS = 100  # slots per request: Prefect decays and reports whole slots, so a slot is a fine grain
@@ -226,10 +226,10 @@ class GlobalRate:
             courtesy = 0.0
             asked = loop.time()
             if await self._limits.take(bucket.limit):
-                # The grant happened between asking and the answer: the window starts half
-                # way and ends GAP_S early, before the next holder's starts.
+                # The grant happened between asking and the answer: counted from the asking,
+                # the window ends before the next holder's can start, however slow the answer.
                 self._left = bucket.requests
-                self._next_at = (asked + loop.time()) / 2
+                self._next_at = asked
                 self._spacing = SLOTS / bucket.per_second * (1 + SPACING_MARGIN)
                 self._until = self._next_at + bucket.limit / bucket.per_second - GAP_S
                 self.blocks += 1
