@@ -62,7 +62,7 @@ Ephemeral = Annotated[
 ]
 CreateDataFolder = Annotated[bool, typer.Option("--create-data-folder", help="Create the data folder if it does not exist.")]
 RateShare = Annotated[
-    float, typer.Option("--rate-share", min=0.01, max=1.0, help="This process's share of every rate (several workers, one key).")
+    float, typer.Option("--rate-share", min=0.01, max=1.0, help="Use this fraction of every rate (with a Prefect server: of the key's shared rate).")
 ]
 
 

@@ -27,7 +27,7 @@ class Settings(BaseModel):
     max_cost: float | None = None
     max_tokens_total: int | None = None
     prices: Path | None = None
-    rate_share: float = 1.0  # this process's share of every rate, when several processes share a key
+    rate_share: float = 1.0  # fraction of every rate to use; with a server, of the key's shared rate
     scorers: list[str] = []
     settle_seconds: float = 10.0  # the pipeline claims a file only after this long unwritten
     # Batch mode (docs/batch.md): batchable prompts go through the providers' batch APIs.

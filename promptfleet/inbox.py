@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from promptfleet.experiment import EXTENSIONS
-from promptfleet.rundir import now_stamp
+from promptfleet.rundir import RunBusy, RunLock, RunPaths, now_stamp
 
 RUNNING = ".running"
 
@@ -89,6 +89,36 @@ def requeue_orphans(input_folder: Path) -> list[Path]:
         claimed = running / owner.name.removeprefix(".").removesuffix(".owner")
         if info.get("host") == socket.gethostname() and not _alive(info.get("pid", -1)) and claimed.exists():
             requeued.append(release(claimed))
+    return requeued
+
+
+def requeue_stranded(input_folder: Path, output_folder: Path) -> list[Path]:
+    """Put back inbox files whose run a dead process left unfinished (a worker killed with
+    -9, a host that went down): the run's state names a claim in `.running/`, its working
+    copy sits next to its outputs, and nobody holds its lock (the OS drops a dead process's
+    flock). Works across hosts as far as the shared filesystem's flock does."""
+    running = running_folder(input_folder).resolve()
+    requeued = []
+    for state_file in output_folder.glob("*/*-run-*.json") if output_folder.is_dir() else []:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        source = Path(str(state.get("source", "")))
+        if state.get("finished") or source.parent.resolve() != running or (input_folder / source.name).exists():
+            continue
+        stamp, _, name = state_file.name.removesuffix(".json").partition("-run-")
+        working = RunPaths(state_file.parent, stamp, name, source.suffix).input
+        lock = RunLock(state_file.parent)
+        try:
+            lock.acquire()
+        except RunBusy:
+            continue  # its run is alive
+        try:
+            if working.exists():
+                requeued.append(give_back(working, input_folder, source.name))
+        finally:
+            lock.release()
     return requeued
 
 

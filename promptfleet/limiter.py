@@ -16,6 +16,8 @@
 - Optional tokens per minute: each send takes its estimated tokens from an aiolimiter bucket,
   and the usage the API reports corrects the estimate.
 - A cap on requests in flight, so a stalled server cannot pile up unbounded work.
+- Optionally a rate shared with other processes on the same key (shared_rate.py): each
+  send also waits for the shared bucket, and a lowered ceiling lowers it for everyone.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiolimiter import AsyncLimiter
+
+if TYPE_CHECKING:
+    from promptfleet.shared_rate import SharedRate
 
 MIN_FRACTION = 0.02  # never slower than 2% of the ceiling
 DECREASE = 0.5
@@ -47,6 +52,7 @@ class Pacer:
         tokens_per_minute: float | None = None,
         clock: Callable[[], float] | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        shared: SharedRate | None = None,
     ):
         if rate_per_minute <= 0:
             raise ValueError("rate must be positive")
@@ -64,6 +70,7 @@ class Pacer:
         self._limited: deque[int] = deque(maxlen=64)  # sequence numbers of recent sends answered 429
         self._learned: tuple[float, float] | None = None  # (rate per minute, when) the key accepted when over
         self._accepted: deque[float] = deque()  # times of answers in the last second
+        self.shared = shared
 
     def _now(self) -> float:
         return self._clock() if self._clock else asyncio.get_running_loop().time()
@@ -106,6 +113,8 @@ class Pacer:
             await self._sleep(turn - now)
         if self._tokens is not None and tokens:
             await self._tokens.acquire(min(float(tokens), self._token_bucket))
+        if self.shared is not None:
+            await self.shared.take()
         self._sent += 1
         return self._sent
 
@@ -165,6 +174,8 @@ class Pacer:
 
     def lower_ceiling(self, rate_per_minute: float) -> None:
         """Never send faster than this again: the strictest stated or configured limit wins."""
+        if self.shared is not None and rate_per_minute < self.ceiling:
+            self.shared.set_rate(rate_per_minute)  # the key's limit, for every process on it
         self.ceiling = min(self.ceiling, float(rate_per_minute))
         self.rate = min(self.rate, self.ceiling)
 
@@ -234,12 +245,21 @@ class PacerPool:
         return len(self._pacers)
 
     @contextmanager
-    def pacer(self, key: Hashable, rpm: float, tpm: float | None = None, max_in_flight: int = 512, **clock: Any) -> Iterator[Pacer]:
+    def pacer(
+        self,
+        key: Hashable,
+        rpm: float,
+        tpm: float | None = None,
+        max_in_flight: int = 512,
+        shared: Callable[[], SharedRate | None] | None = None,
+        **clock: Any,
+    ) -> Iterator[Pacer]:
+        """`shared` makes the rate shared with other processes, when a new pacer is made."""
         if key in self._pacers:
             pacer, users = self._pacers[key]
             pacer.lower_ceiling(rpm)
         else:
-            pacer, users = Pacer(rpm, max_in_flight, tpm, **clock), 0
+            pacer, users = Pacer(rpm, max_in_flight, tpm, shared=shared() if shared else None, **clock), 0
         self._pacers[key] = (pacer, users + 1)
         try:
             yield pacer

@@ -30,6 +30,7 @@ from promptfleet.providers.base import ProviderOptions, resolve_env
 from promptfleet.rundir import Journal, RunLock, RunPaths, now_stamp, read_journal, read_state, unfinished_runs, write_state
 from promptfleet.scorers import load_scorer
 from promptfleet.session import Session, current_session
+from promptfleet.shared_rate import SharedRate, shared_rate_for
 from promptfleet.tables import write_tables
 
 log = logging.getLogger("promptfleet")
@@ -152,7 +153,8 @@ class Run:
         stats = self.stats[queue.name]
         tpm = f", {queue.tokens_per_minute:g} tokens/min" if queue.tokens_per_minute else ""
         log.info("queue %s: %d prompts at %g/min%s (%d already done)", queue.name, queue.prompts, queue.rate_per_minute, tpm, stats.skipped)
-        with self.session.pacers.pacer(self._pacer_key(queue), queue.rate_per_minute, queue.tokens_per_minute, self.settings.max_in_flight) as pacer:
+        limits = (queue.rate_per_minute, queue.tokens_per_minute, self.settings.max_in_flight)
+        with self.session.pacers.pacer(self._pacer_key(queue), *limits, shared=lambda: self._shared_rate(queue)) as pacer:
             ctx = QueueContext(self.clients, pacer, self.journal, stats, self.policy, self.stop, self.spend, self.budget,
                                self.scorers, grace=self.settings.stop_grace)  # fmt: skip
             await run_queue(self.prompts(queue), ctx)
@@ -178,10 +180,15 @@ class Run:
         """Queues sending to one model with one key share a pacer; a mixed queue has its own."""
         if queue.target is None:
             return ("queue", id(self), queue.name)
-        api, _, model = queue.target.partition("/")
-        cls = provider_class(api)
-        creds = sorted(resolve_env(cls.required_env + cls.optional_env, model).items())
+        creds = sorted(_credentials(queue.target).items())
         return ("model", queue.target, hashlib.sha256(repr(creds).encode()).hexdigest())
+
+    def _shared_rate(self, queue: QueuePlan) -> SharedRate | None:
+        """The key's rate shared with every process on the Prefect server (none for a mixed queue)."""
+        if queue.target is None:
+            return None
+        api, _, model = queue.target.partition("/")
+        return shared_rate_for(api, model, _credentials(queue.target), queue.rate_per_minute)
 
     def finish(self, orchestration: dict[str, Any] | None = None) -> RunSummary:
         """Tables, manifest and summary; when every prompt has landed, the run is closed
@@ -332,6 +339,13 @@ def _skips(plan: Plan, done, same_file: bool) -> tuple[dict[str, bytearray], int
             matched += marks[i]
         skip[queue.name] = marks
     return skip, matched
+
+
+def _credentials(target: str) -> dict[str, str]:
+    """The env values that pick an `api/model`'s account (keys, endpoints)."""
+    api, _, model = target.partition("/")
+    cls = provider_class(api)
+    return resolve_env(cls.required_env + cls.optional_env, model)
 
 
 def _count_lines(path: Path) -> int:

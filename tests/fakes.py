@@ -49,6 +49,7 @@ class FakeState:
     rejected: int = 0
     script: dict[str, list[Scripted]] = field(default_factory=dict)
     calls: Counter = field(default_factory=Counter)
+    answered: Counter = field(default_factory=Counter)  # 200 answers per prompt: an answer paid twice shows here
     seen: list[Seen] = field(default_factory=list)
     times: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -279,6 +280,8 @@ class _Handler(BaseHTTPRequestHandler):
                 played = state.schema_replies.pop(0) if state.schema_replies else None
             answer = played if played is not None else json.dumps(example_instance(schema, text))
         request_id = {"x-request-id": f"req_fake_{len(state.seen)}", "request-id": f"req_fake_{len(state.seen)}"}
+        with state.lock:
+            state.answered[text] += 1
         self._send(200, ok(payload, answer, len(text.split())), {**limit_headers, **request_id})
 
     @staticmethod

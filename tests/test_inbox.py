@@ -59,3 +59,34 @@ def test_pipeline_once_runs_good_files_and_rejects_bad_ones(tmp_path: Path, pref
     [report] = (data / "rejected").glob("*-bad.jsonl.errors.txt")
     assert "bad.jsonl:2: api: unknown api 'nope'" in report.read_text()
     assert not list((data / "input").glob("*.jsonl")) and not list((data / "input" / ".running").iterdir())
+
+
+def test_a_run_left_unfinished_by_a_dead_process_goes_back_to_the_inbox(tmp_path: Path):
+    from promptfleet.rundir import RunLock
+
+    inbox_dir, out = tmp_path / "input", tmp_path / "output"
+    (inbox_dir / ".running").mkdir(parents=True)
+
+    def stranded(name: str, finished: bool = False, source: Path | None = None) -> Path:
+        folder = out / name
+        folder.mkdir(parents=True)
+        working = folder / f"20260101-000000-input-{name}.jsonl"
+        working.write_text('{"prompt": "p", "api": "test", "model_name": "m"}\n')
+        state = {"source": str(source or inbox_dir / ".running" / f"{name}.jsonl"), "finished": finished}
+        (folder / f"20260101-000000-run-{name}.json").write_text(json.dumps(state))
+        return working
+
+    dead = stranded("dead run")  # its process is gone: nobody holds the lock
+    stranded("done", finished=True)
+    stranded("by hand", source=tmp_path / "elsewhere.jsonl")  # `promptfleet run`, not the inbox
+    stranded("alive")
+    held = RunLock(out / "alive")
+    held.acquire()  # a live owner (this process, through another open file)
+    try:
+        back = inbox.requeue_stranded(inbox_dir, out)
+        again = inbox.requeue_stranded(inbox_dir, out)
+    finally:
+        held.release()
+    assert back == [inbox_dir / "dead run.jsonl"] and back[0].exists() and not dead.exists()
+    assert again == []  # once
+    assert sorted(p.name for p in inbox_dir.glob("*.jsonl")) == ["dead run.jsonl"]

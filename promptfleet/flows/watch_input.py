@@ -37,7 +37,7 @@ async def watch_input(settings: Settings | None = None) -> list[dict[str, Any]]:
     settings = settings or Settings()
     session = current_session()
     stop_on_signals(session)
-    for path in inbox.requeue_orphans(settings.input_folder):
+    for path in inbox.requeue_orphans(settings.input_folder) + inbox.requeue_stranded(settings.input_folder, settings.output_folder):
         log.info("put back %s, left running by a process that is gone", path.name)
     summaries = []
     for path in inbox.waiting_files(settings.input_folder, settings.settle_seconds):

@@ -1,0 +1,310 @@
+"""One request rate per API key, shared by every promptfleet process that reports to the
+same Prefect server: two runs, two workers or two machines on one key together stay
+under the key's limit.
+
+The shared bucket is a Prefect global concurrency limit with slot decay, one per (api,
+model, credentials): `slot_decay_per_second` is the key's rate and `limit` one block of
+BLOCK_S seconds of sends. A process takes a whole block at once and hands its requests
+out evenly over the block's window, so a queue makes about one server call a second, not
+one per request. Sends not used by the end of the window are dropped: a process that
+slowed down cannot overlap the next holder's window.
+
+Why not `prefect.concurrency.asyncio.rate_limit()`: on a 423 it sleeps the server's
+`Retry-After`, a random interval around a whole block's decay time, so a process that
+lost one race waits about a block for nothing while the bucket refills unused, and the
+process that held the last block tends to win the next one too (measured here: two
+processes together got 8.4/s of a 10/s limit). Here a process reads the limit first (a
+read changes nothing), sleeps until the slots have decayed, and asks then; the process
+that held the last block asks a little later, so blocks alternate between waiting
+processes.
+
+The limit's name carries a keyed fingerprint of the credentials (HMAC-SHA256 with a salt
+kept on the machine), never the key or a plain hash of it: names are shown in the UI and
+the API. Processes on several machines share a limit only when they share the salt
+(`PROMPTFLEET_RATE_SALT`).
+
+Without a Prefect server (no `PREFECT_API_URL`, a temporary server, or the plain Python
+API, which reports nothing) there is nothing to share and pacing stays in-process; when the server stops answering mid-run, the queue goes on at its own
+pace and asks the server again a little later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger("promptfleet.shared_rate")
+
+SALT_ENV = "PROMPTFLEET_RATE_SALT"
+SALT_FILE = "promptfleet-rate-salt"
+PREFIX = "promptfleet-rate"
+BLOCK_S = 2.0  # a block holds this many seconds of sends: fewer hand-overs, less lost to latency
+GAP_S = 0.05  # a block's sends end this long before the next holder's may start (timer jitter)
+SPACING_MARGIN = 0.002  # sends exactly 1/rate apart put rate+1 of them in some closed second
+HANDOVER_S = 0.03  # a process that just held a block asks for the next one this much later than a waiting one
+SLOTS = 100  # slots per request: Prefect decays and reports whole slots, so a slot is a fine grain
+STALE_S = 60.0  # a limit nobody used for this long takes the next run's rate as it is
+OFFLINE_S = 30.0  # after a server error, pace in-process this long before asking again
+TOLERANCE = 0.02  # a learned rate this close to the shared one is not written
+
+
+class SharedRate(Protocol):
+    """What the Pacer needs from a rate shared with other processes."""
+
+    async def take(self) -> None:
+        """Wait until this process may send one more request."""
+
+    def set_rate(self, per_minute: float) -> None:
+        """The key's rate as this process learned it (a provider's stated limit); shared
+        with the next block it asks for."""
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A global concurrency limit as read: `active` slots left after decay (SLOTS per request)."""
+
+    limit: int
+    per_second: float
+    active: int
+    updated: datetime | None
+    enabled: bool = True
+
+    @property
+    def per_minute(self) -> float:
+        return self.per_second * 60 / SLOTS
+
+    @property
+    def requests(self) -> int:
+        return max(1, self.limit // SLOTS)
+
+
+def block_for(per_minute: float) -> int:
+    """Requests in one block: BLOCK_S seconds' worth, at least one."""
+    return max(1, round(per_minute / 60 * BLOCK_S))
+
+
+class PrefectLimits:
+    """The four calls made on one global concurrency limit, through Prefect's client."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    async def read(self) -> Bucket | None:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        async with get_client() as client:
+            try:
+                gcl = await client.read_global_concurrency_limit_by_name(self.name)
+            except ObjectNotFound:
+                return None
+        return Bucket(gcl.limit, gcl.slot_decay_per_second, gcl.active_slots, gcl.updated, gcl.active)
+
+    async def create(self, per_minute: float) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+        from prefect.exceptions import ObjectAlreadyExists
+
+        spec = GlobalConcurrencyLimitCreate(name=self.name, limit=block_for(per_minute) * SLOTS, slot_decay_per_second=per_minute / 60 * SLOTS)
+        async with get_client() as client:
+            try:
+                await client.create_global_concurrency_limit(spec)
+            except ObjectAlreadyExists:
+                pass  # another process was first: its limit is the shared one
+
+    async def set(self, per_minute: float, was: Bucket | None = None) -> None:
+        """Change the rate; slots in use keep the time they have left (at half the rate a
+        block must not take twice as long to decay)."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+        per_second = per_minute / 60 * SLOTS
+        spec = GlobalConcurrencyLimitUpdate(limit=block_for(per_minute) * SLOTS, slot_decay_per_second=per_second)
+        if was is not None and was.active and was.per_second > 0:
+            spec.active_slots = round(was.active * per_second / was.per_second)
+        async with get_client() as client:
+            await client.update_global_concurrency_limit(self.name, spec)
+
+    async def take(self, slots: int) -> bool:
+        """Occupy `slots` at once; False when they are not free (someone was faster)."""
+        import httpx
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            try:
+                await client.increment_concurrency_slots([self.name], slots, mode="rate_limit")
+            except httpx.HTTPStatusError as err:
+                if err.response.status_code in (422, 423):  # taken, or the limit just changed size
+                    return False
+                raise
+        return True
+
+
+class GlobalRate:
+    """A SharedRate on a Prefect global concurrency limit (see the module docstring)."""
+
+    def __init__(self, limits: PrefectLimits, per_minute: float):
+        self._limits = limits
+        self._own = per_minute  # this process's ceiling when it joined
+        self._believed = per_minute  # the last rate the Pacer reported
+        self._wanted: float | None = None  # a learned rate not yet written
+        self._joined = False
+        self._left = 0
+        self._until = 0.0
+        self._next_at = 0.0
+        self._spacing = 0.0
+        self._offline_until = 0.0
+        self._lock = asyncio.Lock()
+        self.blocks = 0  # blocks taken (server grants), for the tests
+
+    @property
+    def name(self) -> str:
+        return self._limits.name
+
+    def set_rate(self, per_minute: float) -> None:
+        if per_minute != self._believed:
+            self._believed = self._wanted = per_minute
+
+    async def take(self) -> None:
+        async with self._lock:  # one block request at a time; the other sends wait for it
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._offline_until:
+                return
+            if self._left <= 0 or max(loop.time(), self._next_at) >= self._until:
+                try:
+                    await self._next_block()
+                except Exception as err:  # the server is down or answers garbage: keep sending at our own pace
+                    log.warning("shared rate %s: Prefect server unavailable (%s); pacing in this process for %.0fs", self.name, err, OFFLINE_S)
+                    self._offline_until = loop.time() + OFFLINE_S
+                    return
+                if loop.time() < self._offline_until:
+                    return
+            # Requests of a block go out evenly over its window, so two processes handing
+            # over a block never send a burst across the hand-over.
+            turn = max(loop.time(), self._next_at)
+            self._next_at = turn + self._spacing
+            self._left -= 1
+            if turn > loop.time():
+                await asyncio.sleep(turn - loop.time())
+
+    async def _next_block(self) -> None:
+        loop = asyncio.get_running_loop()
+        if not self._joined:
+            await self._join()
+        courtesy = HANDOVER_S if self._until else 0.0  # after our own block, let a waiting process go first
+        while True:
+            asked = loop.time()
+            bucket = await self._limits.read()
+            if bucket is None:  # deleted meanwhile
+                await self._limits.create(self._believed)
+                continue
+            if not bucket.enabled:  # switched off in the UI: no shared limit for this key, for now
+                self._offline_until = loop.time() + OFFLINE_S
+                return
+            if bucket.per_second <= 0 or bucket.limit < SLOTS:  # edited into something that cannot pace
+                await self._limits.set(self._believed, None)
+                continue
+            if self._wanted is not None:
+                wanted, self._wanted = self._wanted, None
+                if abs(wanted - bucket.per_minute) > TOLERANCE * bucket.per_minute:
+                    await self._limits.set(wanted, bucket)
+                    continue
+            # Counted from when we asked: a late answer must not make us late (a 423 costs
+            # nothing but another read, a late take costs the key's capacity).
+            if wait := max(0.0, asked + bucket.active / bucket.per_second + courtesy - loop.time()):
+                await asyncio.sleep(wait)
+            courtesy = 0.0
+            asked = loop.time()
+            if await self._limits.take(bucket.limit):
+                # The grant happened between asking and the answer: counted from the asking,
+                # the window ends before the next holder's can start, however slow the answer.
+                self._left = bucket.requests
+                self._next_at = asked
+                self._spacing = SLOTS / bucket.per_second * (1 + SPACING_MARGIN)
+                self._until = self._next_at + bucket.limit / bucket.per_second - GAP_S
+                self.blocks += 1
+                return
+
+    async def _join(self) -> None:
+        """Create the key's limit, or take over a stale one, or lower it to our ceiling."""
+        bucket = await self._limits.read()
+        if bucket is None:
+            await self._limits.create(self._own)
+        elif _age(bucket) > STALE_S or bucket.per_minute > self._own * (1 + TOLERANCE):
+            await self._limits.set(self._own, bucket)
+        self._joined = True
+
+
+def _age(bucket: Bucket) -> float:
+    if bucket.updated is None:
+        return float("inf")
+    return (datetime.now(timezone.utc) - bucket.updated).total_seconds()
+
+
+def reporting_to_a_server() -> bool:
+    """This code runs in a Prefect flow run that reports to a server other processes can
+    see (PREFECT_API_URL set: not a temporary server, not the plain Python API)."""
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    in_a_run = FlowRunContext.get() is not None or TaskRunContext.get() is not None
+    return in_a_run and bool(PREFECT_API_URL.value())
+
+
+def shared_rate_for(api: str, model: str, credentials: Mapping[str, str], per_minute: float) -> GlobalRate | None:
+    """The shared rate of this model and key, or None when there is no server to share it."""
+    if not reporting_to_a_server():
+        return None
+    return GlobalRate(PrefectLimits(limit_name(api, model, credentials, machine_salt())), per_minute)
+
+
+def limit_name(api: str, model: str, credentials: Mapping[str, str], salt: bytes) -> str:
+    """`promptfleet-rate:<api>:<model>:<fingerprint>`, readable in the UI, no secret in it."""
+    return f"{PREFIX}:{_slug(api)}:{_slug(model)}:{fingerprint(credentials, salt)}"
+
+
+def fingerprint(credentials: Mapping[str, str], salt: bytes) -> str:
+    """A keyed hash of the credentials: equal keys meet, a leaked name reveals nothing."""
+    data = "\n".join(f"{k}={v}" for k, v in sorted(credentials.items())).encode()
+    return hmac.new(salt, data, hashlib.sha256).hexdigest()[:24]
+
+
+def machine_salt(home: Path | None = None) -> bytes:
+    """`PROMPTFLEET_RATE_SALT`, else a random salt created once under PREFECT_HOME (0600)."""
+    if value := os.environ.get(SALT_ENV):
+        return value.encode()
+    if home is None:
+        from prefect.settings import PREFECT_HOME
+
+        home = Path(PREFECT_HOME.value())
+    path = home / SALT_FILE
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = home / f".{SALT_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)  # atomic: two processes starting at once end with one salt
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    salt = path.read_text().strip()
+    if len(salt) < 32:
+        raise RuntimeError(f"{path} does not hold a salt; delete it to make a new one")
+    return salt.encode()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "-"

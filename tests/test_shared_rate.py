@@ -1,0 +1,293 @@
+"""Rates shared across processes through the Prefect server's global concurrency limits."""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from promptfleet import shared_rate
+from promptfleet.shared_rate import SLOTS, GlobalRate, PrefectLimits, fingerprint, limit_name, machine_salt, shared_rate_for
+from tests.conftest import write_jsonl
+from tests.fakes import FakeServer
+
+KEY = "sk-shared-secret-0123456789"
+
+
+# -- the name: a keyed fingerprint, never the key ------------------------------------------
+
+
+def test_salt_is_created_once_private_and_reused(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv(shared_rate.SALT_ENV, raising=False)
+    salt = machine_salt(tmp_path)
+    path = tmp_path / shared_rate.SALT_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert machine_salt(tmp_path) == salt and len(salt) >= 32
+    assert not [p for p in tmp_path.iterdir() if p.name != shared_rate.SALT_FILE]  # no temporary left behind
+
+
+def test_salt_from_the_environment_wins_so_machines_can_share_it(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv(shared_rate.SALT_ENV, "a-salt-shared-by-every-machine-of-the-group")
+    assert machine_salt(tmp_path) == b"a-salt-shared-by-every-machine-of-the-group"
+    assert not (tmp_path / shared_rate.SALT_FILE).exists()
+
+
+def test_a_broken_salt_file_is_refused_with_its_path(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv(shared_rate.SALT_ENV, raising=False)
+    (tmp_path / shared_rate.SALT_FILE).write_text("\n")
+    with pytest.raises(RuntimeError, match=str(tmp_path)):
+        machine_salt(tmp_path)
+
+
+def test_limit_name_hides_the_key_and_depends_on_the_salt():
+    creds = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    name = limit_name("openai", "ft:gpt-4o/mini tuned", creds, b"s" * 64)
+    assert name.startswith("promptfleet-rate:openai:ft-gpt-4o-mini-tuned:")
+    assert KEY not in name and "sk-" not in name and "/" not in name
+    import hashlib
+
+    plain = {hashlib.sha256(v.encode()).hexdigest()[:24] for v in (KEY, repr(sorted(creds.items())))}
+    assert name.rsplit(":", 1)[1] not in plain  # not an unsalted hash either
+    assert fingerprint(creds, b"s" * 64) != fingerprint(creds, b"t" * 64)
+    assert fingerprint(creds, b"s" * 64) != fingerprint({**creds, "OPENAI_API_KEY": KEY + "x"}, b"s" * 64)
+
+
+def test_only_flow_runs_reporting_to_a_server_share(prefect_api: str):
+    from prefect import flow
+
+    @flow
+    def shares() -> bool:
+        return shared_rate_for("openai", "gpt", {"OPENAI_API_KEY": KEY}, 600) is not None
+
+    assert shares()  # a flow run on the server
+    assert shared_rate_for("openai", "gpt", {"OPENAI_API_KEY": KEY}, 600) is None  # the plain Python API
+    with api_url(""):
+        assert not shares()  # a temporary server: nobody else to share with
+
+
+def api_url(url: str):
+    """Prefect reads its settings once per context: change them through a settings context."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings({PREFECT_API_URL: url})
+
+
+# -- one bucket, several takers, a real Prefect server ---------------------------------------
+
+
+async def _take_for(rate: GlobalRate, seconds: float, times: list[float]) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        await rate.take()
+        times.append(time.monotonic())
+
+
+def _max_in_window(times: list[float], window: float = 1.0) -> int:
+    times = sorted(times)
+    return max(bisect.bisect_right(times, t + window - 1e-9) - i for i, t in enumerate(times))
+
+
+async def test_two_takers_share_one_rate_in_blocks(prefect_api: str):
+    name = limit_name("test", "two-takers", {"K": "v"}, b"x" * 64)
+    a, b = GlobalRate(PrefectLimits(name), 600), GlobalRate(PrefectLimits(name), 600)
+    await PrefectLimits(name).read()  # Prefect's client imports on first use: not part of the measure
+    times_a: list[float] = []
+    times_b: list[float] = []
+    seconds = 6.0
+    await asyncio.gather(_take_for(a, seconds, times_a), _take_for(b, seconds, times_b))
+    together = times_a + times_b
+    # 10/s together, not 20: at most the rate plus one block, and no less than 80% of it.
+    # At most the rate plus the first block (2 s); at least well above what half each would
+    # give (a loaded test server slows the hand-overs; the two-run test below measures the rate).
+    assert 0.6 * 10 * seconds <= len(together) <= 10 * seconds + 20
+    assert _max_in_window(together) <= 10 + 1  # at a hand-over, the answer's latency may shift one in
+    assert times_a and times_b  # both got blocks
+    assert a.blocks + b.blocks <= len(together) / 10 + 2  # one server grant per second's worth, not per request
+
+
+async def test_a_learned_rate_is_shared_with_the_next_block(prefect_api: str):
+    name = limit_name("test", "learned", {"K": "v"}, b"x" * 64)
+    a, b = GlobalRate(PrefectLimits(name), 1200), GlobalRate(PrefectLimits(name), 1200)
+    await a.take()
+    a.set_rate(300)  # the provider's headers told `a` that the key allows 5/s
+    await _take_for(a, 2.5, [])  # written with a's next block
+    bucket = await PrefectLimits(name).read()
+    assert bucket is not None and bucket.per_minute == pytest.approx(300) and bucket.limit == 10 * SLOTS
+    times: list[float] = []
+    await _take_for(b, 4.0, times)  # `b` never saw those headers, but gets 5/s now
+    assert len(times) <= 5 * 4 + 10
+
+
+async def test_joining_lowers_a_faster_limit_and_takes_over_a_stale_one(prefect_api: str, monkeypatch):
+    name = limit_name("test", "join", {"K": "v"}, b"x" * 64)
+    limits = PrefectLimits(name)
+    await limits.create(6000)
+    await GlobalRate(limits, 600).take()
+    assert (await limits.read()).per_minute == pytest.approx(600)  # the strictest ceiling wins
+    await GlobalRate(limits, 1200).take()
+    assert (await limits.read()).per_minute == pytest.approx(600)  # a run in use is not raised by a newcomer
+    monkeypatch.setattr(shared_rate, "STALE_S", 0.0)
+    await GlobalRate(limits, 1200).take()
+    assert (await limits.read()).per_minute == pytest.approx(1200)  # nobody uses it: the newcomer's rate
+
+
+async def test_a_deleted_limit_is_made_again(prefect_api: str):
+    from prefect.client.orchestration import get_client
+
+    name = limit_name("test", "deleted", {"K": "v"}, b"x" * 64)
+    rate = GlobalRate(PrefectLimits(name), 6000)
+    await rate.take()
+    async with get_client() as client:
+        await client.delete_global_concurrency_limit_by_name(name)
+    await _take_for(rate, 2.5, [])  # past the block in hand
+    assert await PrefectLimits(name).read() is not None
+
+
+@pytest.fixture
+def warnings_of_shared_rate(caplog):
+    """Prefect's logging setup may disable or detach loggers it does not know (the CLI names
+    `promptfleet` to it): listen on the logger itself."""
+    logger = logging.getLogger("promptfleet.shared_rate")
+    logger.disabled = False
+    logger.addHandler(caplog.handler)
+    seen = lambda: {id(r): r for r in caplog.records if r.name == logger.name and r.levelno >= logging.WARNING}  # noqa: E731
+    yield lambda: [r.getMessage() for r in seen().values()]
+    logger.removeHandler(caplog.handler)
+
+
+async def test_a_server_that_is_gone_leaves_pacing_in_process(warnings_of_shared_rate):
+    with socket_closed() as port, api_url(f"http://127.0.0.1:{port}/api"):
+        rate = GlobalRate(PrefectLimits("promptfleet-rate:test:gone:0"), 600)
+        started = time.monotonic()
+        for _ in range(50):
+            await asyncio.wait_for(rate.take(), 30)
+    assert time.monotonic() - started < 25  # one failed attempt, then no more waiting on the server
+    assert [w for w in warnings_of_shared_rate() if "Prefect server unavailable" in w] == warnings_of_shared_rate()
+    assert len(warnings_of_shared_rate()) == 1
+
+
+async def test_a_server_answering_garbage_leaves_pacing_in_process(warnings_of_shared_rate):
+    with FakeServer() as garbage, api_url(f"{garbage.url}/api"):  # no Prefect route answers sensibly
+        rate = GlobalRate(PrefectLimits("promptfleet-rate:test:garbage:0"), 600)
+        for _ in range(20):
+            await asyncio.wait_for(rate.take(), 30)
+    [warning] = warnings_of_shared_rate()
+    assert "Prefect server unavailable" in warning
+
+
+class socket_closed:
+    """A port on 127.0.0.1 that nobody listens on."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+# -- two `promptfleet run` processes on one key ----------------------------------------------
+
+
+def _experiment(path: Path, tag: str, n: int) -> Path:
+    return write_jsonl(path, [{"id": i, "api": "openai", "model_name": "gpt-shared", "prompt": f"{tag}{i}"} for i in range(n)])
+
+
+def _start(file: Path, data: Path, env: dict, rpm: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(file), "-d", str(data), "-mq", str(rpm)]
+    data.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(cmd, env=env, cwd=data.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(proc: subprocess.Popen) -> None:
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, (out.decode()[-2000:], err.decode()[-3000:])
+
+
+def _rate_while_both_ran(accepted: list[float], first: list[float], second: list[float]) -> float:
+    lo, hi = max(min(first), min(second)), min(max(first), max(second))
+    assert hi - lo > 3, "the two runs barely overlapped"
+    inside = [t for t in accepted if lo <= t <= hi]
+    return (len(inside) - 1) / (hi - lo)
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_key_share_its_limit(tmp_path: Path, prefect_api: str):
+    """Two processes, each told the key's full rate (-mq 1200 = 20/s), against a server that
+    allows 20 requests per second: together they send about 20/s and draw no more 429s
+    than one run alone does."""
+    limit, n = 20, 160
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "PREFECT_API_URL": prefect_api}
+    with FakeServer() as server:
+        server.state.limit, server.state.window = limit, 1.0
+        env["OPENAI_BASE_URL"] = server.base_url
+
+        alone = tmp_path / "alone"
+        _finish(_start(_experiment(tmp_path / "solo.jsonl", "s", n), alone / "data", env, limit * 60))
+        rejected_alone = server.state.rejected
+
+        time.sleep(1.5)  # the solo run's last block decays
+        server.state.rejected = 0
+        server.state.accepted.clear()
+        work = tmp_path / "two" / "data"
+        first = _start(_experiment(tmp_path / "first.jsonl", "a", n), work, env, limit * 60)
+        second = _start(_experiment(tmp_path / "second.jsonl", "b", n), work, env, limit * 60)
+        _finish(first)
+        _finish(second)
+        state = server.state
+        times_a = [t for p, ts in state.times.items() if p.startswith("a") for t in ts]
+        times_b = [t for p, ts in state.times.items() if p.startswith("b") for t in ts]
+        accepted = sorted(state.accepted)
+
+    assert all(state.calls[f"a{i}"] >= 1 and state.calls[f"b{i}"] >= 1 for i in range(n))
+    rate = _rate_while_both_ran(accepted, times_a, times_b)
+    print(f"429s alone {rejected_alone}, together {state.rejected}; combined rate {rate:.2f}/s of {limit}/s")
+    # Each run draws its own few 429s (0 to 3 here) from its first requests, which leave the
+    # process together; sharing adds next to none: two runs draw what two starts draw.
+    assert state.rejected <= 2 * max(rejected_alone, 3) + 2
+    assert 0.85 * limit <= rate <= 1.05 * limit  # about the limit: not 2x, not half (measured 95%)
+
+
+# -- the hook in the Pacer -------------------------------------------------------------------
+
+
+class CountingRate:
+    """A SharedRate that records what the Pacer asks of it."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self.rates: list[float] = []
+
+    async def take(self) -> None:
+        self.taken += 1
+
+    def set_rate(self, per_minute: float) -> None:
+        self.rates.append(per_minute)
+
+
+async def test_every_send_waits_for_the_shared_rate_and_a_lowered_ceiling_is_shared():
+    from promptfleet.limiter import Pacer
+
+    shared = CountingRate()
+    pacer = Pacer(60_000, shared=shared)
+    for _ in range(3):
+        await pacer.acquire()
+        pacer.release()
+    await pacer.pace()  # a later turn of a conversation is a request too
+    assert shared.taken == 4
+    pacer.on_rate_limited(None)  # a 429 slows this process only
+    pacer.on_success({"x-ratelimit-limit-requests": "500"})  # the provider states the key's limit
+    pacer.lower_ceiling(900)  # higher than what we know: nothing to share
+    assert shared.rates == [500]
