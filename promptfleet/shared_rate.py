@@ -229,9 +229,9 @@ class GlobalRate:
                 # The grant happened between asking and the answer: counted from the asking,
                 # the window ends before the next holder's can start, however slow the answer.
                 self._left = bucket.requests
-                self._next_at = asked
                 self._spacing = SLOTS / bucket.per_second * (1 + SPACING_MARGIN)
-                self._until = self._next_at + bucket.limit / bucket.per_second - GAP_S
+                self._until = asked + bucket.limit / bucket.per_second - GAP_S
+                self._next_at = loop.time()  # sends start from the answer: a slow answer must not bunch them
                 self.blocks += 1
                 return
 
