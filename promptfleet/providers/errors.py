@@ -1,7 +1,7 @@
 """One error taxonomy, and one place that maps every failure onto it.
 
 Providers raise whatever their SDK raises; `classify` turns status codes, httpx/httpx2
-errors, the openai/anthropic/google-genai exceptions and our own media errors into a
+errors, aiohttp's, the openai/anthropic/google-genai exceptions and our own media errors into a
 `ProviderError` whose kind alone decides whether the engine retries. SDKs are looked up
 in `sys.modules`, so classifying never imports one that the run does not use.
 """
@@ -135,8 +135,11 @@ def classify(err: BaseException) -> ProviderError:
             return ProviderError("request timed out", kind=ErrorKind.TIMEOUT)
         if http is not None and isinstance(err, http.TransportError):
             return ProviderError(f"connection error: {err}", kind=ErrorKind.CONNECTION)
-    if isinstance(err, TimeoutError):
+    if isinstance(err, TimeoutError):  # also aiohttp's timeouts
         return ProviderError("request timed out", kind=ErrorKind.TIMEOUT)
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None and isinstance(err, aiohttp.ClientError):  # refused, reset, a body cut short
+        return ProviderError(f"connection error: {err}", kind=ErrorKind.CONNECTION)
     pydantic = sys.modules.get("pydantic")
     if pydantic is not None and isinstance(err, pydantic.ValidationError):  # parameters the SDK refused
         return ProviderError(f"invalid parameters: {err}", kind=ErrorKind.BAD_REQUEST)

@@ -2,8 +2,9 @@
 (vLLM, llama.cpp, LM Studio, a proxy) via OPENAI_BASE_URL. `azure-openai` and
 `huggingface-tgi` are the same protocol with other endpoints and credentials.
 
-Parameters go to the API as they are (`extra_body`), so a misspelt one is reported by the
-server instead of being dropped here.
+Parameters go to the API as they are, so a misspelt one is reported by the server instead
+of being dropped here. The SDK configures the client; requests go through the lean
+transport in `http.py` (Azure's deployment paths stay with the SDK).
 """
 
 from __future__ import annotations
@@ -13,11 +14,22 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import openai
+import orjson
 from openai.types.chat import ChatCompletion
 
 from promptfleet.media import MediaFolder, decode_data_url
 from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, mime_type_of, rate_limit_headers, seed_sent
+from promptfleet.providers.base import (
+    ErrorKind,
+    ProviderError,
+    ProviderOptions,
+    Reply,
+    error_for_status,
+    mime_type_of,
+    rate_limit_headers,
+    seed_sent,
+)
+from promptfleet.providers.http import JsonPoster, status_message
 from promptfleet.schemas import strict_compatible
 
 
@@ -84,6 +96,7 @@ class OpenAIProvider:
     media_kinds: ClassVar[frozenset[str]] = frozenset({"image", "audio", "file"})
     media_urls: ClassVar[bool] = True
     structured_output: ClassVar[bool] = True
+    lean: ClassVar[bool] = True  # requests through `JsonPoster` rather than the SDK
 
     @classmethod
     def media_refusal(cls, part: LocalMedia | RemoteMedia) -> str | None:
@@ -92,6 +105,10 @@ class OpenAIProvider:
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
         self._client = self.make_client(env, options)
+        self._http: JsonPoster | None = None
+        if self.lean:
+            headers = {k: v for k, v in {**self._client.default_headers, **self._client.auth_headers}.items() if isinstance(v, str)}
+            self._http = JsonPoster(f"{str(self._client.base_url).rstrip('/')}/chat/completions", headers, options.timeout)
 
     @staticmethod
     def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:
@@ -117,42 +134,68 @@ class OpenAIProvider:
         self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
     ) -> Reply:
         body = self.request(model, messages, parameters, response_schema)
-        extra = {k: v for k, v in body.items() if k not in ("model", "messages")}
-        raw = await self._client.chat.completions.with_raw_response.create(
-            model=body["model"], messages=body["messages"], extra_body=extra or None
-        )
-        request_id = raw.headers.get("x-request-id") or raw.headers.get("apim-request-id")
-        return reply_of(raw.parse(), rate_limit_headers(raw.headers), request_id, seed_sent(parameters))
+        if self._http is None:
+            extra = {k: v for k, v in body.items() if k not in ("model", "messages")}
+            raw = await self._client.chat.completions.with_raw_response.create(
+                model=body["model"], messages=body["messages"], extra_body=extra or None
+            )
+            status, headers, content = raw.status_code, raw.headers, raw.content
+        else:
+            status, headers, content = await self._http.post(body)
+            if status >= 400:  # the SDK raises these itself
+                raise error_for_status(status, status_message(status, content), headers)
+        request_id = headers.get("x-request-id") or headers.get("apim-request-id")
+        return reply_of_body(orjson.loads(content), rate_limit_headers(headers), request_id, seed_sent(parameters))
 
     async def aclose(self) -> None:
-        await self._client.close()
+        try:
+            if self._http is not None:
+                await self._http.aclose()
+        finally:
+            await self._client.close()
 
 
 def reply_of(
     completion: ChatCompletion, rate_limits: dict[str, str] | None = None, request_id: str | None = None, seed: int | None = None
 ) -> Reply:
-    """A chat completion (online, or one line of a batch's output) as a Reply."""
-    if not completion.choices:
-        raise ProviderError("response has no choices", kind="invalid_response")
-    choice = completion.choices[0]
-    usage = completion.usage
+    """A chat completion (one line of a batch's output) as a Reply."""
+    return reply_of_body(completion.model_dump(), rate_limits, request_id, seed)
+
+
+def reply_of_body(
+    completion: Any, rate_limits: dict[str, str] | None = None, request_id: str | None = None, seed: int | None = None
+) -> Reply:
+    """A chat completion as parsed JSON as a Reply; a body of another shape is a malformed response."""
+    try:
+        choice = completion["choices"][0]
+        text = choice["message"].get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise ProviderError("malformed response: no choices with a message", kind=ErrorKind.INVALID_RESPONSE) from None
+    if not isinstance(text, str):
+        raise ProviderError("malformed response: the message content is not text", kind=ErrorKind.INVALID_RESPONSE)
+    usage = completion.get("usage") or {}
     return Reply(
-        text=choice.message.content or "",
-        input_tokens=usage.prompt_tokens if usage else None,
-        output_tokens=usage.completion_tokens if usage else None,
-        finish_reason=choice.finish_reason,
+        text=text,
+        input_tokens=_count(usage.get("prompt_tokens")),
+        output_tokens=_count(usage.get("completion_tokens")),
+        finish_reason=choice.get("finish_reason"),
         rate_limits=rate_limits,
-        model_version=completion.model or None,
-        system_fingerprint=completion.system_fingerprint,
-        request_id=request_id or completion.id or None,
+        model_version=completion.get("model") or None,
+        system_fingerprint=completion.get("system_fingerprint"),
+        request_id=request_id or completion.get("id") or None,
         seed=seed,
     )
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class AzureOpenAIProvider(OpenAIProvider):
     """`azure-openai`: `model_name` is the deployment name."""
 
     api: ClassVar[str] = "azure-openai"
+    lean: ClassVar[bool] = False  # deployment paths and api-version: the SDK builds them
     required_env: ClassVar[tuple[str, ...]] = ("AZURE_OPENAI_API_KEY", "AZURE_OPENAI_API_ENDPOINT")
     optional_env: ClassVar[tuple[str, ...]] = ("AZURE_OPENAI_API_VERSION",)
     default_api_version: ClassVar[str] = "2024-10-21"
