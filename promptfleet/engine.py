@@ -12,7 +12,6 @@ import asyncio
 import logging
 import random
 import time
-from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from promptfleet.costs import Budget, Spend, estimate_tokens
 from promptfleet.limiter import Pacer
 from promptfleet.providers import Clients
 from promptfleet.messages import assistant, parse_conversation, user
+from promptfleet.quantiles import QuantileSample
 from promptfleet.providers.base import Provider, ProviderError, Reply
 from promptfleet.providers.errors import ErrorKind, classify
 from promptfleet.rundir import Journal, now_stamp
@@ -71,7 +71,7 @@ class QueueStats:
     unsaved: int = 0  # outcomes that landed but the journal refused: asked again on resume
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
-    latencies: array = field(default_factory=lambda: array("d"))
+    latencies: QuantileSample = field(default_factory=QuantileSample)  # fixed memory, whatever the queue's size
     score_keys: set[str] = field(default_factory=set)
 
     @property
@@ -83,8 +83,7 @@ class QueueStats:
         return (self.finished or time.monotonic()) - self.started
 
     def as_dict(self) -> dict[str, Any]:
-        lat = sorted(self.latencies)
-        pick = lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 4) if lat else None  # noqa: E731
+        pick = lambda q: None if (v := self.latencies.quantile(q)) is None else round(v, 4)  # noqa: E731
         return {
             "queue": self.name,
             "rate_per_minute": self.rate,
@@ -291,7 +290,7 @@ async def attempt_until_done(prompt: Prompt, estimate: int, seq: int, ctx: Queue
             error = classify(err)
         else:
             latency = time.monotonic() - sent_at
-            stats.latencies.append(latency)
+            stats.latencies.add(latency)
             return Answered(conversation.output(), n, first_sent, latency)
         finally:
             stats.in_flight -= 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
 
+from promptfleet.quantiles import QuantileSample
 from promptfleet.rundir import RunPaths
 
 
@@ -100,20 +102,53 @@ def _score(value: Any) -> float | None:
     return float(value) if isinstance(value, (bool, int, float)) else None
 
 
+@dataclass
+class _ModelTally:
+    """One model's line of the summary, added up row by row as the table is written."""
+
+    prompts: int = 0
+    answered: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency: QuantileSample = field(default_factory=QuantileSample)
+    scores: dict[str, list[float]] = field(default_factory=dict)  # key -> [sum, count]
+
+    def add(self, row: dict[str, Any], score_keys: list[str]) -> None:
+        self.prompts += 1
+        if row["status"] == "completed":
+            self.answered += 1
+        else:
+            self.failed += 1
+        self.input_tokens += row["input_tokens"] or 0
+        self.output_tokens += row["output_tokens"] or 0
+        if row["latency_s"] is not None:
+            self.latency.add(row["latency_s"])
+        for k in score_keys:
+            if (value := row[f"score_{k}"]) is not None:
+                total = self.scores.setdefault(k, [0.0, 0])
+                total[0] += value
+                total[1] += 1
+
+
 def write_tables(
     paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000, parsed_columns: dict[str, str] | None = None
 ) -> pl.DataFrame:
     """Parquet (and CSV) of every prompt in the run, one row each (answers, then failures, as they
     landed; `input_line` gives the input order); returns a per-model summary.
 
-    Rows go to Parquet parts `batch` at a time, which polars then streams into one file, so a
-    million-line run needs the memory of one batch (polars' NDJSON reader would hold it all).
+    Memory stays that of one batch whatever the run's size: rows go to Parquet parts `batch` at a
+    time, which polars streams into one file in row groups of the same size (polars' NDJSON
+    reader, or its default row groups, would hold much of the run), and the per-model summary is
+    added up as the rows pass, its latency quantiles from a fixed-size sample.
     """
     parsed_columns = parsed_columns or {}
+    score_keys = list(score_keys)
     schema = TABLE_SCHEMA | {f"score_{k}": pl.Float64 for k in score_keys}
     schema |= {f"parsed_{name}": PARSED_TYPES[kind] for name, kind in parsed_columns.items()}
     parts = paths.out_dir / f".{paths.stamp}-table-{paths.name}"
     parts.mkdir(exist_ok=True)
+    tallies: dict[tuple[str, str], _ModelTally] = {}
     try:
         rows: list[dict[str, Any]] = []
         written = 0
@@ -122,33 +157,30 @@ def write_tables(
                 continue
             with path.open(encoding="utf-8") as fh:
                 for text in fh:
-                    rows.append(_row(json.loads(text), status, list(score_keys), parsed_columns))
+                    row = _row(json.loads(text), status, score_keys, parsed_columns)
+                    tallies.setdefault((row["api"], row["model_name"]), _ModelTally()).add(row, score_keys)
+                    rows.append(row)
                     if len(rows) == batch:
                         pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
                         written, rows = written + 1, []
         pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
         table = pl.scan_parquet(parts / "*.parquet")
-        table.sink_parquet(paths.parquet)
+        table.sink_parquet(paths.parquet, row_group_size=batch)
         if csv:
             table.sink_csv(paths.csv)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
-    return summarise(pl.scan_parquet(paths.parquet), score_keys)
+    return _summary(tallies, score_keys)
 
 
-def summarise(table: pl.LazyFrame, score_keys: list[str] = ()) -> pl.DataFrame:
-    return (
-        table.group_by("api", "model_name")
-        .agg(
-            pl.len().alias("prompts"),
-            (pl.col("status") == "completed").sum().alias("answered"),
-            (pl.col("status") == "failed").sum().alias("failed"),
-            pl.col("latency_s").median().alias("latency_p50_s"),
-            pl.col("latency_s").quantile(0.95).alias("latency_p95_s"),
-            pl.col("input_tokens").sum().alias("input_tokens"),
-            pl.col("output_tokens").sum().alias("output_tokens"),
-            *(pl.col(f"score_{k}").mean().alias(f"mean_{k}") for k in score_keys),
-        )
-        .sort("api", "model_name")
-        .collect()
-    )
+def _summary(tallies: dict[tuple[str, str], _ModelTally], score_keys: list[str]) -> pl.DataFrame:
+    schema = {"api": pl.String, "model_name": pl.String, "prompts": pl.Int64, "answered": pl.Int64, "failed": pl.Int64,
+              "latency_p50_s": pl.Float64, "latency_p95_s": pl.Float64, "input_tokens": pl.Int64, "output_tokens": pl.Int64,
+              **{f"mean_{k}": pl.Float64 for k in score_keys}}  # fmt: skip
+    rows = []
+    for (api, model), t in sorted(tallies.items(), key=lambda item: (item[0][0] or "", item[0][1] or "")):
+        means = {f"mean_{k}": (t.scores[k][0] / t.scores[k][1] if k in t.scores else None) for k in score_keys}
+        rows.append({"api": api, "model_name": model, "prompts": t.prompts, "answered": t.answered, "failed": t.failed,
+                     "latency_p50_s": t.latency.quantile(0.5), "latency_p95_s": t.latency.quantile(0.95),
+                     "input_tokens": t.input_tokens, "output_tokens": t.output_tokens, **means})  # fmt: skip
+    return pl.DataFrame(rows, schema=schema)

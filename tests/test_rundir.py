@@ -57,3 +57,19 @@ def test_tables_hold_every_prompt_with_status(tmp_path: Path):
     assert table["error_status"].to_list() == [400, None]
     assert pl.read_csv(paths.csv).height == 2
     assert summary.to_dicts()[0] | {} == {**summary.to_dicts()[0], "prompts": 2, "answered": 1, "failed": 1, "input_tokens": 3}
+
+
+def test_per_model_summary_is_added_up_while_the_table_is_written(tmp_path: Path):
+    paths = RunPaths(tmp_path, "s", "exp")
+    journal = Journal(paths)
+    for i, latency in enumerate([0.3, 0.1, 0.2, 0.4]):
+        journal.write("completed", {"input_line": i, "api": "test", "model_name": "a", "prompt": "p", "response": "r", "latency_s": latency,
+                                    "usage": {"input_tokens": 2, "output_tokens": None}, "exact": i % 2 == 0})  # fmt: skip
+    journal.write("failed", {"input_line": 9, "api": "test", "model_name": "b", "prompt": "p", "error": {"type": "auth", "attempts": 1}})
+    journal.close()
+    summary = write_tables(paths, score_keys=["exact"], batch=3)  # more than one part
+    a, b = summary.to_dicts()
+    assert a == {"api": "test", "model_name": "a", "prompts": 4, "answered": 4, "failed": 0, "latency_p50_s": 0.3, "latency_p95_s": 0.4,
+                 "input_tokens": 8, "output_tokens": 0, "mean_exact": 0.5}  # fmt: skip
+    assert (b["model_name"], b["failed"], b["latency_p50_s"], b["mean_exact"]) == ("b", 1, None, None)
+    assert pl.read_parquet(paths.parquet).height == 5
