@@ -224,42 +224,55 @@ class Answered:
 
 def read_journal(paths: RunPaths) -> Answered:
     """Parse every journal line. A line that is not a JSON record (a torn write) is set aside
-    into `<file>.corrupt` and its prompt counts as unanswered, so resuming is never blocked."""
+    into `<file>.corrupt` and its prompt counts as unanswered, so resuming is never blocked.
+    Streams: memory holds the index, never the journal."""
     done = Answered()
     for path in (paths.completed, paths.failed):
         if not path.exists():
             continue
-        good, bad = [], []
+        bad = 0
         ends_whole = True
         with path.open("rb") as fh:
             for raw in fh:
                 ends_whole = raw.endswith(b"\n")
-                try:
-                    record = json.loads(raw)
-                    if not isinstance(record, dict) or "input_line" not in record:
-                        raise ValueError
-                except ValueError:
-                    if raw.strip():
-                        bad.append(raw if raw.endswith(b"\n") else raw + b"\n")
-                    continue
-                good.append(raw if raw.endswith(b"\n") else raw + b"\n")
-                if key := record.get("input_key"):
+                record = _journal_record(raw)
+                if record is None:
+                    bad += bool(raw.strip())
+                elif key := record.get("input_key"):
                     done.keys[key] += 1
                 else:
                     done.lines.add(record["input_line"])
-        if bad:
-            with open(str(path) + ".corrupt", "ab") as fh:
-                fh.write(b"".join(bad))
         if bad or not ends_whole:  # a whole last record may lack only its newline
-            _replace(path, b"".join(good))
-            done.corrupt += len(bad)
+            _set_aside_torn(path)
+            done.corrupt += bad
     return done
 
 
-def _replace(path: Path, data: bytes) -> None:
+def _journal_record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "input_line" in record else None
+
+
+def _set_aside_torn(path: Path) -> None:
+    """Rewrite the journal with its records only, each ending in a newline; the lines that
+    are not records go to `<file>.corrupt`. A second pass, so no line is held in memory."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    corrupt = None
+    try:
+        with path.open("rb") as fh, open(tmp, "wb") as good:
+            for raw in fh:
+                line = raw if raw.endswith(b"\n") else raw + b"\n"
+                if _journal_record(raw) is not None:
+                    good.write(line)
+                elif raw.strip():
+                    corrupt = corrupt or open(str(path) + ".corrupt", "ab")
+                    corrupt.write(line)
+            good.flush()
+            os.fsync(good.fileno())
+    finally:
+        if corrupt is not None:
+            corrupt.close()
     os.replace(tmp, path)
