@@ -30,8 +30,10 @@ class JsonPoster:
     async def post(self, body: dict[str, Any]) -> tuple[int, Mapping[str, str], bytes]:
         """(status, headers, content) of any answer; transport failures and timeouts raise."""
         if self._session is None:
-            # limit=0: the pacer already caps requests in flight
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout)
+            # limit=0: the pacer already caps requests in flight; trust_env: proxies from the
+            # environment, as the SDK's httpx client takes them
+            connector = aiohttp.TCPConnector(limit=0)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, trust_env=True)
         async with self._session.post(self.url, data=orjson.dumps(body), headers=self._headers) as response:
             return response.status, response.headers, await response.read()
 
