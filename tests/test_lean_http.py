@@ -97,7 +97,7 @@ async def test_a_timeout_then_an_answer_on_the_same_client(server: FakeServer, t
 
 
 async def test_many_at_once_each_sent_once(server: FakeServer, tmp_path: Path):
-    clients = clients_for(server, tmp_path)
+    clients = clients_for(server, tmp_path, timeout=60)  # a threaded fake on a busy machine can be slow to accept
     replies = await asyncio.gather(*(ask(clients, f"q{i}") for i in range(60)))
     await clients.aclose()
     await clients.aclose()  # closing twice is harmless
