@@ -94,10 +94,13 @@ def build(
     state: dict[str, Any],
     summary: RunSummary,
     orchestration: dict[str, Any] | None = None,
+    models: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """`models`: what `models_seen` returns, when the caller added it up already (the run does,
+    while writing the table, instead of reading the table again)."""
     from promptfleet import __version__
 
-    models = models_seen(paths.parquet)
+    models = models_seen(paths.parquet) if models is None else models
     apis = sorted({m["api"] for m in models})
     sdks = sorted({sdk for api in apis if (sdk := _sdk_of(api))})
     return {

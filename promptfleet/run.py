@@ -31,7 +31,7 @@ from promptfleet.rundir import Journal, RunLock, RunPaths, now_stamp, read_journ
 from promptfleet.scorers import load_scorer
 from promptfleet.session import Session, current_session
 from promptfleet.shared_rate import SharedRate, shared_rate_for
-from promptfleet.tables import write_tables
+from promptfleet.tables import SEEN_COLUMNS, write_tables
 
 log = logging.getLogger("promptfleet")
 
@@ -201,9 +201,11 @@ class Run:
         complete = answered + failed == self.plan.prompts and unchanged and self.stopped_by is None and self.journal_error is None
         stats = list(self.stats.values())
         score_keys = sorted({k for s in stats for k in s.score_keys})
-        models = []
+        models, seen = [], []
         if self.journal_error is None:  # a disk that refused the journal would refuse the tables: the resume writes them
-            models = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys, parsed_columns=self.plan.parsed_columns).to_dicts()
+            table = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys, parsed_columns=self.plan.parsed_columns)
+            models = table.drop(*SEEN_COLUMNS).to_dicts()
+            seen = table.select("api", "model_name", "prompts", "answered", *SEEN_COLUMNS).to_dicts()
         state = read_state(paths)
         if complete:
             state = {**state, "finished": True, "ended": datetime.now(timezone.utc).isoformat()}
@@ -234,7 +236,7 @@ class Run:
             unsaved=sum(s.unsaved for s in stats),
         )
         if self.journal_error is None:  # likewise the manifest
-            manifest.write(paths, manifest.build(paths, self.settings, state, summary, orchestration))
+            manifest.write(paths, manifest.build(paths, self.settings, state, summary, orchestration, seen))
             summary.outputs["manifest"] = paths.manifest
         return summary
 

@@ -113,6 +113,9 @@ class _ModelTally:
     output_tokens: int = 0
     latency: QuantileSample = field(default_factory=QuantileSample)
     scores: dict[str, list[float]] = field(default_factory=dict)  # key -> [sum, count]
+    versions: set[str] = field(default_factory=set)  # for the manifest: what the answers reported
+    fingerprints: set[str] = field(default_factory=set)
+    seeds: set[int] = field(default_factory=set)
 
     def add(self, row: dict[str, Any], score_keys: list[str]) -> None:
         self.prompts += 1
@@ -124,6 +127,9 @@ class _ModelTally:
         self.output_tokens += row["output_tokens"] or 0
         if row["latency_s"] is not None:
             self.latency.add(row["latency_s"])
+        for seen, value in ((self.versions, row["model_version"]), (self.fingerprints, row["system_fingerprint"]), (self.seeds, row["seed"])):
+            if value is not None:
+                seen.add(value)
         for k in score_keys:
             if (value := row[f"score_{k}"]) is not None:
                 total = self.scores.setdefault(k, [0.0, 0])
@@ -135,7 +141,8 @@ def write_tables(
     paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000, parsed_columns: dict[str, str] | None = None
 ) -> pl.DataFrame:
     """Parquet (and CSV) of every prompt in the run, one row each (answers, then failures, as they
-    landed; `input_line` gives the input order); returns a per-model summary.
+    landed; `input_line` gives the input order); returns a per-model summary, with the distinct model versions,
+    fingerprints and seeds the answers reported (`SEEN_COLUMNS`, for the manifest).
 
     Memory stays that of one batch whatever the run's size: rows go to Parquet parts `batch` at a
     time, which polars streams into one file in row groups of the same size (polars' NDJSON
@@ -173,14 +180,19 @@ def write_tables(
     return _summary(tallies, score_keys)
 
 
+SEEN_COLUMNS = ("model_versions", "system_fingerprints", "seeds")
+
+
 def _summary(tallies: dict[tuple[str, str], _ModelTally], score_keys: list[str]) -> pl.DataFrame:
     schema = {"api": pl.String, "model_name": pl.String, "prompts": pl.Int64, "answered": pl.Int64, "failed": pl.Int64,
               "latency_p50_s": pl.Float64, "latency_p95_s": pl.Float64, "input_tokens": pl.Int64, "output_tokens": pl.Int64,
-              **{f"mean_{k}": pl.Float64 for k in score_keys}}  # fmt: skip
+              **{f"mean_{k}": pl.Float64 for k in score_keys},
+              "model_versions": pl.List(pl.String), "system_fingerprints": pl.List(pl.String), "seeds": pl.List(pl.Int64)}  # fmt: skip
     rows = []
     for (api, model), t in sorted(tallies.items(), key=lambda item: (item[0][0] or "", item[0][1] or "")):
         means = {f"mean_{k}": (t.scores[k][0] / t.scores[k][1] if k in t.scores else None) for k in score_keys}
         rows.append({"api": api, "model_name": model, "prompts": t.prompts, "answered": t.answered, "failed": t.failed,
                      "latency_p50_s": t.latency.quantile(0.5), "latency_p95_s": t.latency.quantile(0.95),
-                     "input_tokens": t.input_tokens, "output_tokens": t.output_tokens, **means})  # fmt: skip
+                     "input_tokens": t.input_tokens, "output_tokens": t.output_tokens, **means,
+                     "model_versions": sorted(t.versions), "system_fingerprints": sorted(t.fingerprints), "seeds": sorted(t.seeds)})  # fmt: skip
     return pl.DataFrame(rows, schema=schema)

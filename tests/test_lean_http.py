@@ -103,3 +103,15 @@ async def test_many_at_once_each_sent_once(server: FakeServer, tmp_path: Path):
     await clients.aclose()  # closing twice is harmless
     assert [r.text for r in replies] == [f"answer to: q{i}" for i in range(60)]
     assert set(server.state.calls.values()) == {1} and len(server.state.calls) == 60
+
+
+def test_the_proxy_comes_from_the_environment_once(monkeypatch):
+    from promptfleet.providers.http import env_proxy
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "internal.example")
+    assert env_proxy("https://api.openai.com/v1/chat/completions") == "http://proxy.example:3128"
+    assert env_proxy("https://internal.example/v1/chat/completions") is None
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.delenv("https_proxy", raising=False)
+    assert env_proxy("https://api.openai.com/v1/chat/completions") is None

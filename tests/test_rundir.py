@@ -70,6 +70,6 @@ def test_per_model_summary_is_added_up_while_the_table_is_written(tmp_path: Path
     summary = write_tables(paths, score_keys=["exact"], batch=3)  # more than one part
     a, b = summary.to_dicts()
     assert a == {"api": "test", "model_name": "a", "prompts": 4, "answered": 4, "failed": 0, "latency_p50_s": 0.3, "latency_p95_s": 0.4,
-                 "input_tokens": 8, "output_tokens": 0, "mean_exact": 0.5}  # fmt: skip
+                 "input_tokens": 8, "output_tokens": 0, "mean_exact": 0.5, "model_versions": [], "system_fingerprints": [], "seeds": []}  # fmt: skip
     assert (b["model_name"], b["failed"], b["latency_p50_s"], b["mean_exact"]) == ("b", 1, None, None)
     assert pl.read_parquet(paths.parquet).height == 5

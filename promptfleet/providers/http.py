@@ -10,6 +10,8 @@ transport is ours, and every failure still goes through `errors.classify`.
 
 from __future__ import annotations
 
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,22 +27,31 @@ class JsonPoster:
         self.url = url
         self._headers = {**headers, "Content-Type": "application/json", "Accept": "application/json"}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._proxy = env_proxy(url)
         self._session: aiohttp.ClientSession | None = None
 
     async def post(self, body: dict[str, Any]) -> tuple[int, Mapping[str, str], bytes]:
         """(status, headers, content) of any answer; transport failures and timeouts raise."""
         if self._session is None:
-            # limit=0: the pacer already caps requests in flight; trust_env: proxies from the
-            # environment, as the SDK's httpx client takes them
-            connector = aiohttp.TCPConnector(limit=0)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, trust_env=True)
-        async with self._session.post(self.url, data=orjson.dumps(body), headers=self._headers) as response:
+            # limit=0: the pacer already caps requests in flight
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout)
+        async with self._session.post(self.url, data=orjson.dumps(body), headers=self._headers, proxy=self._proxy) as response:
             return response.status, response.headers, await response.read()
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy HTTPS_PROXY/HTTP_PROXY name for `url` unless NO_PROXY exempts it, as the SDK's
+    httpx client would use it. Looked up once: aiohttp's own `trust_env` reads ~/.netrc in a
+    thread on every request."""
+    parts = urllib.parse.urlsplit(url)
+    if urllib.request.proxy_bypass_environment(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies_environment().get(parts.scheme)
 
 
 def status_message(status: int, content: bytes) -> str:
