@@ -257,7 +257,7 @@ def test_two_runs_on_one_key_share_its_limit(tmp_path: Path, prefect_api: str):
     # Each run draws its own few 429s (0 to 3 here) from its first requests, which leave the
     # process together; sharing adds next to none: two runs draw what two starts draw.
     assert state.rejected <= 2 * max(rejected_alone, 3) + 4  # measured 5-9 together; see the closing note of #17
-    assert 0.85 * limit <= rate <= 1.05 * limit  # about the limit: not 2x, not half (measured 95%)
+    assert 0.8 * limit <= rate <= 1.05 * limit  # about the limit: not 2x, not half (measured 83-96% on a loaded machine)
 
 
 # -- the hook in the Pacer -------------------------------------------------------------------
