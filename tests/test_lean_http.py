@@ -110,8 +110,8 @@ def test_the_proxy_comes_from_the_environment_once(monkeypatch):
 
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", "internal.example")
-    assert env_proxy("https://api.openai.com/v1/chat/completions") == "http://proxy.example:3128"
+    assert env_proxy("https://llm.example.org/v1/chat/completions") == "http://proxy.example:3128"
     assert env_proxy("https://internal.example/v1/chat/completions") is None
     monkeypatch.delenv("HTTPS_PROXY")
     monkeypatch.delenv("https_proxy", raising=False)
-    assert env_proxy("https://api.openai.com/v1/chat/completions") is None
+    assert env_proxy("https://llm.example.org/v1/chat/completions") is None
