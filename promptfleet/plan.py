@@ -83,7 +83,7 @@ class Plan:
     def ok(self) -> bool:
         return not self.issue_count and not self.missing_env
 
-    def is_current(self, settings: Settings) -> bool:
+    def is_current(self) -> bool:
         """Still a plan of this file as it is now (the CLI plans before the flow runs)."""
         try:
             stat = os.stat(self.file)

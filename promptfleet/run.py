@@ -27,7 +27,7 @@ from promptfleet.experiment import ExperimentError, Issue, RecordReader, check_e
 from promptfleet.plan import Plan, QueuePlan, inspect
 from promptfleet.providers import Clients, provider_class
 from promptfleet.providers.base import ProviderOptions, resolve_env
-from promptfleet.rundir import Journal, RunLock, RunPaths, now_stamp, read_journal, read_state, unfinished_runs, write_state
+from promptfleet.rundir import Journal, JournalIndex, RunLock, RunPaths, now_stamp, read_journal, read_state, unfinished_runs, write_state
 from promptfleet.scorers import load_scorer
 from promptfleet.session import Session, current_session
 from promptfleet.shared_rate import SharedRate, shared_rate_for
@@ -269,7 +269,7 @@ def open_run(
     session = session or current_session()
     file = Path(file)
     check_extension(file)
-    if plan is None or plan.file != file or not plan.is_current(settings):
+    if plan is None or plan.file != file or not plan.is_current():
         plan = inspect(file, settings)
     if not plan.ok:
         raise ExperimentError(_problems(plan))
@@ -325,7 +325,7 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
     return _Resume(stamp)
 
 
-def _skips(plan: Plan, done, same_file: bool) -> tuple[dict[str, bytearray], int]:
+def _skips(plan: Plan, done: JournalIndex, same_file: bool) -> tuple[dict[str, bytearray], int]:
     keys = Counter(done.keys)
     skip: dict[str, bytearray] = {}
     matched = 0

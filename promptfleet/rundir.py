@@ -213,7 +213,7 @@ class Journal:
 
 
 @dataclass
-class Answered:
+class JournalIndex:
     """What a run's journal says is done: by record key, and by input line for records
     journaled before keys existed."""
 
@@ -222,11 +222,11 @@ class Answered:
     corrupt: int = 0
 
 
-def read_journal(paths: RunPaths) -> Answered:
+def read_journal(paths: RunPaths) -> JournalIndex:
     """Parse every journal line. A line that is not a JSON record (a torn write) is set aside
     into `<file>.corrupt` and its prompt counts as unanswered, so resuming is never blocked.
     Streams: memory holds the index, never the journal."""
-    done = Answered()
+    done = JournalIndex()
     for path in (paths.completed, paths.failed):
         if not path.exists():
             continue
