@@ -37,6 +37,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -253,7 +254,12 @@ def _age(bucket: Bucket) -> float:
 
 def reporting_to_a_server() -> bool:
     """This code runs in a Prefect flow run that reports to a server other processes can
-    see (PREFECT_API_URL set: not a temporary server, not the plain Python API)."""
+    see (PREFECT_API_URL set: not a temporary server, not the plain Python API).
+
+    A process that never imported Prefect is in no flow run; asking would import it, 1-3 s
+    at the start of every queue of the plain Python API."""
+    if "prefect" not in sys.modules:
+        return False
     from prefect.context import FlowRunContext, TaskRunContext
     from prefect.settings import PREFECT_API_URL
 

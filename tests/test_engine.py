@@ -223,3 +223,20 @@ async def test_one_file_with_all_seven_apis_runs_in_parallel_queues(tmp_path: Pa
         expected = ["answer to: one", "answer to: two"] if record["id"] == "multi" else f"answer to: {record['prompt']}"
         assert record["response"] == expected, record
     assert max(server.state.calls.values()) == 1
+
+
+def test_the_python_api_never_imports_prefect(tmp_path: Path):
+    """The plain Python API reports to no server, so it has nothing to ask Prefect; importing
+    it costs 1-3 s at the start of every queue on this machine (it once did, through the
+    check for a shared rate)."""
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "x.jsonl", [{"id": i, "api": "test", "model_name": "m", "prompt": "q"} for i in range(3)])
+    script = (
+        "import asyncio, sys; from promptfleet import Experiment, Settings; "
+        f"s = asyncio.run(Experiment({str(tmp_path / 'x.jsonl')!r}, Settings(data_folder={str(tmp_path / 'data')!r})).process()); "
+        "print(s['answered'], 'prefect' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["3", "False"]
