@@ -289,11 +289,11 @@ def test_a_pipeline_poll_resumes_what_a_vanished_host_left(tmp_path: Path, prefe
 
 def test_the_holder_renews_in_the_background_until_stopped(tmp_path: Path):
     subject = write_jsonl(tmp_path / "exp.jsonl", rows(1))
-    holder = Holder(tmp_path / ".exp.jsonl.owner", subject, ttl=0.2)
-    first = read_lease(holder.path, 0.2).renewed_at
+    holder = Holder(tmp_path / ".exp.jsonl.owner", subject, ttl=2.0)
+    first = read_lease(holder.path, 2.0).renewed_at
     holder.start()
     deadline = time.monotonic() + 10
-    while read_lease(holder.path, 0.2).renewed_at == first and time.monotonic() < deadline:
+    while read_lease(holder.path, 2.0).renewed_at == first and time.monotonic() < deadline:
         time.sleep(0.01)
     holder.drop()
     assert holder.lost is None and not holder.path.exists() and not holder._thread.is_alive()

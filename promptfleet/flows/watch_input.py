@@ -76,9 +76,10 @@ async def watch_input(settings: Settings | None = None) -> list[dict[str, Any]]:
 
 
 def _give_back_whatever_is_left(claimed: inbox.Claim) -> None:
-    """A crash or an abandoned run: the file goes back to the inbox wherever it got to
-    (a working copy left next to its outputs, by the next poll's `requeue_stranded`)."""
+    """A crash or an abandoned run: the file goes back to the inbox wherever it got to (a
+    working copy next to its outputs, by the next poll's `requeue_stranded`, which the
+    run's released lock lets through at once once the lease record is gone)."""
     if claimed.path.exists():
         inbox.release(claimed)
     else:
-        claimed.holder.stop()
+        claimed.end()
