@@ -1,5 +1,6 @@
 """What the runs of one process share: the stop signal (Ctrl-C, SIGTERM), the pool of
-pacers (one per model and credentials), and the runs going on, for progress displays.
+pacers (one per model and credentials), the runs going on, for progress displays, and the
+inbox claims its callers hold, whose runs stop when their lease is lost.
 
 Whoever starts work opens a session — the CLI around its flow, a flow under a worker, the
 Python API — and makes it current for the code it calls; Prefect tasks and flows called
