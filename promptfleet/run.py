@@ -27,7 +27,7 @@ from promptfleet.experiment import ExperimentError, Issue, RecordReader, check_e
 from promptfleet.plan import Plan, QueuePlan, inspect
 from promptfleet.providers import Clients, provider_class
 from promptfleet.providers.base import ProviderOptions, resolve_env
-from promptfleet.rundir import Journal, JournalIndex, RunLock, RunPaths, now_stamp, read_journal, read_state, unfinished_runs, write_state
+from promptfleet.rundir import Journal, JournalIndex, RunBusy, RunLock, RunPaths, now_stamp, read_journal, read_state, unfinished_runs, write_state
 from promptfleet.scorers import load_scorer
 from promptfleet.session import Session, current_session
 from promptfleet.shared_rate import SharedRate, shared_rate_for
@@ -300,6 +300,8 @@ def open_run(
         if resume.note:
             log.warning("%s", resume.note)
         claim = session.claim_for(file)
+        if claim is not None and not claim.held():  # its file may be someone else's claim by now: never move it
+            raise RunBusy(f"another process ({claim.path.name}: {claim.lost})")
         if not paths.input.exists() or file.resolve() != paths.input.resolve():
             if claim is not None and move_to_input:
                 claim.moving_to(paths.input)

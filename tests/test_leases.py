@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from promptfleet import Session, Settings, inbox
@@ -169,11 +170,11 @@ def test_two_polls_racing_put_back_an_expired_claim_exactly_once(tmp_path: Path)
         start = threading.Barrier(8)
         results: list[list[Path]] = []
 
-        def poll() -> None:
+        def poll(start: threading.Barrier, results: list[list[Path]]) -> None:
             start.wait()
             results.append(inbox.requeue_orphans(input_dir, clock))
 
-        threads = [threading.Thread(target=poll) for _ in range(8)]
+        threads = [threading.Thread(target=poll, args=(start, results)) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
@@ -194,7 +195,7 @@ def test_a_poll_that_judged_a_lease_before_it_was_replaced_does_nothing(tmp_path
     assert again.path.exists() and again.holder.ours_on_disk()
 
 
-async def test_a_run_that_lost_its_claim_stops_sending_and_another_host_resumes_it(tmp_path: Path):
+async def test_a_run_that_lost_its_claim_stops_sending_and_another_host_resumes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from promptfleet.run import open_run, run_all
 
     clock = FakeClock()
@@ -202,7 +203,8 @@ async def test_a_run_that_lost_its_claim_stops_sending_and_another_host_resumes_
     path = write_jsonl(settings.input_folder / "exp.jsonl", rows(40))
     with FakeServer() as server:
         server.state.latency = 0.05
-        os.environ.update(OPENAI_API_KEY=KEY, OPENAI_BASE_URL=server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         first = inbox.claim(path, TTL, clock)
         session = Session()
         session.hold(first)
@@ -245,7 +247,24 @@ async def test_a_run_that_lost_its_claim_stops_sending_and_another_host_resumes_
     assert sum(server.state.calls.values()) - 40 == sent_by_first - len(journaled)  # resent: only those in flight at the fence
 
 
-def test_a_pipeline_poll_resumes_what_a_vanished_host_left(tmp_path: Path, prefect_api: str):
+def test_a_claim_that_lapsed_before_its_run_started_is_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from promptfleet.run import open_run
+    from promptfleet.rundir import RunBusy, RunLock
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    clock = FakeClock()
+    settings = Settings(data_folder=tmp_path / "data")
+    claim = inbox.claim(write_jsonl(settings.input_folder / "exp.jsonl", rows(2)), TTL, clock)
+    session = Session()
+    session.hold(claim)
+    clock.advance(TTL / 2 + 1)  # frozen between its claim and its run
+    with pytest.raises(RunBusy, match="not renewed"):
+        open_run(claim.path, settings, session=session, move_to_input=True)
+    assert claim.path.exists() and not list((settings.output_folder / "exp").glob("*-input-*"))
+    RunLock(settings.output_folder / "exp").acquire()  # released
+
+
+def test_a_pipeline_poll_resumes_what_a_vanished_host_left(tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch):
     """One file claimed but not started, one halfway through its run, both by a host that
     stopped renewing an hour ago: one poll runs both, each prompt answered exactly once."""
     from promptfleet.run import open_run, run_all
@@ -255,7 +274,8 @@ def test_a_pipeline_poll_resumes_what_a_vanished_host_left(tmp_path: Path, prefe
     input_dir = settings.input_folder
     an_hour_ago = time.time() - 3600
     with FakeServer() as server:
-        os.environ.update(OPENAI_API_KEY=KEY, OPENAI_BASE_URL=server.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         foreign_claim(input_dir, "waiting.jsonl", renewed_at=an_hour_ago, n=5)
         # "halfway": a complete run whose journal loses its last 6 answers, reopened as the vanished host left it
         half = write_jsonl(input_dir / ".running" / "half.jsonl", [{**r, "prompt": f"h{i}"} for i, r in enumerate(rows(12))])
