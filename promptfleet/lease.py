@@ -99,8 +99,11 @@ def take_over(path: Path, seen: Lease) -> bool:
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
     except FileExistsError:
-        if time.time() - marker.stat().st_mtime < seen.ttl:
-            return False
+        try:
+            if time.time() - marker.stat().st_mtime < seen.ttl:
+                return False
+        except FileNotFoundError:
+            return False  # the other poll just finished: the re-read below would refuse anyway
         marker.unlink(missing_ok=True)  # left by a poll that died mid-way: a TTL is long enough
         return take_over(path, seen)
     current = read_lease(path, seen.ttl)
