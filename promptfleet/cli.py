@@ -288,13 +288,17 @@ def run(
     from promptfleet.session import Session
 
     session = Session()
+    claimed = None
     if file.resolve().parent == settings.input_folder.resolve():  # an inbox file: claimed, like the pipeline does
-        claimed = inbox.claim(file)
+        claimed = inbox.claim(file, settings.lease_seconds)
         if claimed is None:
             err.print(f"{file}: another process has just claimed it")
             raise typer.Exit(EXIT_BAD_INPUT)
-        file, move_to_input = claimed, True
-        found = dataclasses.replace(found, file=claimed)
+        claimed.holder.start()
+        typer.get_current_context().call_on_close(claimed.end)  # however the command ends
+        session.hold(claimed)
+        file, move_to_input = claimed.path, True
+        found = dataclasses.replace(found, file=claimed.path)
     session.remember_plan(found)
     from promptfleet.rundir import RunBusy
 
@@ -304,8 +308,8 @@ def run(
         )
     except RunBusy as busy:
         err.print(f"cannot run {found.name}: it is being run by {busy} (use --wait to wait for it)", markup=False, highlight=False)
-        if file.parent.name == inbox.RUNNING:
-            inbox.release(file)
+        if claimed:
+            inbox.release(claimed)
         raise typer.Exit(EXIT_BAD_INPUT) from None
 
     def start():
@@ -329,8 +333,8 @@ def run(
 
             filled = asyncio.run(env_from_secret_blocks(name for names in found.missing_env.values() for name in names))
             if lines := _missing_env_lines(found, set(filled), "not set in the environment, the .env file or a Prefect Secret block"):
-                if file.parent.name == inbox.RUNNING:
-                    inbox.release(file)
+                if claimed:
+                    inbox.release(claimed)
                 _fail("\n".join(lines))
         try:
             result = asyncio.run(_in_flow(start, session))
@@ -351,8 +355,8 @@ def run(
     if "run" in result:
         print_study(result, console)
     if not summary["complete"]:
-        if file.parent.name == inbox.RUNNING:
-            _put_back(Path(summary["outputs"].get("input", file)), settings, file.name)
+        if claimed and (working_copy := Path(summary["outputs"].get("input", file))).exists():
+            inbox.give_back_claimed(claimed, working_copy, settings.input_folder)
         if summary.get("journal_error"):
             err.print(
                 f"{summary['journal_error']}. Stopped sending: {summary['unsaved']} answer(s) that landed could not be saved "
@@ -370,14 +374,6 @@ def run(
         err.print(f"stopped with {summary['unfinished']} prompt(s) unfinished; to resume, run the same command again:")
         err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED)
-
-
-def _put_back(working_copy: Path, settings: Any, name: str) -> None:
-    """An inbox file this command claimed goes back to the inbox when its run is unfinished."""
-    from promptfleet import inbox
-
-    if working_copy.exists():
-        inbox.give_back(working_copy, settings.input_folder, name)
 
 
 async def _in_flow(start: Callable[[], Awaitable[Any]], session: Any = None) -> Any:
@@ -435,6 +431,8 @@ def pipeline(
     poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.1, help="Seconds between looks at input/.")] = 30.0,
     once: Annotated[bool, typer.Option("--once", help="Process what is waiting, then exit.")] = False,
     settle: Annotated[float, typer.Option("--settle", min=0, help="Seconds a file must be left unwritten before it is claimed.")] = 10.0,
+    lease: Annotated[float, typer.Option("--lease", min=1, envvar="PROMPTFLEET_LEASE_SECONDS",
+                     help="Seconds a claim lives unrenewed before any host puts it back (docs/guarantees.md).")] = 60.0,
     batch: Annotated[bool, typer.Option("--batch", help="Batch mode; each poll submits and collects, never waits for a batch.")] = False,
     grace: Grace = None,
     create_data_folder: CreateDataFolder = False,
@@ -452,6 +450,7 @@ def pipeline(
     settings = _settings(
         data_folder=data_folder, max_queries=max_queries, max_attempts=max_attempts,
         parallel=parallel, max_queries_json=max_queries_json, settle_seconds=settle, batch=batch, batch_detach=batch,
+        lease_seconds=lease,
         grace=grace,
     )  # fmt: skip
     settings.input_folder.mkdir(parents=True, exist_ok=True)
@@ -461,7 +460,11 @@ def pipeline(
         stop = current_session().stop
         runs = 0
         while not stop.is_set():
-            if inbox.waiting_files(settings.input_folder, settings.settle_seconds) or inbox.requeue_orphans(settings.input_folder):
+            if (
+                inbox.waiting_files(settings.input_folder, settings.settle_seconds)
+                or inbox.requeue_orphans(settings.input_folder, lease_seconds=lease)
+                or inbox.requeue_stranded(settings.input_folder, settings.output_folder, lease_seconds=lease)
+            ):
                 for summary in await watch_input(settings=settings):
                     runs += 1
                     err.print(f"{summary['experiment']}: {summary['answered']} answered, {summary['failed']} failed", markup=False)

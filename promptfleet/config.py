@@ -30,6 +30,7 @@ class Settings(BaseModel):
     rate_share: float = 1.0  # fraction of every rate to use; with a server, of the key's shared rate
     scorers: list[str] = []
     settle_seconds: float = 10.0  # the pipeline claims a file only after this long unwritten
+    lease_seconds: float = 60.0  # a claim not renewed for this long is put back by any host (docs/guarantees.md)
     # Batch mode (docs/batch.md): batchable prompts go through the providers' batch APIs.
     batch: bool = False
     batch_detach: bool = False  # submit and collect what has ended, then return; never wait

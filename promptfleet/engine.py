@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -211,6 +211,7 @@ class QueueContext:
     budget: Budget | None = None
     scorers: list[Scorer] = field(default_factory=list)
     grace: float = 120.0  # how long in-flight answers may take to land after a stop
+    owns: Callable[[], bool] = lambda: True  # False once the run's claim is lost: send and journal nothing more
 
 
 async def run_queue(prompts: Iterable[Prompt], ctx: QueueContext) -> QueueStats:
@@ -227,7 +228,7 @@ async def run_queue(prompts: Iterable[Prompt], ctx: QueueContext) -> QueueStats:
         for prompt in prompts:
             estimate = sum(estimate_tokens(prompt.record)) if ctx.pacer.limits_tokens else 0  # only a TPM limit needs it
             seq = await ctx.pacer.acquire(estimate)
-            if stop.is_set():  # stopped while this one waited for its send time: it stays unsent
+            if stop.is_set() or not ctx.owns():  # stopped while this one waited for its send time: it stays unsent
                 ctx.pacer.release()
                 return
             task = asyncio.create_task(_handle(prompt, estimate, seq, ctx))
@@ -261,7 +262,8 @@ async def run_queue(prompts: Iterable[Prompt], ctx: QueueContext) -> QueueStats:
 
 async def _handle(prompt: Prompt, estimate: int, seq: int, ctx: QueueContext) -> None:
     outcome = await attempt_until_done(prompt, estimate, seq, ctx)
-    record(prompt, outcome, estimate, ctx)
+    if ctx.owns():  # an answer landing after the claim was lost is the new owner's to ask
+        record(prompt, outcome, estimate, ctx)
 
 
 async def attempt_until_done(prompt: Prompt, estimate: int, seq: int, ctx: QueueContext) -> Outcome:
@@ -281,6 +283,9 @@ async def attempt_until_done(prompt: Prompt, estimate: int, seq: int, ctx: Queue
         n += 1
         if n > 1:
             seq = await pacer.acquire(estimate)
+            if not ctx.owns():
+                pacer.release()
+                return Stopped()
         conversation.seq = seq
         sent_at = time.monotonic()
         stats.in_flight += 1

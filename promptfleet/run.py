@@ -27,7 +27,7 @@ from promptfleet.experiment import ExperimentError, Issue, RecordReader, check_e
 from promptfleet.plan import Plan, QueuePlan, inspect
 from promptfleet.providers import Clients, provider_class
 from promptfleet.providers.base import ProviderOptions, resolve_env
-from promptfleet.rundir import Journal, JournalIndex, RunLock, RunPaths, now_stamp, read_journal, read_state, unfinished_runs, write_state
+from promptfleet.rundir import Journal, JournalIndex, RunBusy, RunLock, RunPaths, now_stamp, read_journal, read_state, unfinished_runs, write_state
 from promptfleet.scorers import load_scorer
 from promptfleet.session import Session, current_session
 from promptfleet.shared_rate import SharedRate, shared_rate_for
@@ -100,8 +100,11 @@ class _Resume:
 
 class Run:
     def __init__(self, plan: Plan, settings: Settings, session: Session, paths: RunPaths, lock: RunLock,
-                 resumed: bool, skip: dict[str, bytearray], policy: RetryPolicy | None) -> None:  # fmt: skip
+                 resumed: bool, skip: dict[str, bytearray], policy: RetryPolicy | None,
+                 claim: inbox.Claim | None = None) -> None:  # fmt: skip
         self.plan, self.settings, self.session, self.paths = plan, settings, session, paths
+        self.claim = claim
+        self._claim_lost = False
         self.resumed = resumed
         self.queues = list(plan.queues.values())
         self._lock = lock
@@ -141,6 +144,19 @@ class Run:
             log.error("%s", self.stopped_by)
             self.stop.set()
 
+    def owns(self) -> bool:
+        """Whether this process still owns its inbox file's claim. Once not (its lease
+        lapsed or another host took it over), the run stops: nothing more is sent or
+        journaled, so a host that resumes the file is never sending beside this one."""
+        if self.claim is None or self.claim.held():
+            return True
+        if not self._claim_lost:
+            self._claim_lost = True
+            self.stopped_by = f"lost the claim on {self.claim.path.name}: {self.claim.lost}; nothing more is sent from here"
+            log.error("%s", self.stopped_by)
+            self.stop.set()
+        return False
+
     def prompts(self, queue: QueuePlan) -> Iterator[Prompt]:
         """The queue's unfinished records, read back by their planned place."""
         skip = self._skip.get(queue.name)
@@ -156,7 +172,7 @@ class Run:
         limits = (queue.rate_per_minute, queue.tokens_per_minute, self.settings.max_in_flight)
         with self.session.pacers.pacer(self._pacer_key(queue), *limits, shared=lambda: self._shared_rate(queue)) as pacer:
             ctx = QueueContext(self.clients, pacer, self.journal, stats, self.policy, self.stop, self.spend, self.budget,
-                               self.scorers, grace=self.settings.stop_grace)  # fmt: skip
+                               self.scorers, grace=self.settings.stop_grace, owns=self.owns)  # fmt: skip
             await run_queue(self.prompts(queue), ctx)
         log.info(
             "queue %s: %d answered, %d failed, %d retries, %d rate-limited in %.1fs, rate at end %.0f/min%s",
@@ -198,7 +214,8 @@ class Run:
         paths = self.paths
         answered, failed = _count_lines(paths.completed), _count_lines(paths.failed)
         unchanged = paths.input.stat().st_size == self.plan.size  # nobody appended to it meanwhile
-        complete = answered + failed == self.plan.prompts and unchanged and self.stopped_by is None and self.journal_error is None
+        owned = self.owns()  # a run whose claim was lost is never marked finished: its new owner decides
+        complete = answered + failed == self.plan.prompts and unchanged and owned and self.stopped_by is None and self.journal_error is None
         stats = list(self.stats.values())
         score_keys = sorted({k for s in stats for k in s.score_keys})
         models, seen = [], []
@@ -282,12 +299,17 @@ def open_run(
         paths = RunPaths(out_dir, resume.stamp, name, file.suffix)
         if resume.note:
             log.warning("%s", resume.note)
+        claim = session.claim_for(file)
+        if claim is not None and not claim.held():  # its file may be someone else's claim by now: never move it
+            raise RunBusy(f"another process ({claim.path.name}: {claim.lost})")
         if not paths.input.exists() or file.resolve() != paths.input.resolve():
+            if claim is not None and move_to_input:
+                claim.moving_to(paths.input)
             inbox.place_working_copy(file, paths.input, move=move_to_input)
         resumed = paths.state.exists()
         state = read_state(paths) if resumed else {"started": datetime.now(timezone.utc).isoformat()}
         write_state(paths, **{**state, "input_sha256": plan.digest, "source": str(file), "finished": False, "prompts": plan.prompts})
-        return Run(plan, settings, session, paths, lock, resumed, resume.skip, policy)
+        return Run(plan, settings, session, paths, lock, resumed, resume.skip, policy, claim)
     except BaseException:
         lock.release()
         raise

@@ -1,5 +1,6 @@
 """What the runs of one process share: the stop signal (Ctrl-C, SIGTERM), the pool of
-pacers (one per model and credentials), and the runs going on, for progress displays.
+pacers (one per model and credentials), the runs going on, for progress displays, and the
+inbox claims its callers hold, whose runs stop when their lease is lost.
 
 Whoever starts work opens a session — the CLI around its flow, a flow under a worker, the
 Python API — and makes it current for the code it calls; Prefect tasks and flows called
@@ -19,6 +20,7 @@ from promptfleet.limiter import PacerPool
 from promptfleet.rundir import RunLock
 
 if TYPE_CHECKING:
+    from promptfleet.inbox import Claim
     from promptfleet.plan import Plan
     from promptfleet.run import Run
 
@@ -30,6 +32,7 @@ class Session:
         self.runs: list[Run] = []
         self._plans: dict[Path, Plan] = {}
         self._locks: dict[Path, RunLock] = {}
+        self._claims: dict[Path, Claim] = {}
 
     def request_stop(self) -> None:
         self.stop.set()
@@ -47,6 +50,16 @@ class Session:
         """The ownership lock of an experiment's output folder; the CLI takes it before Prefect
         starts (so a refusal is one line, not a failed flow) and the run keeps it."""
         return self._locks.setdefault(Path(out_dir).resolve(), RunLock(Path(out_dir)))
+
+    def hold(self, claim: Claim) -> None:
+        """An inbox file the caller claimed; its run follows the claim's lease."""
+        self._claims[claim.path.resolve()] = claim
+
+    def claim_for(self, file: Path) -> Claim | None:
+        return self._claims.get(Path(file).resolve())
+
+    def let_go(self, claim: Claim) -> None:
+        self._claims.pop(claim.path.resolve(), None)
 
     @property
     def stopping(self) -> bool:

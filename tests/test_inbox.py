@@ -30,11 +30,11 @@ def test_waiting_files_oldest_first_and_only_experiments(tmp_path: Path):
 def test_a_file_can_be_claimed_once(tmp_path: Path):
     path = write_jsonl(tmp_path / "input" / "exp.jsonl", [GOOD])
     first = inbox.claim(path)
-    assert first == tmp_path / "input" / ".running" / "exp.jsonl" and first.exists()
+    assert first.path == tmp_path / "input" / ".running" / "exp.jsonl" and first.path.exists()
     assert inbox.claim(path) is None  # the second poll finds it gone
     assert inbox.waiting_files(tmp_path / "input") == []
     back = inbox.release(first)
-    assert back == path and path.exists() and not first.exists()
+    assert back == path and path.exists() and not first.path.exists() and not first.holder.path.exists()
 
 
 def test_orphans_of_dead_processes_are_put_back(tmp_path: Path):
@@ -42,7 +42,7 @@ def test_orphans_of_dead_processes_are_put_back(tmp_path: Path):
     claimed = inbox.claim(path)
     assert inbox.requeue_orphans(tmp_path / "input") == []  # we are alive
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    owner = claimed.with_name(".exp.jsonl.owner")
+    owner = claimed.path.with_name(".exp.jsonl.owner")
     owner.write_text(json.dumps({**json.loads(owner.read_text()), "pid": int(dead.stdout)}))
     assert inbox.requeue_orphans(tmp_path / "input") == [path]
     assert path.exists() and not owner.exists()

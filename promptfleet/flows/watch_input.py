@@ -37,17 +37,20 @@ async def watch_input(settings: Settings | None = None) -> list[dict[str, Any]]:
     settings = settings or Settings()
     session = current_session()
     stop_on_signals(session)
-    for path in inbox.requeue_orphans(settings.input_folder) + inbox.requeue_stranded(settings.input_folder, settings.output_folder):
-        log.info("put back %s, left running by a process that is gone", path.name)
+    ttl = settings.lease_seconds
+    for path in inbox.requeue_orphans(settings.input_folder, lease_seconds=ttl) + inbox.requeue_stranded(settings.input_folder, settings.output_folder, lease_seconds=ttl):
+        log.info("put back %s, left running by a process that is gone (its claim's lease expired)", path.name)
     summaries = []
     for path in inbox.waiting_files(settings.input_folder, settings.settle_seconds):
         if session.stopping:
             break
-        claimed = inbox.claim(path)
+        claimed = inbox.claim(path, ttl)
         if claimed is None:
             continue
+        claimed.holder.start()
+        session.hold(claimed)
         try:
-            summary = await run_experiment(file=str(claimed), settings=settings, move_to_input=True)
+            summary = await run_experiment(file=str(claimed.path), settings=settings, move_to_input=True)
         except ExperimentError as error:
             target = inbox.reject(claimed, str(error), settings.data_folder)
             first = f", first: {error.issues[0]}" if error.issues else ""
@@ -58,10 +61,13 @@ async def watch_input(settings: Settings | None = None) -> list[dict[str, Any]]:
             log.info("%s is being run by %s; left in the inbox", path.name, busy)
             continue
         except BaseException:
-            _give_back_whatever_is_left(claimed, settings)
+            _give_back_whatever_is_left(claimed)
             raise
+        finally:
+            session.let_go(claimed)
         if not summary["complete"]:
-            inbox.give_back(Path(summary["outputs"]["input"]), settings.input_folder, path.name)
+            inbox.give_back_claimed(claimed, Path(summary["outputs"]["input"]), settings.input_folder)
+        claimed.end()
         summaries.append(summary)
         if summary.get("journal_error"):  # the disk refuses writes: the next file would fail the same way
             log.error("%s; no further files are started", summary["journal_error"])
@@ -69,7 +75,11 @@ async def watch_input(settings: Settings | None = None) -> list[dict[str, Any]]:
     return summaries
 
 
-def _give_back_whatever_is_left(claimed: Path, settings: Settings) -> None:
-    """A crash or an abandoned run: the file goes back to the inbox wherever it got to."""
-    if claimed.exists():
+def _give_back_whatever_is_left(claimed: inbox.Claim) -> None:
+    """A crash or an abandoned run: the file goes back to the inbox wherever it got to (a
+    working copy next to its outputs, by the next poll's `requeue_stranded`, which the
+    run's released lock lets through at once once the lease record is gone)."""
+    if claimed.path.exists():
         inbox.release(claimed)
+    else:
+        claimed.end()
