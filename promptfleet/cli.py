@@ -336,6 +336,7 @@ def run(
                 if claimed:
                     inbox.release(claimed)
                 _fail("\n".join(lines))
+            session.remember_plan(dataclasses.replace(found, missing_env={}))  # every key is set now
         try:
             result = asyncio.run(_in_flow(start, session))
         except ExperimentError as error:
