@@ -78,7 +78,7 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
             finally:
                 progress.cancel()
                 await progress
-            summary = write_results(run).to_dict()
+            summary = (await write_results(run)).to_dict()
     finally:
         await run.aclose()
     # the last word on progress: what landed, so a finished run reads 100%
