@@ -71,6 +71,38 @@ def _progress_line(session: Session) -> str:
     return "; ".join(parts)
 
 
+class _OneLinkPerRun(logging.Filter):
+    """Prefect logs "View at <flow run URL>" twice for each flow run (when it creates the
+    run, and again when the run begins); the second copy tells nothing new."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("View at "):
+            return True
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+@contextmanager
+def one_link_per_run() -> Iterator[None]:
+    """While open, each flow run's UI link is logged once."""
+    link_filter = _OneLinkPerRun()
+    loggers = [logging.getLogger(name) for name in ("prefect.engine", "prefect.flow_runs")]
+    for logger in loggers:
+        logger.addFilter(link_filter)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(link_filter)
+
+
 @contextmanager
 def _log_handlers_print_to(console: Console) -> Iterator[None]:
     """Point every logging handler that prints through a rich Console (Prefect's console

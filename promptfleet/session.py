@@ -46,6 +46,10 @@ class Session:
     def plan_for(self, file: Path) -> Plan | None:
         return self._plans.pop(Path(file), None)
 
+    def planned(self, file: Path) -> bool:
+        """Whether the CLI planned this file, its API keys found (Secret blocks included)."""
+        return Path(file) in self._plans
+
     def lock_for(self, out_dir: Path) -> RunLock:
         """The ownership lock of an experiment's output folder; the CLI takes it before Prefect
         starts (so a refusal is one line, not a failed flow) and the run keeps it."""

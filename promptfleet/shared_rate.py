@@ -125,13 +125,15 @@ class PrefectLimits:
 
     async def set(self, per_minute: float, was: Bucket | None = None) -> None:
         """Change the rate; slots in use keep the time they have left (at half the rate a
-        block must not take twice as long to decay)."""
+        block must not take twice as long to decay). They are always written, none too:
+        the server stores slots as of the last write and decays them from `updated`, which
+        an update moves to now, so slots that had long decayed would count again in full."""
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
         per_second = per_minute / 60 * SLOTS
         spec = GlobalConcurrencyLimitUpdate(limit=block_for(per_minute) * SLOTS, slot_decay_per_second=per_second)
-        if was is not None and was.active and was.per_second > 0:
+        if was is not None and was.per_second > 0:
             spec.active_slots = round(was.active * per_second / was.per_second)
         async with get_client() as client:
             await client.update_global_concurrency_limit(self.name, spec)

@@ -77,3 +77,35 @@ async def test_without_a_terminal_progress_is_plain_lines(capsys):
     progress.cancel()
     await asyncio.wait([progress])
     assert "\x1b[" not in console.file.getvalue()  # no escape sequences into a pipe
+
+
+def test_each_flow_run_link_is_shown_once():
+    """Prefect logs "View at <link>" when it creates a flow run and again when the run
+    begins; while the CLI runs a flow, the second copy is dropped and nothing else is."""
+    from promptfleet.console import one_link_per_run
+
+    shown: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(f"{record.name}: {record.getMessage()}")  # type: ignore[method-assign]
+
+    def log(name: str, message: str) -> None:
+        record = logging.LogRecord(name, logging.INFO, __file__, 0, message, None, None)
+        record.send_to_api = False  # as Prefect logs the link: for the terminal only
+        logging.getLogger(name).handle(record)
+
+    logging.getLogger("prefect").addHandler(handler)
+    try:
+        with one_link_per_run():
+            log("prefect.engine", "View at http://127.0.0.1:4200/runs/flow-run/a")
+            log("prefect.flow_runs", "Beginning flow run 'exp' for flow 'run_experiment'")
+            log("prefect.flow_runs", "View at http://127.0.0.1:4200/runs/flow-run/a")
+            log("prefect.flow_runs", "View at http://127.0.0.1:4200/runs/flow-run/b")  # a subflow: its own link
+        log("prefect.flow_runs", "View at http://127.0.0.1:4200/runs/flow-run/a")  # outside the CLI's flow: as Prefect has it
+    finally:
+        logging.getLogger("prefect").removeHandler(handler)
+    assert shown == [
+        "prefect.engine: View at http://127.0.0.1:4200/runs/flow-run/a",
+        "prefect.flow_runs: Beginning flow run 'exp' for flow 'run_experiment'",
+        "prefect.flow_runs: View at http://127.0.0.1:4200/runs/flow-run/b",
+        "prefect.flow_runs: View at http://127.0.0.1:4200/runs/flow-run/a",
+    ]

@@ -92,6 +92,26 @@ def test_a_missing_api_key_is_one_line_and_a_secret_block_counts_as_set(tmp_path
         asyncio.run(_delete_block("anthropic-api-key"))
 
 
+def test_run_sends_with_a_key_from_a_secret_block(tmp_path: Path, prefect_api: str, fake_openai, monkeypatch):
+    """`run` counts a Secret block as set, as `check` does, and the run goes on to send with
+    the block's value (the plan the CLI made before reading the blocks must not refuse it)."""
+    from prefect.blocks.system import Secret
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", fake_openai.base_url)
+    path = write_jsonl(tmp_path / "exp.jsonl", [{"api": "openai", "model_name": "gpt-x", "prompt": "hi"}])
+    data = tmp_path / "data"
+    data.mkdir()
+    Secret(value="sk-from-a-block-0123456789").save("openai-api-key", overwrite=True)
+    try:
+        result = runner.invoke(app, ["run", "-f", str(path), "-d", str(data), "-e", str(tmp_path / "none.env")])
+    finally:
+        os.environ.pop("OPENAI_API_KEY", None)  # the run set it in this process from the block
+        asyncio.run(_delete_block("openai-api-key"))
+    assert result.exit_code == 0, result.output
+    assert fake_openai.state.auth_headers == ["Bearer sk-from-a-block-0123456789"]
+
+
 async def _delete_block(name: str) -> None:
     from prefect.client.orchestration import get_client
 

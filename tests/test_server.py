@@ -96,9 +96,10 @@ def test_first_run_starts_the_server_later_runs_reuse_it_and_the_run_stays_in_th
     automations = httpx.post(f"{info.api_url}/automations/filter", json={}, timeout=10).json()
     assert [a["name"] for a in automations] == [AUTOMATION_NAME]  # created with the server, once
 
-    second = cli(["run", "-f", str(path), "-mq", "60000"], home, tmp_path)
+    second = cli(["run", "-f", str(path), "-mq", "60000"], home, tmp_path, PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="INFO")
     assert second.returncode == 0, second.stderr[-3000:]
     assert "starting Prefect server" not in second.stderr
+    assert second.stderr.count("View at ") == 1  # Prefect logs the link twice; people see it once
     assert server.status(home) == info  # the same server, reused
 
     status = cli(["server", "status"], home, tmp_path)

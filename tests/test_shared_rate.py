@@ -139,6 +139,22 @@ async def test_joining_lowers_a_faster_limit_and_takes_over_a_stale_one(prefect_
     assert (await limits.read()).per_minute == pytest.approx(1200)  # nobody uses it: the newcomer's rate
 
 
+async def test_a_rate_change_does_not_bring_decayed_slots_back(prefect_api: str):
+    """The server keeps slots as of the limit's last write and decays them from its
+    `updated` time, which any update moves to now: a change that did not write the slots
+    would restore long-decayed ones in full, and the next block would wait for them (a
+    60 s first block was measured after a run at a higher rate)."""
+    name = limit_name("test", "rebase", {"K": "v"}, b"x" * 64)
+    limits = PrefectLimits(name)
+    await limits.create(60_000)  # 100,000 slots a second decay
+    assert await limits.take(SLOTS)  # one request's slots, decayed a millisecond later
+    decayed = await limits.read()
+    assert decayed is not None and decayed.active == 0
+    await limits.set(6, decayed)  # 10 slots a second: 100 stale slots would take 10 s to decay
+    bucket = await limits.read()
+    assert bucket is not None and bucket.per_minute == pytest.approx(6) and bucket.active == 0
+
+
 async def test_a_deleted_limit_is_made_again(prefect_api: str):
     from prefect.client.orchestration import get_client
 

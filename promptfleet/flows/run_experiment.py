@@ -62,7 +62,7 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
     settings = settings or Settings()
     session = current_session()
     stop_on_signals(session)
-    if filled := await env_from_secret_blocks():
+    if not session.planned(Path(file)) and (filled := await env_from_secret_blocks()):
         log.info("API keys from Prefect Secret blocks: %s", ", ".join(filled))
     run = await load_and_validate(Path(file), settings, session, move_to_input, wait)
     if isinstance(run, ExperimentError):  # the flow run fails in one line; its caller gets the ExperimentError
@@ -78,7 +78,7 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
             finally:
                 progress.cancel()
                 await progress
-            summary = write_results(run).to_dict()
+            summary = (await write_results(run)).to_dict()
     finally:
         await run.aclose()
     # the last word on progress: what landed, so a finished run reads 100%

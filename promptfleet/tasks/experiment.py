@@ -4,6 +4,7 @@ records never travel as parameters."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ async def run_batches(run: Run) -> QueueStats:
 
 
 @task(name="write_results", cache_policy=NO_CACHE)
-def write_results(run: Run) -> RunSummary:
-    return run.finish(orchestration=_flow_run())
+async def write_results(run: Run) -> RunSummary:
+    """Async with the writing in a thread, for the reason load_and_validate is async."""
+    return await asyncio.to_thread(run.finish, orchestration=_flow_run())
 
 
 def _flow_run() -> dict[str, Any] | None:
