@@ -52,10 +52,15 @@ PREFIX = "promptfleet-rate"
 BLOCK_S = 2.0  # a block holds this many seconds of sends: fewer hand-overs, less lost to latency
 # Sends are spaced 2% wider than 1/rate: a send may then reach the provider up to 20 ms (2%
 # of its one-second window) later than the one `rate` sends after it without making that one
-# the window's rate+1st. Measured on a loaded 2-core box: 1 in 100 sends late by ~7 ms,
-# none by 20 ms after a queue's first; exactly 1/rate apart, 1 in 40 sends drew a 429.
+# the window's rate+1st. Measured on a loaded 2-core box: 1 send in 100 ~7 ms late, none
+# 20 ms late once a queue's client is built; spaced exactly 1/rate, 1 send in 100 drew a 429.
 SPACING_MARGIN = 0.02
+# Spaced wider than the bucket refills, a block's last send does not fit before the next
+# holder's grant: one send of every block lapses. 20 sends a block keep that under 5% (at
+# 3/s, blocks of 2 s would lose 1 send in 6).
+MIN_BLOCK = 20
 HANDOVER_S = 0.03  # a process that just held a block asks for the next one this much later than a waiting one
+CATCH_UP_S = 0.005  # a send this late still keeps its place in the schedule (timer overshoot)
 SLOTS = 100  # slots per request: Prefect decays and reports whole slots, so a slot is a fine grain
 STALE_S = 60.0  # a limit nobody used for this long takes the next run's rate as it is
 OFFLINE_S = 30.0  # after a server error, pace in-process this long before asking again
@@ -94,8 +99,8 @@ class Bucket:
 
 
 def block_for(per_minute: float) -> int:
-    """Requests in one block: BLOCK_S seconds' worth, at least one."""
-    return max(1, round(per_minute / 60 * BLOCK_S))
+    """Requests in one block: BLOCK_S seconds' worth, at least MIN_BLOCK."""
+    return max(MIN_BLOCK, round(per_minute / 60 * BLOCK_S))
 
 
 class PrefectLimits:
@@ -203,7 +208,9 @@ class GlobalRate:
                     # the next holder's first second. It waits for a block of its own.
                     self._left = 0
                     continue
-                self._next_at = turn + self._spacing
+                # Spaced from when it leaves: after a late wake-up the next send must not
+                # follow at once (the late one and the next would take one turn together).
+                self._next_at = max(turn, loop.time() - CATCH_UP_S) + self._spacing
                 self._left -= 1
                 return
 
