@@ -4,10 +4,16 @@ under the key's limit.
 
 The shared bucket is a Prefect global concurrency limit with slot decay, one per (api,
 model, credentials): `slot_decay_per_second` is the key's rate and `limit` one block of
-BLOCK_S seconds of sends. A process takes a whole block at once and hands its requests
-out evenly over the block's window, so a queue makes about one server call a second, not
-one per request. Sends not used by the end of the window are dropped: a process that
-slowed down cannot overlap the next holder's window.
+BLOCK_S seconds of sends (at least MIN_BLOCK). A process takes a whole block at once and
+hands its requests out evenly over the block's window, so a queue makes about one server
+call a second, not one per request. Sends not used by the end of the window are dropped:
+a process that slowed down cannot overlap the next holder's window.
+
+The rule that keeps every second under the key's limit at the provider, which counts
+arrivals, not sends: sends are spaced SPACING_MARGIN wider than 1/rate, so arrivals may
+jitter by that much of a second; a block's last send leaves one spacing before the next
+holder's grant can come, so a hand-over is spaced like the sends within a block; a send
+woken after its block's window (a busy event loop) waits for a block of its own.
 
 Why not `prefect.concurrency.asyncio.rate_limit()`: on a 423 it sleeps the server's
 `Retry-After`, a random interval around a whole block's decay time, so a process that
@@ -24,8 +30,9 @@ the API. Processes on several machines share a limit only when they share the sa
 (`PROMPTFLEET_RATE_SALT`).
 
 Without a Prefect server (no `PREFECT_API_URL`, a temporary server, or the plain Python
-API, which reports nothing) there is nothing to share and pacing stays in-process; when the server stops answering mid-run, the queue goes on at its own
-pace and asks the server again a little later.
+API, which reports nothing) there is nothing to share and pacing stays in-process; when
+the server stops answering mid-run, or answers slower than a block lasts, the queue goes
+on at its own pace and asks the server again a little later.
 """
 
 from __future__ import annotations

@@ -242,7 +242,18 @@ def _rate_while_both_ran(accepted: list[float], first: list[float], second: list
     return (len(inside) - 1) / (hi - lo)
 
 
-NOISE_429S = 2
+NOISE_429S = 3
+
+
+def _seconds_before_429s(state) -> list[list[int]]:
+    """For each 429, the gaps (ms) between the accepted arrivals of the second before it."""
+    accepted = sorted(state.accepted)
+    calls = sorted(t for ts in state.times.values() for t in ts)
+    # The fake stamps a call, then (under the same lock) its acceptance: a call is refused
+    # when no acceptance comes before the next call.
+    refused = [t for t, after in zip(calls, [*calls[1:], float("inf")]) if bisect.bisect_left(accepted, t) == bisect.bisect_left(accepted, after)]
+    seconds = [accepted[bisect.bisect_left(accepted, t - 1.0) : bisect.bisect_right(accepted, t)] for t in refused]
+    return [[round((b - a) * 1000) for a, b in zip(second, second[1:])] for second in seconds]
 
 
 @pytest.mark.slow
@@ -276,11 +287,13 @@ def test_two_runs_on_one_key_share_its_limit(tmp_path: Path, prefect_api: str):
     assert all(state.calls[f"a{i}"] >= 1 and state.calls[f"b{i}"] >= 1 for i in range(n))
     rate = _rate_while_both_ran(accepted, times_a, times_b)
     print(f"429s alone {rejected_alone}, together {state.rejected}; combined rate {rate:.2f}/s of {limit}/s")
-    # Sharing draws no 429 of its own. The allowance is noise at the fake, not at the
-    # senders: on a busy 2-core box its handler thread now and then stamps a request
-    # 20-50 ms after it came (a new connection's thread starting late), which costs one
-    # 429 in either run; measured 0-1 per 160 requests alone, twice the requests together.
-    assert state.rejected <= rejected_alone + NOISE_429S
+    # Sharing draws no 429 of its own. The allowance is the box's noise, not the pacing's:
+    # a request reaching the fake more than 20 ms after it was sent (seen: 48 ms, between
+    # the client's socket and the fake's handler thread) makes a later one its second's
+    # 21st. Measured on this busy 2-core box: 0-1 such 429s per 160 requests alone, 0-3 per
+    # 320 together (two client processes, twice the requests). A 429 message lists the
+    # arrivals of the second before each 429: a late first arrival is noise, a burst is not.
+    assert state.rejected <= rejected_alone + NOISE_429S, _seconds_before_429s(state)
     assert 0.9 * limit <= rate <= 1.05 * limit  # about the limit: not 2x, not half
 
 
@@ -447,3 +460,21 @@ def test_a_holder_woken_late_sends_nothing_into_the_next_window():
     VirtualLoop().run(both())
     assert _most_in_a_second(times_a + times_b) <= 20
     assert min(later - earlier for earlier, later in zip(sorted(times_a), sorted(times_a)[1:])) > 0.04
+
+
+def test_a_server_slower_than_a_block_leaves_pacing_in_process(warnings_of_shared_rate):
+    """Every grant arrives after its block's window ended (a server answering in 2.5 s, blocks
+    of 2 s): nothing is sent on those grants, and after a few the queue paces on its own."""
+    limits = FakeLimits("promptfleet-rate:test:slow:0", latency=2.5)
+    rate = GlobalRate(limits, 1200)
+
+    async def five() -> float:
+        for _ in range(5):
+            await rate.take()
+        return asyncio.get_running_loop().time()
+
+    took = VirtualLoop().run(five())
+    assert len(limits.grants) == shared_rate.LATE_GRANTS
+    assert took < 4 * shared_rate.LATE_GRANTS * limits.latency  # then the five sends went at once, unshared
+    [warning] = warnings_of_shared_rate()
+    assert "slower than a block" in warning
