@@ -59,8 +59,8 @@ PREFIX = "promptfleet-rate"
 BLOCK_S = 2.0  # a block holds this many seconds of sends: fewer hand-overs, less lost to latency
 # Sends are spaced 2% wider than 1/rate: a send may then reach the provider up to 20 ms (2%
 # of its one-second window) later than the one `rate` sends after it without making that one
-# the window's rate+1st. Measured on a loaded 2-core box: 1 send in 100 ~7 ms late, none
-# 20 ms late once a queue's client is built; spaced exactly 1/rate, 1 send in 100 drew a 429.
+# the window's rate+1st. Measured on a busy 2-core box: 1 arrival in 100 ~7 ms late, 1-3
+# in 1,000 over 20 ms; spaced exactly 1/rate, 1 send in 100 drew a 429.
 SPACING_MARGIN = 0.02
 # Spaced wider than the bucket refills, a block's last send does not fit before the next
 # holder's grant: one send of every block lapses. 20 sends a block keep that under 5% (at
