@@ -248,7 +248,7 @@ NOISE_429S = 3
 def _seconds_before_429s(state) -> list[list[int]]:
     """For each 429, the gaps (ms) between the accepted arrivals of the second before it."""
     accepted = sorted(state.accepted)
-    calls = sorted(t for ts in state.times.values() for t in ts)
+    calls = sorted(t for ts in state.times.values() for t in ts if t >= accepted[0])  # not the solo run's
     # The fake stamps a call, then (under the same lock) its acceptance: a call is refused
     # when no acceptance comes before the next call.
     refused = [t for t, after in zip(calls, [*calls[1:], float("inf")]) if bisect.bisect_left(accepted, t) == bisect.bisect_left(accepted, after)]
