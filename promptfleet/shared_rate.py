@@ -4,10 +4,16 @@ under the key's limit.
 
 The shared bucket is a Prefect global concurrency limit with slot decay, one per (api,
 model, credentials): `slot_decay_per_second` is the key's rate and `limit` one block of
-BLOCK_S seconds of sends. A process takes a whole block at once and hands its requests
-out evenly over the block's window, so a queue makes about one server call a second, not
-one per request. Sends not used by the end of the window are dropped: a process that
-slowed down cannot overlap the next holder's window.
+BLOCK_S seconds of sends (at least MIN_BLOCK). A process takes a whole block at once and
+hands its requests out evenly over the block's window, so a queue makes about one server
+call a second, not one per request. Sends not used by the end of the window are dropped:
+a process that slowed down cannot overlap the next holder's window.
+
+The rule that keeps every second under the key's limit at the provider, which counts
+arrivals, not sends: sends are spaced SPACING_MARGIN wider than 1/rate, so arrivals may
+jitter by that much of a second; a block's last send leaves one spacing before the next
+holder's grant can come, so a hand-over is spaced like the sends within a block; a send
+woken after its block's window (a busy event loop) waits for a block of its own.
 
 Why not `prefect.concurrency.asyncio.rate_limit()`: on a 423 it sleeps the server's
 `Retry-After`, a random interval around a whole block's decay time, so a process that
@@ -24,8 +30,9 @@ the API. Processes on several machines share a limit only when they share the sa
 (`PROMPTFLEET_RATE_SALT`).
 
 Without a Prefect server (no `PREFECT_API_URL`, a temporary server, or the plain Python
-API, which reports nothing) there is nothing to share and pacing stays in-process; when the server stops answering mid-run, the queue goes on at its own
-pace and asks the server again a little later.
+API, which reports nothing) there is nothing to share and pacing stays in-process; when
+the server stops answering mid-run, or answers slower than a block lasts, the queue goes
+on at its own pace and asks the server again a little later.
 """
 
 from __future__ import annotations
@@ -50,12 +57,21 @@ SALT_ENV = "PROMPTFLEET_RATE_SALT"
 SALT_FILE = "promptfleet-rate-salt"
 PREFIX = "promptfleet-rate"
 BLOCK_S = 2.0  # a block holds this many seconds of sends: fewer hand-overs, less lost to latency
-GAP_S = 0.05  # a block's sends end this long before the next holder's may start (timer jitter)
-SPACING_MARGIN = 0.002  # sends exactly 1/rate apart put rate+1 of them in some closed second
+# Sends are spaced 2% wider than 1/rate: a send may then reach the provider up to 20 ms (2%
+# of its one-second window) later than the one `rate` sends after it without making that one
+# the window's rate+1st. Measured on a busy 2-core box: 1 arrival in 100 ~7 ms late, 1-3
+# in 1,000 over 20 ms; spaced exactly 1/rate, 1 send in 100 drew a 429.
+SPACING_MARGIN = 0.02
+# Spaced wider than the bucket refills, a block's last send does not fit before the next
+# holder's grant: one send of every block lapses. 20 sends a block keep that under 5% (at
+# 3/s, blocks of 2 s would lose 1 send in 6).
+MIN_BLOCK = 20
 HANDOVER_S = 0.03  # a process that just held a block asks for the next one this much later than a waiting one
+CATCH_UP_S = 0.005  # a send this late still keeps its place in the schedule (timer overshoot)
 SLOTS = 100  # slots per request: Prefect decays and reports whole slots, so a slot is a fine grain
 STALE_S = 60.0  # a limit nobody used for this long takes the next run's rate as it is
 OFFLINE_S = 30.0  # after a server error, pace in-process this long before asking again
+LATE_GRANTS = 3  # grants in a row that arrive after their block's window: the server is too slow to share through
 TOLERANCE = 0.02  # a learned rate this close to the shared one is not written
 
 
@@ -90,8 +106,8 @@ class Bucket:
 
 
 def block_for(per_minute: float) -> int:
-    """Requests in one block: BLOCK_S seconds' worth, at least one."""
-    return max(1, round(per_minute / 60 * BLOCK_S))
+    """Requests in one block: BLOCK_S seconds' worth, at least MIN_BLOCK."""
+    return max(MIN_BLOCK, round(per_minute / 60 * BLOCK_S))
 
 
 class PrefectLimits:
@@ -167,6 +183,7 @@ class GlobalRate:
         self._next_at = 0.0
         self._spacing = 0.0
         self._offline_until = 0.0
+        self._late = 0  # grants in a row that arrived too late to use
         self._lock = asyncio.Lock()
         self.blocks = 0  # blocks taken (server grants), for the tests
 
@@ -181,24 +198,32 @@ class GlobalRate:
     async def take(self) -> None:
         async with self._lock:  # one block request at a time; the other sends wait for it
             loop = asyncio.get_running_loop()
-            if loop.time() < self._offline_until:
+            while loop.time() >= self._offline_until:
+                if self._left <= 0 or max(loop.time(), self._next_at) >= self._until:
+                    try:
+                        await self._next_block()
+                    except Exception as err:  # the server is down or answers garbage: keep sending at our own pace
+                        self._go_offline(f"Prefect server unavailable ({err})")
+                    continue
+                # Requests of a block go out evenly over its window, so two processes handing
+                # over a block never send a burst across the hand-over.
+                turn = max(loop.time(), self._next_at)
+                if turn > loop.time():
+                    await asyncio.sleep(turn - loop.time())
+                if loop.time() >= self._until:
+                    # Woken past the window (a busy event loop): this send would land in
+                    # the next holder's first second. It waits for a block of its own.
+                    self._left = 0
+                    continue
+                # Spaced from when it leaves: after a late wake-up the next send must not
+                # follow at once (the late one and the next would take one turn together).
+                self._next_at = max(turn, loop.time() - CATCH_UP_S) + self._spacing
+                self._left -= 1
                 return
-            if self._left <= 0 or max(loop.time(), self._next_at) >= self._until:
-                try:
-                    await self._next_block()
-                except Exception as err:  # the server is down or answers garbage: keep sending at our own pace
-                    log.warning("shared rate %s: Prefect server unavailable (%s); pacing in this process for %.0fs", self.name, err, OFFLINE_S)
-                    self._offline_until = loop.time() + OFFLINE_S
-                    return
-                if loop.time() < self._offline_until:
-                    return
-            # Requests of a block go out evenly over its window, so two processes handing
-            # over a block never send a burst across the hand-over.
-            turn = max(loop.time(), self._next_at)
-            self._next_at = turn + self._spacing
-            self._left -= 1
-            if turn > loop.time():
-                await asyncio.sleep(turn - loop.time())
+
+    def _go_offline(self, why: str) -> None:
+        log.warning("shared rate %s: %s; pacing in this process for %.0fs", self.name, why, OFFLINE_S)
+        self._offline_until = asyncio.get_running_loop().time() + OFFLINE_S
 
     async def _next_block(self) -> None:
         loop = asyncio.get_running_loop()
@@ -229,13 +254,18 @@ class GlobalRate:
             courtesy = 0.0
             asked = loop.time()
             if await self._limits.take(bucket.limit):
-                # The grant happened between asking and the answer: counted from the asking,
-                # the window ends before the next holder's can start, however slow the answer.
+                # The grant happened between asking and the answer, and the next holder's
+                # grant comes when this block has decayed, so not before `asked` + the
+                # block's length. The last send leaves one spacing before that: across a
+                # hand-over sends are as far apart as within a block, however slow the answer.
                 self._left = bucket.requests
                 self._spacing = SLOTS / bucket.per_second * (1 + SPACING_MARGIN)
-                self._until = asked + bucket.limit / bucket.per_second - GAP_S
+                self._until = asked + bucket.limit / bucket.per_second - self._spacing
                 self._next_at = loop.time()  # sends start from the answer: a slow answer must not bunch them
                 self.blocks += 1
+                self._late = self._late + 1 if self._next_at >= self._until else 0
+                if self._late >= LATE_GRANTS:  # the block is over when the grant arrives, every time
+                    self._go_offline(f"Prefect server answers slower than a block ({self._late} times in a row)")
                 return
 
     async def _join(self) -> None:

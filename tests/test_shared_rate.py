@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import math
 import os
+import random
+import selectors
 import stat
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -120,7 +124,7 @@ async def test_a_learned_rate_is_shared_with_the_next_block(prefect_api: str):
     a.set_rate(300)  # the provider's headers told `a` that the key allows 5/s
     await _take_for(a, 2.5, [])  # written with a's next block
     bucket = await PrefectLimits(name).read()
-    assert bucket is not None and bucket.per_minute == pytest.approx(300) and bucket.limit == 10 * SLOTS
+    assert bucket is not None and bucket.per_minute == pytest.approx(300) and bucket.limit == shared_rate.block_for(300) * SLOTS
     times: list[float] = []
     await _take_for(b, 4.0, times)  # `b` never saw those headers, but gets 5/s now
     assert len(times) <= 5 * 4 + 10
@@ -238,6 +242,20 @@ def _rate_while_both_ran(accepted: list[float], first: list[float], second: list
     return (len(inside) - 1) / (hi - lo)
 
 
+NOISE_429S = 3
+
+
+def _seconds_before_429s(state) -> list[list[int]]:
+    """For each 429, the gaps (ms) between the accepted arrivals of the second before it."""
+    accepted = sorted(state.accepted)
+    calls = sorted(t for ts in state.times.values() for t in ts if t >= accepted[0])  # not the solo run's
+    # The fake stamps a call, then (under the same lock) its acceptance: a call is refused
+    # when no acceptance comes before the next call.
+    refused = [t for t, after in zip(calls, [*calls[1:], float("inf")]) if bisect.bisect_left(accepted, t) == bisect.bisect_left(accepted, after)]
+    seconds = [accepted[bisect.bisect_left(accepted, t - 1.0) : bisect.bisect_right(accepted, t)] for t in refused]
+    return [[round((b - a) * 1000) for a, b in zip(second, second[1:])] for second in seconds]
+
+
 @pytest.mark.slow
 def test_two_runs_on_one_key_share_its_limit(tmp_path: Path, prefect_api: str):
     """Two processes, each told the key's full rate (-mq 1200 = 20/s), against a server that
@@ -269,10 +287,14 @@ def test_two_runs_on_one_key_share_its_limit(tmp_path: Path, prefect_api: str):
     assert all(state.calls[f"a{i}"] >= 1 and state.calls[f"b{i}"] >= 1 for i in range(n))
     rate = _rate_while_both_ran(accepted, times_a, times_b)
     print(f"429s alone {rejected_alone}, together {state.rejected}; combined rate {rate:.2f}/s of {limit}/s")
-    # Each run draws its own few 429s (0 to 3 here) from its first requests, which leave the
-    # process together; sharing adds next to none: two runs draw what two starts draw.
-    assert state.rejected <= 2 * max(rejected_alone, 3) + 4  # measured 5-9 together; see the closing note of #17
-    assert 0.8 * limit <= rate <= 1.05 * limit  # about the limit: not 2x, not half (measured 83-96% on a loaded machine)
+    # Sharing draws no 429 of its own. The allowance is the box's noise, not the pacing's:
+    # a request reaching the fake more than 20 ms after it was sent (seen: 48 ms, between
+    # the client's socket and the fake's handler thread) makes a later one its second's
+    # 21st. Measured on this busy 2-core box (22 runs): 0-2 such 429s per 160 requests
+    # alone, 0-3 per 320 together (two client processes, twice the requests). A 429 message lists the
+    # arrivals of the second before each 429: a late first arrival is noise, a burst is not.
+    assert state.rejected <= rejected_alone + NOISE_429S, _seconds_before_429s(state)
+    assert 0.9 * limit <= rate <= 1.05 * limit  # about the limit: not 2x, not half
 
 
 # -- the hook in the Pacer -------------------------------------------------------------------
@@ -306,3 +328,153 @@ async def test_every_send_waits_for_the_shared_rate_and_a_lowered_ceiling_is_sha
     pacer.on_success({"x-ratelimit-limit-requests": "500"})  # the provider states the key's limit
     pacer.lower_ceiling(900)  # higher than what we know: nothing to share
     assert shared.rates == [500]
+
+
+# -- hand-over on a virtual clock ------------------------------------------------------------
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock jumps to its next timer instead of waiting for it: seconds
+    of sends and server calls run in milliseconds, and every time in them is exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        loop = self
+
+        class Selector(selectors.DefaultSelector):
+            def select(self, timeout: float | None = None):
+                if timeout is None:
+                    raise RuntimeError("deadlock: nothing ready, nothing scheduled")
+                loop.now += timeout
+                return super().select(0)
+
+        super().__init__(Selector())
+
+    def time(self) -> float:
+        return self.now
+
+    def run(self, coro):
+        try:
+            return self.run_until_complete(coro)
+        finally:
+            self.close()
+
+
+class FakeLimits:
+    """A global concurrency limit as Prefect's server keeps it, on the loop's clock: slots
+    decay in whole slots from the last grant, reads show them decayed, a refused take
+    changes nothing (checked against Prefect 3). Every call answers after `latency`
+    seconds, the server acting halfway."""
+
+    def __init__(self, name: str, latency: float = 0.01):
+        self.name, self.latency = name, latency
+        self.limit, self.per_second, self.active, self.written = 0, 0.0, 0, 0.0
+        self.grants: list[float] = []
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _decayed(self) -> int:
+        return max(0, self.active - math.floor(self.per_second * (self._now() - self.written)))
+
+    async def _at_server(self) -> None:
+        await asyncio.sleep(self.latency / 2)
+
+    async def read(self):
+        await self._at_server()
+        bucket = shared_rate.Bucket(self.limit, self.per_second, self._decayed(), datetime.now(timezone.utc)) if self.limit else None
+        await self._at_server()
+        return bucket
+
+    async def create(self, per_minute: float) -> None:
+        await self.set(per_minute)
+
+    async def set(self, per_minute: float, was=None) -> None:
+        await self._at_server()
+        self.limit, self.per_second = shared_rate.block_for(per_minute) * SLOTS, per_minute / 60 * SLOTS
+        await self._at_server()
+
+    async def take(self, slots: int) -> bool:
+        await self._at_server()
+        if free := self._decayed() + slots <= self.limit:
+            self.active, self.written = self._decayed() + slots, self._now()
+            self.grants.append(self._now())
+        await self._at_server()
+        return free
+
+
+async def _sends(rate: GlobalRate, seconds: float, times: list[float], lag=lambda: 0.0) -> None:
+    """Take sends for `seconds`; each reaches the provider `lag()` seconds after its take."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < seconds:
+        await rate.take()
+        times.append(loop.time() + lag())
+
+
+def _most_in_a_second(times: list[float]) -> int:
+    times = sorted(times)
+    return max(bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times))
+
+
+@pytest.mark.parametrize("per_second", [20, 3, 200])
+def test_two_holders_hand_over_without_overlap_and_keep_the_rate(per_second: int):
+    """Two processes on one key, the server answering in 10 ms: no second ever holds more
+    than the key's limit, even with every send reaching the provider up to 15 ms late, and
+    together they keep at least 93% of it."""
+    random.seed(7)
+    limits = FakeLimits("promptfleet-rate:test:virtual:0")
+    a, b = GlobalRate(limits, per_second * 60), GlobalRate(limits, per_second * 60)
+    times_a: list[float] = []
+    times_b: list[float] = []
+    seconds = 60.0
+    jitter = lambda: random.uniform(0, 0.015)  # noqa: E731
+
+    async def both() -> None:
+        await asyncio.gather(_sends(a, seconds, times_a, jitter), _sends(b, seconds, times_b, jitter))
+
+    VirtualLoop().run(both())
+    together = times_a + times_b
+    assert _most_in_a_second(together) <= per_second
+    assert len(together) >= 0.93 * per_second * seconds
+    assert len(times_a) > 0.4 * len(together) and len(times_b) > 0.4 * len(together)  # blocks alternate
+
+
+def test_a_holder_woken_late_sends_nothing_into_the_next_window():
+    """The event loop stalls for 300 ms near a block's end (a busy process): the sends the
+    holder owed are not sent late into the next holder's first second, and the send after
+    a late one does not follow at once."""
+    limits = FakeLimits("promptfleet-rate:test:stall:0")
+    a, b = GlobalRate(limits, 1200), GlobalRate(limits, 1200)
+    times_a: list[float] = []
+    times_b: list[float] = []
+
+    async def stall_a_at(moments: list[float]) -> None:
+        loop = asyncio.get_running_loop()
+        for moment in moments:
+            await asyncio.sleep(moment - loop.time())
+            loop.now += 0.3  # every timer due meanwhile fires 300 ms late
+
+    async def both() -> None:
+        await asyncio.gather(_sends(a, 20.0, times_a), _sends(b, 20.0, times_b), stall_a_at([1.8, 5.9, 9.5, 14.1]))
+
+    VirtualLoop().run(both())
+    assert _most_in_a_second(times_a + times_b) <= 20
+    assert min(later - earlier for earlier, later in zip(sorted(times_a), sorted(times_a)[1:])) > 0.04
+
+
+def test_a_server_slower_than_a_block_leaves_pacing_in_process(warnings_of_shared_rate):
+    """Every grant arrives after its block's window ended (a server answering in 2.5 s, blocks
+    of 2 s): nothing is sent on those grants, and after a few the queue paces on its own."""
+    limits = FakeLimits("promptfleet-rate:test:slow:0", latency=2.5)
+    rate = GlobalRate(limits, 1200)
+
+    async def five() -> float:
+        for _ in range(5):
+            await rate.take()
+        return asyncio.get_running_loop().time()
+
+    took = VirtualLoop().run(five())
+    assert len(limits.grants) == shared_rate.LATE_GRANTS
+    assert took < 4 * shared_rate.LATE_GRANTS * limits.latency  # then the five sends went at once, unshared
+    [warning] = warnings_of_shared_rate()
+    assert "slower than a block" in warning
