@@ -70,6 +70,7 @@ HANDOVER_S = 0.03  # a process that just held a block asks for the next one this
 CATCH_UP_S = 0.005  # a send this late still keeps its place in the schedule (timer overshoot)
 SLOTS = 100  # slots per request: Prefect decays and reports whole slots, so a slot is a fine grain
 STALE_S = 60.0  # a limit nobody used for this long takes the next run's rate as it is
+ALONE_S = 3 * BLOCK_S  # no sign of another process this long (and for a whole block): a slower rate gives way to ours
 OFFLINE_S = 30.0  # after a server error, pace in-process this long before asking again
 LATE_GRANTS = 3  # grants in a row that arrive after their block's window: the server is too slow to share through
 TOLERANCE = 0.02  # a learned rate this close to the shared one is not written
@@ -184,6 +185,9 @@ class GlobalRate:
         self._spacing = 0.0
         self._offline_until = 0.0
         self._late = 0  # grants in a row that arrived too late to use
+        self._granted = (0.0, 0)  # (when, slots) of our last grant: the slots of ours a read may show
+        self._others_at = 0.0  # when we last saw another process: its slots in a read, or its grant before ours
+        self._quiet = 0  # blocks in a row granted with no sign of another process
         self._lock = asyncio.Lock()
         self.blocks = 0  # blocks taken (server grants), for the tests
 
@@ -230,9 +234,12 @@ class GlobalRate:
         if not self._joined:
             await self._join()
         courtesy = HANDOVER_S if self._until else 0.0  # after our own block, let a waiting process go first
+        others = False
         while True:
             asked = loop.time()
             bucket = await self._limits.read()
+            if bucket is not None and self._foreign_slots(bucket, asked):
+                others, self._others_at = True, asked
             if bucket is None:  # deleted meanwhile
                 await self._limits.create(self._believed)
                 continue
@@ -247,6 +254,14 @@ class GlobalRate:
                 if abs(wanted - bucket.per_minute) > TOLERANCE * bucket.per_minute:
                     await self._limits.set(wanted, bucket)
                     continue
+            # The strictest rate of the processes sending wins: a lower one is written at once;
+            # a higher one only when nobody else has shown up for a while, so a slower rate
+            # left by a stopped run (a rerun with a higher -mq) does not live on through our
+            # takes, and if another process was only waiting unseen, it lowers it back.
+            alone = self._quiet and asked - self._others_at >= ALONE_S
+            if self._believed < bucket.per_minute * (1 - TOLERANCE) or (alone and self._believed > bucket.per_minute * (1 + TOLERANCE)):
+                await self._limits.set(self._believed, bucket)
+                continue
             # Counted from when we asked: a late answer must not make us late (a 423 costs
             # nothing but another read, a late take costs the key's capacity).
             if wait := max(0.0, asked + bucket.active / bucket.per_second + courtesy - loop.time()):
@@ -259,6 +274,8 @@ class GlobalRate:
                 # block's length. The last send leaves one spacing before that: across a
                 # hand-over sends are as far apart as within a block, however slow the answer.
                 self._left = bucket.requests
+                self._granted = (asked, bucket.limit)
+                self._quiet = 0 if others else self._quiet + 1
                 self._spacing = SLOTS / bucket.per_second * (1 + SPACING_MARGIN)
                 self._until = asked + bucket.limit / bucket.per_second - self._spacing
                 self._next_at = loop.time()  # sends start from the answer: a slow answer must not bunch them
@@ -267,9 +284,18 @@ class GlobalRate:
                 if self._late >= LATE_GRANTS:  # the block is over when the grant arrives, every time
                     self._go_offline(f"Prefect server answers slower than a block ({self._late} times in a row)")
                 return
+            others, self._others_at = True, loop.time()  # refused: another process was granted first
+
+    def _foreign_slots(self, bucket: Bucket, now: float) -> bool:
+        """A read shows more slots than ours could still be: another run is sending on this
+        key (one request's slack for the time between the server and us)."""
+        when, slots = self._granted
+        ours = max(0.0, slots - bucket.per_second * (now - when)) if slots else 0.0
+        return bucket.active > ours + SLOTS
 
     async def _join(self) -> None:
         """Create the key's limit, or take over a stale one, or lower it to our ceiling."""
+        self._others_at = asyncio.get_running_loop().time()
         bucket = await self._limits.read()
         if bucket is None:
             await self._limits.create(self._own)

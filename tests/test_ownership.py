@@ -88,7 +88,7 @@ def test_a_pipeline_poll_never_takes_a_cli_run(tmp_path: Path, prefect_api: str)
         path = write_jsonl(tmp_path / "exp.jsonl", rows(100))
         data = tmp_path / "data"
         cmd, env = cli(path, data, server, prefect_api)
-        running = subprocess.Popen([*cmd[:-1], "60"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        running = subprocess.Popen([*cmd[:-1], "120"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wait_for(lambda: sum(server.state.calls.values()) >= 2)
         poll = subprocess.run(
             [sys.executable, "-m", "promptfleet.cli", "pipeline", "-d", str(data), "--once", "--settle", "0"],

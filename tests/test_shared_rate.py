@@ -391,7 +391,10 @@ class FakeLimits:
 
     async def set(self, per_minute: float, was=None) -> None:
         await self._at_server()
-        self.limit, self.per_second = shared_rate.block_for(per_minute) * SLOTS, per_minute / 60 * SLOTS
+        per_second = per_minute / 60 * SLOTS
+        if was is not None and was.per_second > 0:  # as PrefectLimits writes them: the time they have left
+            self.active, self.written = round(was.active * per_second / was.per_second), self._now()
+        self.limit, self.per_second = shared_rate.block_for(per_minute) * SLOTS, per_second
         await self._at_server()
 
     async def take(self, slots: int) -> bool:
@@ -478,3 +481,42 @@ def test_a_server_slower_than_a_block_leaves_pacing_in_process(warnings_of_share
     assert took < 4 * shared_rate.LATE_GRANTS * limits.latency  # then the five sends went at once, unshared
     [warning] = warnings_of_shared_rate()
     assert "slower than a block" in warning
+
+
+def test_a_slower_rate_left_by_a_stopped_run_gives_way_to_a_rerun():
+    """A run at -mq 60 took a block and stopped; its rerun with -mq 600 joins a second later.
+    The rerun starts at the shared 60/min, and once it has seen nobody else's slots for a
+    while, the key's rate is its own: a stopped run's statement does not outlive it."""
+    limits = FakeLimits("promptfleet-rate:test:rerun:0")
+    rerun = GlobalRate(limits, 600)
+    times: list[float] = []
+
+    async def scenario() -> None:
+        stopped = GlobalRate(limits, 60)
+        await stopped.take()  # its block of 20 sends decays over 20 s, unused
+        await asyncio.sleep(1.0)
+        await _sends(rerun, 120.0, times)
+
+    VirtualLoop().run(scenario())
+    assert limits.per_second == pytest.approx(600 / 60 * SLOTS)
+    # 20 s waiting out the stopped run's block, two blocks of 20 at 60/min (one seeing
+    # nobody), then 10/s: at 60/min all along it would be about 100
+    assert len(times) > 400
+    assert _most_in_a_second(times) <= 10
+
+
+def test_a_slower_run_still_sending_keeps_the_key_at_its_rate():
+    """Two runs on one key told 60 and 600/min: while the slower one sends, the key stays at
+    60/min for both together; the faster one does not raise it."""
+    limits = FakeLimits("promptfleet-rate:test:both:0")
+    slow, fast = GlobalRate(limits, 60), GlobalRate(limits, 600)
+    times_slow: list[float] = []
+    times_fast: list[float] = []
+
+    async def both() -> None:
+        await asyncio.gather(_sends(slow, 60.0, times_slow), _sends(fast, 60.0, times_fast))
+
+    VirtualLoop().run(both())
+    assert limits.per_second == pytest.approx(60 / 60 * SLOTS)
+    assert len(times_slow + times_fast) <= 60 + shared_rate.MIN_BLOCK  # the rate, plus the block in hand at the end
+    assert times_fast  # the faster run got its share
