@@ -224,6 +224,6 @@ def test_two_workers_on_postgres_run_six_inbox_files_once_and_survive_a_kill_9(t
     # One limit for the key across both workers and all six runs.
     print(f"scale-out: {len(state.accepted)} accepted, {state.rejected} 429s, {len(in_flight)} in flight at the kill")
     assert _max_in_a_second(state.accepted) <= LIMIT
-    # A run's first two or three requests leave its process together (a known burst of the
-    # engine's start), which a per-second limit answers with a 429; beyond that, none.
-    assert state.rejected <= 2 * (FILES + 1)
+    # None expected (measured: 0); 3 is the noise allowance of the two-run test in
+    # test_shared_rate.py (a request reaching the fake tens of ms after it was sent).
+    assert state.rejected <= 3
