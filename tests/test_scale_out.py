@@ -16,12 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import pytest
 
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
-from tests.test_server_mode import PREFECT, REPO, free_port, run
+from tests.test_server_mode import PREFECT, REPO, free_port, prefect_server_process, run
 
 pytestmark = pytest.mark.slow
 
@@ -67,36 +66,8 @@ def postgres(tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 def server_on_postgres(tmp_path: Path, postgres: str) -> Iterator[tuple[str, dict[str, str]]]:
     """`prefect server start` with its database on Postgres; yields the API URL and an env."""
-    port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_DATABASE_CONNECTION_URL": postgres}  # fmt: skip
-    env.pop("PREFECT_API_URL", None)
-    log = (tmp_path / "server.log").open("wb")
-    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-        else:
-            pytest.fail("prefect server on Postgres did not start in 120 s")
-        env = {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}  # clients need only the API
-        yield api, {**env, "PREFECT_API_URL": api}
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+    with prefect_server_process(tmp_path, {"PREFECT_API_DATABASE_CONNECTION_URL": postgres}, timeout=120) as (api, env):
+        yield api, {k: v for k, v in env.items() if k != "PREFECT_API_DATABASE_CONNECTION_URL"}  # clients need only the API
 
 
 def _parent_of(pid: int) -> int | None:
