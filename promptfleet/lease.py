@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from promptfleet import processes
+
 
 class Clock(Protocol):
     def now(self) -> float:
@@ -57,7 +59,7 @@ class Lease:
 
     def dead_here(self) -> bool:
         """Its process is gone, and this host can tell (the fast path: no waiting a TTL)."""
-        return self.host == socket.gethostname() and not _alive(self.pid)
+        return self.host == socket.gethostname() and not processes.exists(self.pid)
 
     def stale(self, now: float) -> bool:
         return self.dead_here() or self.expired(now)
@@ -187,15 +189,3 @@ class Holder:
         self.stop()
         if self.ours_on_disk():
             self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from promptfleet import processes
+
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
 STATE_FILE = "promptfleet-server.json"
@@ -94,12 +96,8 @@ def healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 def _alive(pid: int) -> bool:
     """Whether `pid` is a live Prefect server process (a PID reused after a reboot is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not processes.exists(pid):
         return False
-    except PermissionError:
-        return True
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists():
         try:
