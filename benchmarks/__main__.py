@@ -132,18 +132,21 @@ PROMPTFLEET = [sys.executable, "-c", "from promptfleet.cli import main; main()"]
 
 
 @contextmanager
-def background_server() -> Iterator[dict[str, str]]:
+def background_server() -> Iterator[tuple[dict[str, str], float]]:
     """The environment of a user with promptfleet's background Prefect server up (no
-    PREFECT_API_URL) and warm: started, and one run already registered the flow."""
+    PREFECT_API_URL) and warm: started, and one run already registered the flow; and the
+    seconds the start took."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
     env.update(PREFECT_HOME=str(WORK / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    start = time.monotonic()
     subprocess.run([*PROMPTFLEET, "server", "start"], env=env, capture_output=True, check=True, cwd=HERE.parent)
+    started = time.monotonic() - start
     try:
         warm = experiment("warm-up", [{"id": 0, "api": "test", "model_name": "test-m", "prompt": "hi"}])
         data = WORK / "data" / f"warm-up-{time.time_ns()}"
         data.mkdir(parents=True)
         subprocess.run([*PROMPTFLEET, "run", "-f", str(warm), "-d", str(data)], env=env, capture_output=True, check=True, cwd=HERE.parent)
-        yield env
+        yield env, started
     finally:
         subprocess.run([*PROMPTFLEET, "server", "stop"], env=env, capture_output=True, cwd=HERE.parent)
 
@@ -175,7 +178,7 @@ def table1(scale: float = SCALE, ollama_prompts: int = 40) -> list[str]:
            "| API | prompts | floor s | sequential s | prompto s (answered) | promptfleet s (answered) | pf / prompto | pf / floor "
            "| prompto command s | promptfleet command s | command - floor s | bar |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    with servers(scale) as urls, background_server() as server_env:
+    with servers(scale) as urls, background_server() as (server_env, _):
         for api in ("openai", "gemini", "ollama"):
             n = ollama_prompts if api == "ollama" else 100
             # the last send's time plus its answer, or for the serial Ollama one answer after another
@@ -323,15 +326,8 @@ def prefect_overhead() -> list[str]:
     grows with the run shows in the 1,000 row, ~30 s of sending). The difference is the
     flow's cost: importing Prefect, its API round trips, the shared rate's blocks,
     artifacts, and shipping logs at exit."""
-    home = WORK / "prefect-home"
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    promptfleet = [sys.executable, "-c", "from promptfleet.cli import main; main()"]
-    start = time.monotonic()
-    subprocess.run([*promptfleet, "server", "start"], env=env, capture_output=True, check=True, cwd=HERE.parent)
-    started = time.monotonic() - start
     rows_out = []
-    try:
+    with background_server() as (env, started):
         sizes = (("20 prompts, instant", 20, 0.0, 60000), ("100 prompts, 0.33 s latency", 100, LATENCY["openai"], RATE),
                  ("1,000 prompts, 0.33 s latency", 1000, LATENCY["openai"], RATE))  # fmt: skip
         for label, n, latency, mq in sizes:
@@ -341,12 +337,10 @@ def prefect_overhead() -> list[str]:
             data.mkdir(parents=True)
             engine = timed([sys.executable, "-c", "import asyncio, sys; from promptfleet import Experiment, Settings; "
                             f"asyncio.run(Experiment({str(file)!r}, Settings(data_folder={str(data)!r}, max_queries={mq})).process())"], env)  # fmt: skip
-            command = [*promptfleet, "run", "-f", str(file), "-d", str(data), "-mq", str(mq)]
+            command = [*PROMPTFLEET, "run", "-f", str(file), "-d", str(data), "-mq", str(mq)]
             subprocess.run(command, env=env, capture_output=True, check=True, cwd=HERE.parent)  # the first run also registers the flow
             whole = timed(command, env)
             rows_out.append(f"| {label} | {engine[0]:.2f} ({engine[1]:.2f}) | {whole[0]:.2f} ({whole[1]:.2f}) | {whole[0] - engine[0]:.2f} ({whole[1] - engine[1]:.2f}) |")
-    finally:
-        subprocess.run([*promptfleet, "server", "stop"], env=env, capture_output=True, cwd=HERE.parent)
     return ["## 8. Prefect overhead: `promptfleet run` on the background server vs the engine alone", "",
             f"Best of three, whole processes (Python start-up and imports included); wall seconds, CPU seconds in brackets. "
             f"Starting the background server the first time took {started:.1f} s.", "",
