@@ -318,3 +318,16 @@ def test_the_holder_renews_in_the_background_until_stopped(tmp_path: Path):
     holder.drop()
     assert holder.lost is None and not holder.path.exists() and not holder._thread.is_alive()
     assert not list(tmp_path.glob(".exp.jsonl.owner*"))  # no temp file left
+
+
+@pytest.mark.parametrize("name", ["my exp é.jsonl", "résumé — ünïcode.jsonl", "two  spaces.csv"])
+def test_a_claim_named_with_spaces_and_accents_is_leased_and_put_back(tmp_path: Path, name: str):
+    """The lease's record and take-over marker are named after the claimed file: any name
+    a user drops works, and nothing of either is left after the put-back."""
+    clock = FakeClock()
+    input_dir = tmp_path / "input"
+    claimed = foreign_claim(input_dir, name, renewed_at=clock.now())
+    clock.advance(TTL + 0.01)
+    assert inbox.requeue_orphans(input_dir, clock) == [input_dir / name]
+    assert (input_dir / name).read_bytes() and not claimed.exists()
+    assert sorted(p.name for p in (input_dir / ".running").iterdir()) == []
