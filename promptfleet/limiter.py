@@ -25,8 +25,8 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -244,8 +244,8 @@ class PacerPool:
     def size(self) -> int:
         return len(self._pacers)
 
-    @contextmanager
-    def pacer(
+    @asynccontextmanager
+    async def pacer(
         self,
         key: Hashable,
         rpm: float,
@@ -253,8 +253,9 @@ class PacerPool:
         max_in_flight: int = 512,
         shared: Callable[[], SharedRate | None] | None = None,
         **clock: Any,
-    ) -> Iterator[Pacer]:
-        """`shared` makes the rate shared with other processes, when a new pacer is made."""
+    ) -> AsyncIterator[Pacer]:
+        """`shared` makes the rate shared with other processes, when a new pacer is made;
+        the last queue to leave it gives back what it did not use of the shared rate."""
         if key in self._pacers:
             pacer, users = self._pacers[key]
             pacer.lower_ceiling(rpm)
@@ -267,5 +268,7 @@ class PacerPool:
             pacer, users = self._pacers[key]
             if users == 1:
                 del self._pacers[key]
+                if pacer.shared is not None:
+                    await pacer.shared.give_back()
             else:
                 self._pacers[key] = (pacer, users - 1)

@@ -170,7 +170,7 @@ class Run:
         tpm = f", {queue.tokens_per_minute:g} tokens/min" if queue.tokens_per_minute else ""
         log.info("queue %s: %d prompts at %g/min%s (%d already done)", queue.name, queue.prompts, queue.rate_per_minute, tpm, stats.skipped)
         limits = (queue.rate_per_minute, queue.tokens_per_minute, self.settings.max_in_flight)
-        with self.session.pacers.pacer(self._pacer_key(queue), *limits, shared=lambda: self._shared_rate(queue)) as pacer:
+        async with self.session.pacers.pacer(self._pacer_key(queue), *limits, shared=lambda: self._shared_rate(queue)) as pacer:
             ctx = QueueContext(self.clients, pacer, self.journal, stats, self.policy, self.stop, self.spend, self.budget,
                                self.scorers, grace=self.settings.stop_grace, owns=self.owns)  # fmt: skip
             await run_queue(self.prompts(queue), ctx)

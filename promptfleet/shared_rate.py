@@ -74,6 +74,8 @@ ALONE_S = 3 * BLOCK_S  # no sign of another process this long (and for a whole b
 OFFLINE_S = 30.0  # after a server error, pace in-process this long before asking again
 LATE_GRANTS = 3  # grants in a row that arrive after their block's window: the server is too slow to share through
 TOLERANCE = 0.02  # a learned rate this close to the shared one is not written
+GIVE_BACK_SLACK = 0.1  # slots kept after the last send, for the time a give-back takes to reach the server
+IDLE_CHECK_S = 0.2  # a limit with no slots in use this long apart is held by nobody
 
 
 class SharedRate(Protocol):
@@ -85,6 +87,9 @@ class SharedRate(Protocol):
     def set_rate(self, per_minute: float) -> None:
         """The key's rate as this process learned it (a provider's stated limit); shared
         with the next block it asks for."""
+
+    async def give_back(self) -> None:
+        """This process sends nothing more on the key: free what it will not use."""
 
 
 @dataclass(frozen=True)
@@ -112,62 +117,78 @@ def block_for(per_minute: float) -> int:
 
 
 class PrefectLimits:
-    """The four calls made on one global concurrency limit, through Prefect's client."""
+    """The calls made on one global concurrency limit, through a Prefect client of its own
+    (opened at the first call, closed by `close`) whose transport asks again at once when
+    the server is busy (prefect_transport.py)."""
 
     def __init__(self, name: str):
         self.name = name
+        self._client = None
 
     async def read(self) -> Bucket | None:
-        from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
 
-        async with get_client() as client:
-            try:
-                gcl = await client.read_global_concurrency_limit_by_name(self.name)
-            except ObjectNotFound:
-                return None
+        try:
+            gcl = await self._call(lambda client: client.read_global_concurrency_limit_by_name(self.name))
+        except ObjectNotFound:
+            return None
         return Bucket(gcl.limit, gcl.slot_decay_per_second, gcl.active_slots, gcl.updated, gcl.active)
 
     async def create(self, per_minute: float) -> None:
-        from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
         from prefect.exceptions import ObjectAlreadyExists
 
         spec = GlobalConcurrencyLimitCreate(name=self.name, limit=block_for(per_minute) * SLOTS, slot_decay_per_second=per_minute / 60 * SLOTS)
-        async with get_client() as client:
-            try:
-                await client.create_global_concurrency_limit(spec)
-            except ObjectAlreadyExists:
-                pass  # another process was first: its limit is the shared one
+        try:
+            await self._call(lambda client: client.create_global_concurrency_limit(spec))
+        except ObjectAlreadyExists:
+            pass  # another process was first: its limit is the shared one
 
     async def set(self, per_minute: float, was: Bucket | None = None) -> None:
         """Change the rate; slots in use keep the time they have left (at half the rate a
         block must not take twice as long to decay). They are always written, none too:
         the server stores slots as of the last write and decays them from `updated`, which
         an update moves to now, so slots that had long decayed would count again in full."""
-        from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
         per_second = per_minute / 60 * SLOTS
         spec = GlobalConcurrencyLimitUpdate(limit=block_for(per_minute) * SLOTS, slot_decay_per_second=per_second)
         if was is not None and was.per_second > 0:
             spec.active_slots = round(was.active * per_second / was.per_second)
-        async with get_client() as client:
-            await client.update_global_concurrency_limit(self.name, spec)
+        await self._call(lambda client: client.update_global_concurrency_limit(self.name, spec))
 
     async def take(self, slots: int) -> bool:
         """Occupy `slots` at once; False when they are not free (someone was faster)."""
         import httpx
-        from prefect.client.orchestration import get_client
 
-        async with get_client() as client:
-            try:
-                await client.increment_concurrency_slots([self.name], slots, mode="rate_limit")
-            except httpx.HTTPStatusError as err:
-                if err.response.status_code in (422, 423):  # taken, or the limit just changed size
-                    return False
-                raise
+        try:
+            await self._call(lambda client: client.increment_concurrency_slots([self.name], slots, mode="rate_limit"))
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (422, 423):  # taken, or the limit just changed size
+                return False
+            raise
         return True
+
+    async def give_back(self, slots: int, held: float) -> None:
+        """Free `slots` now instead of letting them decay (the server never goes below 0)."""
+        await self._call(lambda client: client.release_concurrency_slots([self.name], slots, max(held, 0.001)))
+
+    async def _call(self, call):
+        if self._client is None:
+            from prefect.client.orchestration import get_client
+            from prefect.settings import PREFECT_API_URL
+
+            from promptfleet.prefect_transport import transport_for
+
+            client = get_client(httpx_settings={"transport": transport_for(PREFECT_API_URL.value() or "")})
+            await client.__aenter__()  # entered once: every call after it is a plain request
+            self._client = client
+        return await call(self._client)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.__aexit__(None, None, None)
 
 
 class GlobalRate:
@@ -186,6 +207,7 @@ class GlobalRate:
         self._offline_until = 0.0
         self._late = 0  # grants in a row that arrived too late to use
         self._granted = (0.0, 0)  # (when, slots) of our last grant: the slots of ours a read may show
+        self._per_second = 0.0  # the decay of that grant's slots
         self._others_at = 0.0  # when we last saw another process: its slots in a read, or its grant before ours
         self._quiet = 0  # blocks in a row granted with no sign of another process
         self._lock = asyncio.Lock()
@@ -275,6 +297,7 @@ class GlobalRate:
                 # hand-over sends are as far apart as within a block, however slow the answer.
                 self._left = bucket.requests
                 self._granted = (asked, bucket.limit)
+                self._per_second = bucket.per_second
                 self._quiet = 0 if others else self._quiet + 1
                 self._spacing = SLOTS / bucket.per_second * (1 + SPACING_MARGIN)
                 self._until = asked + bucket.limit / bucket.per_second - self._spacing
@@ -293,15 +316,51 @@ class GlobalRate:
         ours = max(0.0, slots - bucket.per_second * (now - when)) if slots else 0.0
         return bucket.active > ours + SLOTS
 
+    async def give_back(self) -> None:
+        """Free the rest of our block: a run right after this one (a rerun, the next file)
+        need not wait for sends that will never be made. The slots up to one spacing after
+        our last send stay, as at a hand-over, plus GIVE_BACK_SLACK for the call's way to
+        the server (slots freed late would cut into that spacing)."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            when, slots = self._granted
+            self._left, self._granted = 0, (0.0, 0)
+            held = max(loop.time(), self._next_at) + GIVE_BACK_SLACK - when
+            unused = int(slots - self._per_second * held) if slots and loop.time() >= self._offline_until else 0
+            try:
+                if unused >= SLOTS:
+                    await self._limits.give_back(unused, held)
+                await self._limits.close()
+            except Exception as err:  # they decay anyway
+                log.debug("shared rate %s: slots not given back (%s)", self.name, err)
+
     async def _join(self) -> None:
-        """Create the key's limit, or take over a stale one, or lower it to our ceiling."""
+        """Create the key's limit, or take over a stale or idle one, or lower it to our ceiling."""
         self._others_at = asyncio.get_running_loop().time()
         bucket = await self._limits.read()
         if bucket is None:
             await self._limits.create(self._own)
         elif _age(bucket) > STALE_S or bucket.per_minute > self._own * (1 + TOLERANCE):
             await self._limits.set(self._own, bucket)
+        elif bucket.per_minute < self._own * (1 - TOLERANCE) and await self._idle(bucket):
+            # Nobody holds a block: the slower rate is a finished run's (a rerun with a higher
+            # -mq). A slower run that was only between blocks lowers it back at its next one.
+            await self._limits.set(self._own, bucket)
         self._joined = True
+
+    async def _idle(self, bucket: Bucket) -> bool:
+        """Nobody holds a block: no more slots in use than a run that ended leaves (one
+        spacing after its last send, see give_back), and none taken once those have decayed
+        and IDLE_CHECK_S more have passed, longer than a hand-over between two blocks of a
+        process still sending."""
+        if bucket.per_second <= 0:
+            return False
+        left = bucket.active / bucket.per_second
+        if left > SLOTS / bucket.per_second * (1 + SPACING_MARGIN) + GIVE_BACK_SLACK:
+            return False
+        await asyncio.sleep(left + IDLE_CHECK_S)
+        again = await self._limits.read()
+        return again is not None and again.active == 0
 
 
 def _age(bucket: Bucket) -> float:

@@ -68,11 +68,11 @@ async def test_lowering_the_ceiling_slows_the_next_send():
 async def test_the_strictest_ceiling_of_a_shared_pacer_wins():
     pool = PacerPool()
     clock = FakeClock()
-    with pool.pacer(("openai", "m", "key-a"), 6000, clock=clock.time, sleep=clock.sleep) as first:
-        with pool.pacer(("openai", "m", "key-a"), 600) as second:
+    async with pool.pacer(("openai", "m", "key-a"), 6000, clock=clock.time, sleep=clock.sleep) as first:
+        async with pool.pacer(("openai", "m", "key-a"), 600) as second:
             assert first is second
             assert gaps(await send_times(first, clock, 4)) == [0.1] * 3
-        with pool.pacer(("openai", "m", "key-b"), 6000) as other:
+        async with pool.pacer(("openai", "m", "key-b"), 6000) as other:
             assert other is not first
     assert pool.size == 0
 

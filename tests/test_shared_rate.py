@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from promptfleet import shared_rate
+from promptfleet.limiter import PacerPool
 from promptfleet.shared_rate import SLOTS, GlobalRate, PrefectLimits, fingerprint, limit_name, machine_salt, shared_rate_for
 from tests.conftest import write_jsonl
 from tests.fakes import FakeServer
@@ -307,12 +308,16 @@ class CountingRate:
     def __init__(self) -> None:
         self.taken = 0
         self.rates: list[float] = []
+        self.given_back = 0
 
     async def take(self) -> None:
         self.taken += 1
 
     def set_rate(self, per_minute: float) -> None:
         self.rates.append(per_minute)
+
+    async def give_back(self) -> None:
+        self.given_back += 1
 
 
 async def test_every_send_waits_for_the_shared_rate_and_a_lowered_ceiling_is_shared():
@@ -397,6 +402,14 @@ class FakeLimits:
             self.active, self.written = round(was.active * per_second / was.per_second), self._now()
         self.limit, self.per_second = shared_rate.block_for(per_minute) * SLOTS, per_second
         await self._at_server()
+
+    async def give_back(self, slots: int, held: float) -> None:
+        await self._at_server()
+        self.active, self.written = max(0, self._decayed() - slots), self._now()
+        await self._at_server()
+
+    async def close(self) -> None:
+        pass
 
     async def take(self, slots: int) -> bool:
         await self._at_server()
@@ -521,3 +534,126 @@ def test_a_slower_run_still_sending_keeps_the_key_at_its_rate():
     assert limits.per_second == pytest.approx(60 / 60 * SLOTS)
     assert len(times_slow + times_fast) <= 60 + shared_rate.MIN_BLOCK  # the rate, plus the block in hand at the end
     assert times_fast  # the faster run got its share
+
+
+def test_a_run_that_ends_gives_back_its_block_and_the_next_one_starts_at_once():
+    """A run sends 3 requests of a 20-request block and ends; the next run on the key (the
+    same command again) starts after one spacing, not after the 2 s the unused block would
+    take to decay, and the two runs' sends are spaced as within a block."""
+    limits = FakeLimits("promptfleet-rate:test:give-back:0")
+    first_times: list[float] = []
+    next_times: list[float] = []
+
+    async def scenario() -> None:
+        first = GlobalRate(limits, 600)
+        for _ in range(3):
+            await first.take()
+            first_times.append(asyncio.get_running_loop().time())
+        await first.give_back()
+        nxt = GlobalRate(limits, 600)
+        for _ in range(3):
+            await nxt.take()
+            next_times.append(asyncio.get_running_loop().time())
+
+    VirtualLoop().run(scenario())
+    gap = next_times[0] - first_times[-1]
+    assert 0.1 <= gap < 0.5  # at least a spacing (1/10 s); the block would have lasted until 2 s
+    assert _most_in_a_second(first_times + next_times) <= 10
+
+
+def test_a_rerun_with_a_higher_rate_after_a_finished_run_takes_its_rate_at_once():
+    """-mq 60, finished; the same file again at once with -mq 600: the rerun sends at
+    600/min from its start, not at the finished run's 60/min for its first blocks."""
+    limits = FakeLimits("promptfleet-rate:test:faster-rerun:0")
+    times: list[float] = []
+
+    async def scenario() -> None:
+        finished = GlobalRate(limits, 60)
+        await finished.take()
+        await finished.give_back()
+        await asyncio.sleep(1.0)
+        rerun = GlobalRate(limits, 600)
+        start = asyncio.get_running_loop().time()
+        await _sends(rerun, start + 5.0, times)
+
+    VirtualLoop().run(scenario())
+    assert limits.per_second == pytest.approx(600 / 60 * SLOTS)
+    assert len(times) >= 40  # ~10/s for 5 s; at 60/min it would be 5
+    assert _most_in_a_second(times) <= 10
+
+
+async def test_the_last_queue_on_a_shared_pacer_gives_its_rate_back():
+    pool = PacerPool()
+    shared = CountingRate()
+    async with pool.pacer(("openai", "m", "key"), 600, shared=lambda: shared) as first:
+        async with pool.pacer(("openai", "m", "key"), 600, shared=lambda: CountingRate()) as second:
+            assert first is second
+        assert shared.given_back == 0  # one queue still sends on it
+    assert shared.given_back == 1
+
+
+class BusyPrefect:
+    """A proxy in front of a real Prefect server that answers its first `busy` slot takes
+    503, as Prefect's SQLite server does when a write meets another (SQLITE_BUSY)."""
+
+    def __init__(self, api: str, busy: int):
+        import http.server
+        import threading
+
+        import httpx
+
+        proxy = self
+        self.busy, self.takes = busy, []
+        self._upstream = httpx.Client(base_url=api.removesuffix("/api"), timeout=10)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path.endswith("/concurrency_limits/increment"):
+                    proxy.takes.append(time.monotonic())
+                    if len(proxy.takes) <= proxy.busy:
+                        self.send_response(503)
+                        self.send_header("content-length", "0")
+                        self.end_headers()
+                        return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                answer = proxy._upstream.request(self.command, self.path, content=body, headers=headers)
+                self.send_response(answer.status_code)
+                for k, v in answer.headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/api"
+
+    def __enter__(self) -> BusyPrefect:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._upstream.close()
+
+
+async def test_a_take_the_server_answers_busy_is_asked_again_at_once(prefect_api: str):
+    """Prefect's client would wait ~2 s (its back-off) before asking again: measured before
+    the first send of nearly every run. Asked again BUSY_RETRY_S later, the take is granted
+    on the third try, and nothing is lost to it."""
+    name = limit_name("test", "busy", {"K": "v"}, b"x" * 64)
+    await PrefectLimits(name).create(600)
+    with BusyPrefect(prefect_api, busy=2) as proxy, api_url(proxy.url):
+        assert await PrefectLimits(name).take(SLOTS)
+    assert len(proxy.takes) == 3
+    assert max(b - a for a, b in zip(proxy.takes, proxy.takes[1:])) < 1.0  # Prefect's own back-off starts at ~2 s
+    bucket = await PrefectLimits(name).read()
+    assert bucket is not None and bucket.active > 0  # the third take was granted
