@@ -93,7 +93,10 @@ def test_flow_records_one_task_per_queue(tmp_path: Path, prefect_api: str):
         async with get_client() as client:
             [flow_run] = await client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["multi"])))
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+            parameters.update(flow_run.parameters)
             return [r.name for r in runs]
+
+    parameters: dict = {}
 
     # Task runs reach the server as events, recorded asynchronously: give it a moment.
     deadline = time.monotonic() + 15
@@ -103,6 +106,21 @@ def test_flow_records_one_task_per_queue(tmp_path: Path, prefect_api: str):
         names = asyncio.run(task_names())
     assert sorted(n for n in names if not n.startswith(("load_and_validate", "write_results"))) == ["g1", "g2", "test"]
     assert len(names) == 5
+    # The UI shows the run's parameters as JSON, the settings a dict (flows/lean.py, not FastAPI's encoder)
+    assert parameters["file"] == str(path) and parameters["move_to_input"] is False
+    assert parameters["settings"]["data_folder"] == str(tmp_path / "data") and parameters["settings"]["parallel"] is True
+
+
+def test_a_run_does_not_import_fastapi(tmp_path: Path, prefect_api: str):
+    """Prefect's own parameter encoding imports FastAPI at every flow call (~170 ms of a run)."""
+    path = write_jsonl(tmp_path / "exp.jsonl", [GOOD])
+    script = (
+        "import sys; from promptfleet.cli import main; sys.argv = ['promptfleet', 'run', '-f', sys.argv[1], '-d', sys.argv[2], '--create-data-folder']\n"
+        "try:\n    main()\nexcept SystemExit as done:\n    print('exit', done.code, 'fastapi' in sys.modules)"
+    )
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "data")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.split()[-3:] == ["exit", "0", "False"], done.stdout + done.stderr
 
 
 @pytest.mark.slow

@@ -6,11 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from promptfleet import judge as judging
+from promptfleet.flows.lean import flow
 from promptfleet.flows.run_experiment import run_experiment
 from promptfleet.summary import table_markdown
 from promptfleet.rundir import RunPaths

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from prefect import flow
 from prefect.artifacts import acreate_markdown_artifact, acreate_progress_artifact, aupdate_progress_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
@@ -22,6 +21,7 @@ from prefect.utilities.urls import url_for
 
 from promptfleet.config import Settings
 from promptfleet.experiment import ExperimentError
+from promptfleet.flows.lean import flow
 from promptfleet.run import Run, run_log
 from promptfleet.session import current_session
 from promptfleet.signals import stop_on_signals

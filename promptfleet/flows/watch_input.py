@@ -11,11 +11,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
 
 from promptfleet import inbox
 from promptfleet.config import Settings
 from promptfleet.experiment import ExperimentError
+from promptfleet.flows.lean import flow
 from promptfleet.flows.run_experiment import run_experiment
 from promptfleet.rundir import RunBusy
 from promptfleet.session import current_session
