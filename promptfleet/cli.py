@@ -127,7 +127,7 @@ def _prefect_api(ephemeral: bool) -> Iterator[str]:
     if server.ephemeral_requested(ephemeral):
         err.print("starting a temporary Prefect server (~15 s; it stops with this command)")
         try:
-            with server.temporary(home) as info, _api_url(info.api_url):
+            with server.temporary(home) as info, _api_url(info.api_url, server.plain_http_env(home)):
                 yield info.api_url
         except server.ServerError as error:
             _fail(f"cannot start the Prefect server: {error}")
@@ -135,7 +135,8 @@ def _prefect_api(ephemeral: bool) -> Iterator[str]:
     from promptfleet.flows.crashed_runs import heartbeat_env
 
     info = _background_server(home)
-    with _api_url(info.api_url, heartbeat_env()):  # a run killed with -9 is marked Crashed, not Running forever
+    # heartbeats: a run killed with -9 is marked Crashed, not Running forever
+    with _api_url(info.api_url, {**heartbeat_env(), **server.plain_http_env(home)}):
         yield info.api_url
 
 

@@ -37,6 +37,7 @@ PREFECT_PID_FILE = "server.pid"  # Prefect's name: `prefect server stop` finds o
 LOG_FILE = "promptfleet-server.log"
 LOCK_FILE = "promptfleet-server.lock"
 EPHEMERAL_ENV = "PROMPTFLEET_EPHEMERAL"
+CA_FILE = "promptfleet-loopback-ca.pem"
 START_TIMEOUT = 120.0
 
 
@@ -74,6 +75,28 @@ def prefect_home() -> Path:
     from prefect.settings import get_current_settings
 
     return Path(get_current_settings().home).expanduser()
+
+
+def plain_http_env(home: Path) -> dict[str, str]:
+    """Environment for the Prefect clients of a server we started on http://127.0.0.1.
+
+    Every Prefect client builds a TLS context from a CA bundle, plain HTTP or not: six per
+    run, ~25 ms of CPU each with certifi's ~140 certificates. Pointed at a bundle of one
+    certificate they cost nothing, and no certificate is ever checked: no TLS is spoken
+    with a plain-HTTP loopback server. A bundle the user named is kept."""
+    if os.environ.get("PREFECT_API_SSL_CERT_FILE"):
+        return {}
+    path = home / CA_FILE
+    if not path.exists():
+        import certifi
+
+        begin, end = "-----BEGIN CERTIFICATE-----", "-----END CERTIFICATE-----"
+        bundle = Path(certifi.where()).read_text()
+        first = bundle[bundle.index(begin) : bundle.index(end) + len(end)]
+        tmp = home / f".{CA_FILE}.{os.getpid()}"
+        tmp.write_text(first + "\n")
+        os.replace(tmp, path)
+    return {"PREFECT_API_SSL_CERT_FILE": str(path)}
 
 
 def ui_url_of(api_url: str) -> str:

@@ -201,3 +201,18 @@ def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path
             break
         time.sleep(2)
     assert run["state_type"] == "CRASHED", run["state_type"]
+
+
+def test_prefect_clients_of_our_plain_http_server_load_one_certificate(tmp_path: Path, monkeypatch):
+    """Every Prefect client builds a TLS context (six per run, ~25 ms each with certifi's
+    bundle); for our http://127.0.0.1 server it is never used, so one certificate will do."""
+    import ssl
+
+    monkeypatch.delenv("PREFECT_API_SSL_CERT_FILE", raising=False)
+    env = server.plain_http_env(tmp_path)
+    bundle = Path(env["PREFECT_API_SSL_CERT_FILE"])
+    assert bundle.parent == tmp_path and bundle.read_text().count("BEGIN CERTIFICATE") == 1
+    assert ssl.create_default_context(cafile=str(bundle)).cert_store_stats()["x509_ca"] == 1  # as Prefect's client builds it
+    assert server.plain_http_env(tmp_path) == env and [p.name for p in tmp_path.iterdir()] == [bundle.name]  # made once, no temporary left
+    monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", "/etc/my-company-ca.pem")
+    assert server.plain_http_env(tmp_path) == {}  # the user's own bundle is kept
