@@ -11,9 +11,11 @@ a process that slowed down cannot overlap the next holder's window.
 
 The rule that keeps every second under the key's limit at the provider, which counts
 arrivals, not sends: sends are spaced SPACING_MARGIN wider than 1/rate, so arrivals may
-jitter by that much of a second; a block's last send leaves one spacing before the next
-holder's grant can come, so a hand-over is spaced like the sends within a block; a send
-woken after its block's window (a busy event loop) waits for a block of its own.
+jitter by that much of a second; a block's sends end before the next holder's grant can
+come, and the next holder's first send is one spacing after its grant's answer (after its
+own last send, when the block before was its own), so a hand-over is spaced like the sends
+within a block; a send woken after its block's window (a busy event loop) waits for a block
+of its own.
 
 Why not `prefect.concurrency.asyncio.rate_limit()`: on a 423 it sleeps the server's
 `Retry-After`, a random interval around a whole block's decay time, so a process that
@@ -62,9 +64,9 @@ BLOCK_S = 2.0  # a block holds this many seconds of sends: fewer hand-overs, les
 # the window's rate+1st. Measured on a busy 2-core box: 1 arrival in 100 ~7 ms late, 1-3
 # in 1,000 over 20 ms; spaced exactly 1/rate, 1 send in 100 drew a 429.
 SPACING_MARGIN = 0.02
-# Spaced wider than the bucket refills, a block's last send does not fit before the next
-# holder's grant: one send of every block lapses. 20 sends a block keep that under 5% (at
-# 3/s, blocks of 2 s would lose 1 send in 6).
+# A hand-over to another process costs one spacing: 20 sends a block keep that under 5% (at
+# 3/s, blocks of 2 s would lose 1 send in 6). A process taking its own next block loses
+# only the margin, the courtesy and the take's round trip.
 MIN_BLOCK = 20
 HANDOVER_S = 0.03  # a process that just held a block asks for the next one this much later than a waiting one
 CATCH_UP_S = 0.005  # a send this late still keeps its place in the schedule (timer overshoot)
@@ -208,6 +210,7 @@ class GlobalRate:
         self._late = 0  # grants in a row that arrived too late to use
         self._granted = (0.0, 0)  # (when, slots) of our last grant: the slots of ours a read may show
         self._per_second = 0.0  # the decay of that grant's slots
+        self._fresh_at: float | None = None  # when we joined a limit nobody had used for a while
         self._others_at = 0.0  # when we last saw another process: its slots in a read, or its grant before ours
         self._quiet = 0  # blocks in a row granted with no sign of another process
         self._lock = asyncio.Lock()
@@ -293,21 +296,41 @@ class GlobalRate:
             if await self._limits.take(bucket.limit):
                 # The grant happened between asking and the answer, and the next holder's
                 # grant comes when this block has decayed, so not before `asked` + the
-                # block's length. The last send leaves one spacing before that: across a
-                # hand-over sends are as far apart as within a block, however slow the answer.
+                # block's length: our sends end before it. The hand-over spacing is kept by
+                # whoever starts: after our own block, one spacing after our last send;
+                # after someone else's, whose last send we do not know, one spacing after
+                # the answer (which came after the grant, so after their last send).
+                answered = loop.time()
+                spacing = SLOTS / bucket.per_second * (1 + SPACING_MARGIN)
+                if self._after_our_block(answered):
+                    start = max(answered, self._next_at - self._spacing + max(self._spacing, spacing))
+                else:
+                    start = answered if self._nobody_before(answered) else answered + spacing
                 self._left = bucket.requests
                 self._granted = (asked, bucket.limit)
                 self._per_second = bucket.per_second
                 self._quiet = 0 if others else self._quiet + 1
-                self._spacing = SLOTS / bucket.per_second * (1 + SPACING_MARGIN)
-                self._until = asked + bucket.limit / bucket.per_second - self._spacing
-                self._next_at = loop.time()  # sends start from the answer: a slow answer must not bunch them
+                self._spacing = spacing
+                self._until = asked + bucket.limit / bucket.per_second
+                self._next_at = start  # from the answer at the earliest: a slow answer must not bunch sends
                 self.blocks += 1
                 self._late = self._late + 1 if self._next_at >= self._until else 0
                 if self._late >= LATE_GRANTS:  # the block is over when the grant arrives, every time
                     self._go_offline(f"Prefect server answers slower than a block ({self._late} times in a row)")
                 return
             others, self._others_at = True, loop.time()  # refused: another process was granted first
+
+    def _after_our_block(self, answered: float) -> bool:
+        """The block before this one was ours: granted when ours had just decayed, too soon
+        for another process's block (BLOCK_S at least) to have come and gone in between."""
+        when, slots = self._granted
+        return bool(slots) and answered < when + slots / self._per_second + BLOCK_S / 2
+
+    def _nobody_before(self, answered: float) -> bool:
+        """Our first block, on a limit nobody had sent on for longer than a block and a
+        spacing (or that we created): no last send of another process to keep apart from."""
+        fresh, self._fresh_at = self._fresh_at, None
+        return fresh is not None and answered < fresh + BLOCK_S / 2
 
     def _foreign_slots(self, bucket: Bucket, now: float) -> bool:
         """A read shows more slots than ours could still be: another run is sending on this
@@ -336,8 +359,11 @@ class GlobalRate:
 
     async def _join(self) -> None:
         """Create the key's limit, or take over a stale or idle one, or lower it to our ceiling."""
-        self._others_at = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        self._others_at = loop.time()
         bucket = await self._limits.read()
+        if bucket is None or (bucket.per_second > 0 and _age(bucket) > (bucket.limit + SLOTS * (1 + SPACING_MARGIN)) / bucket.per_second):
+            self._fresh_at = loop.time()
         if bucket is None:
             await self._limits.create(self._own)
         elif _age(bucket) > STALE_S or bucket.per_minute > self._own * (1 + TOLERANCE):
