@@ -143,12 +143,21 @@ def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_th
                        '{"settings": {"data_folder": "data", "max_queries": 600}}'], env, work)  # fmt: skip
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created).group(1)
         log = (tmp_path / "worker.log").open("wb")
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "promptfleet", "--run-once"], env=env, cwd=work,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+        def start_worker() -> subprocess.Popen:
+            return subprocess.Popen([PREFECT, "worker", "start", "--pool", "promptfleet", "--run-once"], env=env, cwd=work,
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+
+        worker = start_worker()
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and sum(server.state.calls.values()) < 8:
-                assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+                if worker.poll() is not None:
+                    # A --run-once worker that polled before the run was due exits having run
+                    # nothing (seen twice in a day); one that ran it and ended is a failure.
+                    state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]["type"]
+                    assert state == "SCHEDULED", f"{state}: " + (tmp_path / "worker.log").read_text()[-3000:]
+                    worker = start_worker()
                 time.sleep(0.1)
             cancelling = httpx.post(f"{api}/flow_runs/{flow_run_id}/set_state", json={"state": {"type": "CANCELLING"}})
             assert cancelling.json()["status"] == "ACCEPT", cancelling.text
