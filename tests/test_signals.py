@@ -142,6 +142,13 @@ def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_th
         created = run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params",
                        '{"settings": {"data_folder": "data", "max_queries": 600}}'], env, work)  # fmt: skip
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created).group(1)
+        # The deployment polls every 60 s: runs its schedule made would poll the same inbox
+        # with the default -mq and take the file first (the cancelled run then finds nothing).
+        run([PREFECT, "deployment", "schedule", "clear", "watch_input/pipeline", "-y"], env, work)
+        deployment_id = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["deployment_id"]
+        scheduled = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment_id]}}}).json()
+        for other in (r["id"] for r in scheduled if r["id"] != flow_run_id):
+            httpx.delete(f"{api}/flow_runs/{other}").raise_for_status()
         log = (tmp_path / "worker.log").open("wb")
 
         def start_worker() -> subprocess.Popen:
@@ -154,7 +161,7 @@ def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_th
             while time.monotonic() < deadline and sum(server.state.calls.values()) < 8:
                 if worker.poll() is not None:
                     # A --run-once worker that polled before the run was due exits having run
-                    # nothing (seen twice in a day); one that ran it and ended is a failure.
+                    # nothing; one that ran it and ended is a failure.
                     state = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["state"]["type"]
                     assert state == "SCHEDULED", f"{state}: " + (tmp_path / "worker.log").read_text()[-3000:]
                     worker = start_worker()
