@@ -94,8 +94,12 @@ def plain_http_env(home: Path) -> dict[str, str]:
         bundle = Path(certifi.where()).read_text()
         first = bundle[bundle.index(begin) : bundle.index(end) + len(end)]
         tmp = home / f".{CA_FILE}.{os.getpid()}"
-        tmp.write_text(first + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(first + "\n")
+            os.replace(tmp, path)
+        except OSError:  # a full or read-only PREFECT_HOME: the saving is not worth a failed run
+            tmp.unlink(missing_ok=True)
+            return {}
     return {"PREFECT_API_SSL_CERT_FILE": str(path)}
 
 

@@ -216,3 +216,21 @@ def test_prefect_clients_of_our_plain_http_server_load_one_certificate(tmp_path:
     assert server.plain_http_env(tmp_path) == env and [p.name for p in tmp_path.iterdir()] == [bundle.name]  # made once, no temporary left
     monkeypatch.setenv("PREFECT_API_SSL_CERT_FILE", "/etc/my-company-ca.pem")
     assert server.plain_http_env(tmp_path) == {}  # the user's own bundle is kept
+
+
+def test_a_full_prefect_home_costs_the_cheap_bundle_not_the_run(tmp_path: Path, monkeypatch):
+    """Disk full while the one-certificate bundle is written: no bundle, no temporary left,
+    and Prefect's own default is used; a home named with spaces and accents works."""
+    monkeypatch.delenv("PREFECT_API_SSL_CERT_FILE", raising=False)
+    home = tmp_path / "dossier Prefect é"
+    home.mkdir()
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert server.plain_http_env(home) == {}
+    assert list(home.iterdir()) == []
+    monkeypatch.undo()
+    monkeypatch.delenv("PREFECT_API_SSL_CERT_FILE", raising=False)
+    assert Path(server.plain_http_env(home)["PREFECT_API_SSL_CERT_FILE"]).parent == home
