@@ -362,11 +362,13 @@ class GlobalRate:
         loop = asyncio.get_running_loop()
         self._others_at = loop.time()
         bucket = await self._limits.read()
-        if bucket is None or (bucket.per_second > 0 and _age(bucket) > (bucket.limit + SLOTS * (1 + SPACING_MARGIN)) / bucket.per_second):
+        age = _age(bucket) if bucket is not None else float("inf")
+        unused_for = (bucket.limit + SLOTS * (1 + SPACING_MARGIN)) / bucket.per_second if bucket and bucket.per_second > 0 else 0.0
+        if bucket is None or (unused_for and age > unused_for):  # a block and a spacing since anyone's last write
             self._fresh_at = loop.time()
         if bucket is None:
             await self._limits.create(self._own)
-        elif _age(bucket) > STALE_S or bucket.per_minute > self._own * (1 + TOLERANCE):
+        elif age > STALE_S or bucket.per_minute > self._own * (1 + TOLERANCE):
             await self._limits.set(self._own, bucket)
         elif bucket.per_minute < self._own * (1 - TOLERANCE) and await self._idle(bucket):
             # Nobody holds a block: the slower rate is a finished run's (a rerun with a higher
