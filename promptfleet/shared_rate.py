@@ -26,6 +26,19 @@ read changes nothing), sleeps until the slots have decayed, and asks then; the p
 that held the last block asks a little later, so blocks alternate between waiting
 processes.
 
+Alone on a key, none of that is needed: every process sending on the key holds one slot,
+under a lease, of a second limit (`promptfleet-senders:...`, a plain count), and a process
+that counts itself the only sender keeps pacing in-process at its exact rate, as without a
+server, and only keeps the shared bucket holding LEAD_S to 2*LEAD_S of its sends ahead.
+Those slots keep a newcomer out until it is seen: the newcomer registers before it asks
+for a block, and a block needs the bucket empty. A batch of slots taken ahead counts only
+if a read of the senders *after* the take still shows one; then a newcomer registered
+after that read, so its grant comes after those slots decayed, and the lone process's
+sends (all before they decay) end before it. At the next top-up the lone process sees the
+newcomer and goes to blocks; when the other leaves, the count drops and it goes back.
+A killed process's lease lapses after LEASE_S (Prefect's shortest) and the server's next
+sweep; until then the others keep to blocks, which is slower, never faster.
+
 The limit's name carries a keyed fingerprint of the credentials (HMAC-SHA256 with a salt
 kept on the machine), never the key or a plain hash of it: names are shown in the UI and
 the API. Processes on several machines share a limit only when they share the salt
@@ -43,6 +56,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import secrets
@@ -58,6 +72,11 @@ log = logging.getLogger("promptfleet.shared_rate")
 SALT_ENV = "PROMPTFLEET_RATE_SALT"
 SALT_FILE = "promptfleet-rate-salt"
 PREFIX = "promptfleet-rate"
+SENDERS_PREFIX = "promptfleet-senders"
+MAX_SENDERS = 10_000  # the senders limit only counts; it never refuses anyone
+LEASE_S = 60.0  # a sender's slot lapses this long after its last renewal (Prefect's shortest lease)
+RENEW_S = 10.0  # renewed this often; trusted for LEASE_S / 2 after the renewal was asked
+LEAD_S = 0.5  # alone: the bucket holds at least this much of our sends ahead, topped up to twice that
 BLOCK_S = 2.0  # a block holds this many seconds of sends: fewer hand-overs, less lost to latency
 # Sends are spaced 2% wider than 1/rate: a send may then reach the provider up to 20 ms (2%
 # of its one-second window) later than the one `rate` sends after it without making that one
@@ -77,7 +96,6 @@ OFFLINE_S = 30.0  # after a server error, pace in-process this long before askin
 LATE_GRANTS = 3  # grants in a row that arrive after their block's window: the server is too slow to share through
 TOLERANCE = 0.02  # a learned rate this close to the shared one is not written
 GIVE_BACK_SLACK = 0.1  # slots kept after the last send, for the time a give-back takes to reach the server
-IDLE_CHECK_S = 0.2  # a limit with no slots in use this long apart is held by nobody
 
 
 class SharedRate(Protocol):
@@ -119,12 +137,13 @@ def block_for(per_minute: float) -> int:
 
 
 class PrefectLimits:
-    """The calls made on one global concurrency limit, through a Prefect client of its own
-    (opened at the first call, closed by `close`) whose transport asks again at once when
-    the server is busy (prefect_transport.py)."""
+    """The calls made on one key's two global concurrency limits (its rate, its senders),
+    through a Prefect client of its own (opened at the first call, closed by `close`) whose
+    transport asks again at once when the server is busy (prefect_transport.py)."""
 
     def __init__(self, name: str):
         self.name = name
+        self.senders_name = SENDERS_PREFIX + name.removeprefix(PREFIX)
         self._client = None
 
     async def read(self) -> Bucket | None:
@@ -160,20 +179,72 @@ class PrefectLimits:
         await self._call(lambda client: client.update_global_concurrency_limit(self.name, spec))
 
     async def take(self, slots: int) -> bool:
-        """Occupy `slots` at once; False when they are not free (someone was faster)."""
+        """Occupy `slots` at once; False when they are not free (someone was faster) or the
+        limit is gone (the server then grants a take on nothing)."""
         import httpx
 
         try:
-            await self._call(lambda client: client.increment_concurrency_slots([self.name], slots, mode="rate_limit"))
+            answer = await self._call(lambda client: client.increment_concurrency_slots([self.name], slots, mode="rate_limit"))
         except httpx.HTTPStatusError as err:
             if err.response.status_code in (422, 423):  # taken, or the limit just changed size
                 return False
             raise
-        return True
+        return bool(answer.json())
 
     async def give_back(self, slots: int, held: float) -> None:
         """Free `slots` now instead of letting them decay (the server never goes below 0)."""
         await self._call(lambda client: client.release_concurrency_slots([self.name], slots, max(held, 0.001)))
+
+    async def register(self) -> str | None:
+        """Count this process among the key's senders, under a lease; the lease's id, or None
+        when the senders limit refuses (switched off, or edited down to full)."""
+        import httpx
+        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+        from prefect.exceptions import ObjectAlreadyExists
+
+        for _ in range(2):
+            try:
+                answer = await self._call(lambda client: client.increment_concurrency_slots_with_lease(
+                    [self.senders_name], 1, mode="concurrency", lease_duration=LEASE_S, holder=_holder()))  # fmt: skip
+            except httpx.HTTPStatusError as err:
+                if err.response.status_code in (422, 423):
+                    return None
+                raise
+            body = answer.json()
+            if body["limits"]:
+                return body["lease_id"]
+            # No such limit yet (the server grants a lease on nothing): make it, then again.
+            try:
+                spec = GlobalConcurrencyLimitCreate(name=self.senders_name, limit=MAX_SENDERS)
+                await self._call(lambda client: client.create_global_concurrency_limit(spec))
+            except ObjectAlreadyExists:
+                pass
+        return None
+
+    async def renew(self, lease: str) -> bool:
+        """Keep our senders slot; False when the lease already lapsed."""
+        import httpx
+
+        try:
+            await self._call(lambda client: client.renew_concurrency_lease(lease, LEASE_S))
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (404, 410):
+                return False
+            raise
+        return True
+
+    async def unregister(self, lease: str) -> None:
+        await self._call(lambda client: client.release_concurrency_slots_with_lease(lease))
+
+    async def senders(self) -> int | None:
+        """How many processes hold a senders slot, or None when that cannot be known."""
+        from prefect.exceptions import ObjectNotFound
+
+        try:
+            gcl = await self._call(lambda client: client.read_global_concurrency_limit_by_name(self.senders_name))
+        except ObjectNotFound:
+            return None
+        return gcl.active_slots if gcl.active else None
 
     async def _call(self, call):
         if self._client is None:
@@ -213,8 +284,17 @@ class GlobalRate:
         self._fresh_at: float | None = None  # when we joined a limit nobody had used for a while
         self._others_at = 0.0  # when we last saw another process: its slots in a read, or its grant before ours
         self._quiet = 0  # blocks in a row granted with no sign of another process
+        self._lease: str | None = None  # our slot among the key's senders
+        self._renewed_at = float("-inf")  # when its last renewal was asked
+        self._alone = False  # the only sender: the Pacer paces, our slots ahead keep others out
+        self._leaving = False  # alone, but a top-up found another sender: blocks once our slots run out
+        self._covered_until = 0.0  # alone: our slots in the bucket last (at least) until then
+        self._start_at = 0.0  # alone: our first send, after the slots of another run decayed
+        self._alone_at = 0.0  # alone: the next send's place in an exact schedule
+        self._top_up: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self.blocks = 0  # blocks taken (server grants), for the tests
+        self.top_ups = 0  # slots taken ahead while alone, for the tests
 
     @property
     def name(self) -> str:
@@ -228,6 +308,14 @@ class GlobalRate:
         async with self._lock:  # one block request at a time; the other sends wait for it
             loop = asyncio.get_running_loop()
             while loop.time() >= self._offline_until:
+                if self._alone:
+                    try:
+                        if await self._alone_send():
+                            return
+                    except Exception as err:  # a top-up failed: as below
+                        self._alone = False
+                        self._go_offline(f"Prefect server unavailable ({err})")
+                    continue
                 if self._left <= 0 or max(loop.time(), self._next_at) >= self._until:
                     try:
                         await self._next_block()
@@ -250,19 +338,137 @@ class GlobalRate:
                 self._left -= 1
                 return
 
+    async def _alone_send(self) -> bool:
+        """One send at the Pacer's pace while our slots ahead last; False once another sender
+        showed up and they ran out (blocks from then on)."""
+        loop = asyncio.get_running_loop()
+        # The Pacer spaces sends, but a send held up here (our first, a late answer) would let
+        # the next ones, whose turns passed meanwhile, follow at once (the Pacer catches up
+        # 10 ms: one more send in a second). So sends also keep a schedule of their own,
+        # exact and without catch-up: it lags the Pacer's by its largest timer overshoot, not
+        # their sum, since each turn counts from the last turn, not from the last wake-up.
+        now = loop.time()
+        turn = max(self._start_at, self._alone_at, now)
+        if turn > now:
+            await asyncio.sleep(turn - now)
+        self._alone_at = turn + SLOTS / self._per_second
+        if self._top_up is not None and self._top_up.done():
+            await self._settle_top_up()
+        now = loop.time()
+        if not self._leaving and self._top_up is None and self._covered_until - now < LEAD_S:
+            # In the background: a send must not wait for the server's answer (the Pacer's
+            # schedule would slip by it at every top-up).
+            self._top_up = asyncio.create_task(self._top_up_or_leave())
+        if now >= self._covered_until and self._top_up is not None:
+            await self._settle_top_up()
+            now = loop.time()
+        if now < self._covered_until:
+            self._next_at = now + self._spacing  # as in a block: a hand-over starts one spacing after it
+            return True
+        log.debug("shared rate %s: another sender on the key, sharing it in blocks", self.name)
+        self._alone, self._left = False, 0
+        return False
+
+    async def _settle_top_up(self) -> None:
+        task, self._top_up = self._top_up, None
+        if task is not None:
+            await task
+
+    async def _top_up_or_leave(self) -> None:
+        if not await self._take_ahead():
+            self._leaving = True
+
+    async def _take_ahead(self) -> bool:
+        """Put our next sends in the bucket, up to 2 * LEAD_S ahead. They count only when a
+        read of the senders after the take shows us alone: a newcomer registers before it
+        asks for a block, so it then comes after these slots have decayed."""
+        loop = asyncio.get_running_loop()
+        if not await self._keep_registered():
+            return False
+        if self._wanted is not None:  # alone, the rate we learned is the key's
+            wanted, self._wanted = self._wanted, None
+            bucket = await self._limits.read()
+            if bucket is not None and abs(wanted - bucket.per_minute) > TOLERANCE * bucket.per_minute:
+                await self._limits.set(wanted, bucket)  # slots keep their time: our cover is unchanged
+                self._per_second = wanted / 60 * SLOTS
+                self._spacing = SLOTS / self._per_second * (1 + SPACING_MARGIN)
+        asked = loop.time()
+        start = max(self._covered_until, self._start_at, asked)
+        slots = max(SLOTS, math.ceil((asked + 2 * LEAD_S - start) * self._per_second))
+        if not await self._limits.take(slots):
+            return False  # someone holds slots: another sender
+        if await self._limits.senders() != 1 or not self._trusted():
+            await self._limits.give_back(slots, 0.001)  # unused: the newcomer need not wait for them
+            return False
+        # Counted from the later of `asked` and what we held: the server adds the slots to
+        # what had not decayed yet, so they last at least this long.
+        self._covered_until = start + slots / self._per_second
+        self._granted = (asked, round(self._per_second * (self._covered_until - asked)))
+        self.top_ups += 1
+        self._late = self._late + 1 if loop.time() >= self._covered_until else 0
+        if self._late >= LATE_GRANTS:  # the slots are over when the answers arrive, every time
+            self._go_offline(f"Prefect server answers slower than a block ({self._late} times in a row)")
+        return True
+
+    async def _go_alone(self, bucket: Bucket, asked: float) -> bool:
+        """The only sender: pace in-process, from one spacing after the slots of another run
+        in the bucket have decayed (counted from now, after the read's answer: they decay
+        from when the server read them), or one spacing after our own last send. An empty
+        bucket needs no wait: a run that ended gave back all but a spacing after its last
+        send, and a killed run's slots decayed long before its lease lapsed."""
+        now = asyncio.get_running_loop().time()
+        exact = SLOTS / bucket.per_second
+        if not self._granted[1] or self._foreign_slots(bucket, asked):
+            self._start_at = now + (bucket.active / bucket.per_second + exact if bucket.active else 0.0)
+        else:
+            self._start_at = max(now, self._next_at - self._spacing + exact)
+        self._per_second = bucket.per_second
+        self._spacing = exact * (1 + SPACING_MARGIN)
+        self._covered_until = 0.0
+        if not await self._take_ahead():
+            return False
+        log.debug("shared rate %s: the only sender on the key, pacing in this process", self.name)
+        self._alone, self._leaving, self._left = True, False, 0
+        return True
+
+    async def _keep_registered(self) -> bool:
+        """Hold our senders slot: register, renew every RENEW_S, register again if it lapsed.
+        True while we may trust it."""
+        now = asyncio.get_running_loop().time()
+        if self._lease is not None and now - self._renewed_at >= RENEW_S:
+            if await self._limits.renew(self._lease):
+                self._renewed_at = now
+            else:
+                self._lease = None
+        if self._lease is None:
+            self._lease = await self._limits.register()
+            self._renewed_at = now
+        return self._trusted()
+
+    def _trusted(self) -> bool:
+        """Our slot still counts at the server: renewed (asked) less than half a lease ago."""
+        return self._lease is not None and asyncio.get_running_loop().time() - self._renewed_at < LEASE_S / 2
+
     def _go_offline(self, why: str) -> None:
         log.warning("shared rate %s: %s; pacing in this process for %.0fs", self.name, why, OFFLINE_S)
         self._offline_until = asyncio.get_running_loop().time() + OFFLINE_S
 
     async def _next_block(self) -> None:
         loop = asyncio.get_running_loop()
-        if not self._joined:
-            await self._join()
+        first = None if self._joined else await self._join()
         courtesy = HANDOVER_S if self._until else 0.0  # after our own block, let a waiting process go first
         others = False
         while True:
-            asked = loop.time()
-            bucket = await self._limits.read()
+            if first is not None:
+                (asked, bucket, senders), first = first, None
+            else:
+                registered = await self._keep_registered()
+                asked = loop.time()
+                bucket, senders = await asyncio.gather(self._limits.read(), self._limits.senders())
+                if not registered:
+                    senders = None
+            if senders == 0:  # our slot is gone (the limit deleted, the server restarted)
+                self._lease = None
             if bucket is not None and self._foreign_slots(bucket, asked):
                 others, self._others_at = True, asked
             if bucket is None:  # deleted meanwhile
@@ -283,9 +489,14 @@ class GlobalRate:
             # a higher one only when nobody else has shown up for a while, so a slower rate
             # left by a stopped run (a rerun with a higher -mq) does not live on through our
             # takes, and if another process was only waiting unseen, it lowers it back.
-            alone = self._quiet and asked - self._others_at >= ALONE_S
+            alone = senders == 1 or (self._quiet and asked - self._others_at >= ALONE_S)
             if self._believed < bucket.per_minute * (1 - TOLERANCE) or (alone and self._believed > bucket.per_minute * (1 + TOLERANCE)):
                 await self._limits.set(self._believed, bucket)
+                continue
+            if senders == 1:
+                if await self._go_alone(bucket, asked):
+                    return
+                others, self._others_at = True, loop.time()
                 continue
             # Counted from when we asked: a late answer must not make us late (a 423 costs
             # nothing but another read, a late take costs the key's capacity).
@@ -346,6 +557,10 @@ class GlobalRate:
         the server (slots freed late would cut into that spacing)."""
         async with self._lock:
             loop = asyncio.get_running_loop()
+            try:
+                await self._settle_top_up()
+            except Exception:  # the slots it took decay anyway
+                pass
             when, slots = self._granted
             self._left, self._granted = 0, (0.0, 0)
             held = max(loop.time(), self._next_at) + GIVE_BACK_SLACK - when
@@ -353,15 +568,23 @@ class GlobalRate:
             try:
                 if unused >= SLOTS:
                     await self._limits.give_back(unused, held)
+                if self._lease is not None:
+                    await self._limits.unregister(self._lease)
                 await self._limits.close()
             except Exception as err:  # they decay anyway
                 log.debug("shared rate %s: slots not given back (%s)", self.name, err)
 
-    async def _join(self) -> None:
-        """Create the key's limit, or take over a stale or idle one, or lower it to our ceiling."""
+    async def _join(self) -> tuple[float, Bucket | None, int | None] | None:
+        """Register among the key's senders; create the key's limit, or take over a stale
+        one or one nobody else sends on, or lower it to our ceiling. What was read, when
+        nothing was written."""
         loop = asyncio.get_running_loop()
         self._others_at = loop.time()
-        bucket = await self._limits.read()
+        registered = await self._keep_registered()
+        asked = loop.time()
+        bucket, senders = await asyncio.gather(self._limits.read(), self._limits.senders())
+        senders = senders if registered else None
+        self._joined = True
         age = _age(bucket) if bucket is not None else float("inf")
         unused_for = (bucket.limit + SLOTS * (1 + SPACING_MARGIN)) / bucket.per_second if bucket and bucket.per_second > 0 else 0.0
         if bucket is None or (unused_for and age > unused_for):  # a block and a spacing since anyone's last write
@@ -370,25 +593,23 @@ class GlobalRate:
             await self._limits.create(self._own)
         elif age > STALE_S or bucket.per_minute > self._own * (1 + TOLERANCE):
             await self._limits.set(self._own, bucket)
-        elif bucket.per_minute < self._own * (1 - TOLERANCE) and await self._idle(bucket):
-            # Nobody holds a block: the slower rate is a finished run's (a rerun with a higher
-            # -mq). A slower run that was only between blocks lowers it back at its next one.
+        elif bucket.per_minute < self._own * (1 - TOLERANCE) and senders == 1:
+            # A slower rate nobody sends on: a finished run's (a rerun with a higher -mq).
             await self._limits.set(self._own, bucket)
-        self._joined = True
+        else:
+            return asked, bucket, senders
+        return None
 
-    async def _idle(self, bucket: Bucket) -> bool:
-        """Nobody holds a block: no more slots in use than a run that ended leaves (one
-        spacing after its last send, see give_back), and none taken once those have decayed
-        and IDLE_CHECK_S more have passed, longer than a hand-over between two blocks of a
-        process still sending."""
-        if bucket.per_second <= 0:
-            return False
-        left = bucket.active / bucket.per_second
-        if left > SLOTS / bucket.per_second * (1 + SPACING_MARGIN) + GIVE_BACK_SLACK:
-            return False
-        await asyncio.sleep(left + IDLE_CHECK_S)
-        again = await self._limits.read()
-        return again is not None and again.active == 0
+
+def _holder():
+    """Our flow run, shown in the UI as the holder of our senders slot."""
+    from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return None
+    return ConcurrencyLeaseHolder(type="flow_run", id=context.flow_run.id)
 
 
 def _age(bucket: Bucket) -> float:
