@@ -32,6 +32,7 @@ class Fake:
         self.calls: Counter = Counter()
         self.answered: Counter = Counter()
         self.rejected = 0
+        self.stamps: list[float] = []  # wall-clock arrival of every request: where a command's time goes
         self.seen: dict[str, deque] = defaultdict(deque)
         self.random = random.Random(config.get("seed", 7))
 
@@ -50,6 +51,7 @@ class Fake:
 
     async def answer(self, model: str, text: str) -> tuple[int, dict, dict]:
         self.calls[text] += 1
+        self.stamps.append(time.time())
         if (wait := self._limited(model)) is not None:
             self.rejected += 1
             return 429, {"retry-after": f"{max(wait, 0.05):.2f}"}, {}
@@ -116,10 +118,12 @@ def build(fake: Fake) -> Starlette:
 
     async def stats(request: Request) -> Response:
         return JSONResponse({"calls": dict(fake.calls), "answered": dict(fake.answered), "rejected": fake.rejected,
-                             "requests": sum(fake.calls.values())})  # fmt: skip
+                             "requests": sum(fake.calls.values()), "first": min(fake.stamps, default=None),
+                             "last": max(fake.stamps, default=None)})  # fmt: skip
 
     async def reset(request: Request) -> Response:
         fake.calls.clear()
+        fake.stamps.clear()
         fake.answered.clear()
         fake.rejected = 0
         fake.seen.clear()

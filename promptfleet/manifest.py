@@ -17,13 +17,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
-
 from promptfleet.config import Settings
 from promptfleet.costs import price_of
 from promptfleet.rundir import RunPaths
 
 if TYPE_CHECKING:
+    import polars as pl
+
     from promptfleet.run import RunSummary
 
 # The distribution that talks to each built-in api; other providers are looked up by module.
@@ -56,6 +56,8 @@ def _sdk_of(api: str) -> str | None:
 
 
 def _distinct(column: str) -> pl.Expr:
+    import polars as pl
+
     return pl.col(column).drop_nulls().unique().sort().alias(f"{column}s")
 
 
@@ -64,6 +66,8 @@ def models_seen(parquet: Path) -> list[dict[str, Any]]:
     the answers reported (read from the result table, so a resumed run counts every session)."""
     if not parquet.exists():
         return []
+    import polars as pl
+
     table = (
         pl.scan_parquet(parquet)
         .group_by("api", "model_name")

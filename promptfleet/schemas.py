@@ -15,8 +15,6 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from jsonschema import exceptions, validators
-
 SCHEMA_KEY = "response_schema"
 PARSED_KEY = "response_parsed"
 _FENCE = re.compile(r"^\s*```(?:json)?\s*\n(.*)\n\s*```\s*$", re.DOTALL)
@@ -45,6 +43,8 @@ def with_schemas(record: dict[str, Any]) -> dict[str, Any]:
 
 @lru_cache(maxsize=256)
 def _validator(canonical: str) -> Any:
+    from jsonschema import validators  # only files that ask for structured replies load it (~0.15 s)
+
     schema = json.loads(canonical)
     return validators.validator_for(schema)(schema)
 
@@ -57,6 +57,8 @@ def schema_problem(schema: Any) -> str | None:
     """Why `schema` is not a usable JSON Schema object, if it is not."""
     if not isinstance(schema, dict):
         return f"must be a JSON Schema object, got {type(schema).__name__}"
+    from jsonschema import exceptions, validators
+
     try:
         validators.validator_for(schema).check_schema(schema)
     except exceptions.SchemaError as err:
@@ -80,6 +82,8 @@ def parse_reply(text: str, schema: dict[str, Any]) -> Any:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise SchemaMismatch(f"reply is not JSON ({err.msg} at line {err.lineno} column {err.colno}): {text[:200]!r}") from None
+    from jsonschema import exceptions
+
     error = exceptions.best_match(_validator(_canonical(schema)).iter_errors(value))
     if error is not None:
         where = error.json_path
