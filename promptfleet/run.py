@@ -31,7 +31,7 @@ from promptfleet.rundir import Journal, JournalIndex, RunBusy, RunLock, RunPaths
 from promptfleet.scorers import load_scorer
 from promptfleet.session import Session, current_session
 from promptfleet.shared_rate import SharedRate, shared_rate_for
-from promptfleet.tables import SEEN_COLUMNS, write_tables
+from promptfleet.tables import SEEN_COLUMNS, load_library, write_tables
 
 log = logging.getLogger("promptfleet")
 
@@ -410,8 +410,20 @@ def run_log(path: Path) -> Iterator[None]:
         handler.close()
 
 
+async def load_tables_meanwhile(after: float = 1.0) -> None:
+    """Once the queues are sending (and mostly waiting on answers), load what writing the
+    tables needs in a thread, off the path between the last answer and the run's end.
+    Cancelled first, a short run loads it when it writes its tables."""
+    await asyncio.sleep(after)
+    await asyncio.to_thread(load_library)
+
+
 async def run_all(run: Run) -> RunSummary:
     """Every queue at once, then the tables: the whole run without Prefect."""
     with run_log(run.paths.log):
-        await asyncio.gather(*(run.send_queue(q) for q in run.queues), *([run.send_batches()] if run.plan.batch else []))
+        tables = asyncio.create_task(load_tables_meanwhile())
+        try:
+            await asyncio.gather(*(run.send_queue(q) for q in run.queues), *([run.send_batches()] if run.plan.batch else []))
+        finally:
+            tables.cancel()
         return run.finish()

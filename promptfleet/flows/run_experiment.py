@@ -22,12 +22,11 @@ from prefect.utilities.urls import url_for
 from promptfleet.config import Settings
 from promptfleet.experiment import ExperimentError
 from promptfleet.flows.lean import flow
-from promptfleet.run import Run, run_log
+from promptfleet.run import Run, load_tables_meanwhile, run_log
 from promptfleet.session import current_session
 from promptfleet.signals import stop_on_signals
 from promptfleet.slug import slug
 from promptfleet.summary import summary_markdown
-from promptfleet.tables import load_library
 from promptfleet.tasks import load_and_validate, run_batches, run_queue, write_results
 from promptfleet.tasks.secrets import env_from_secret_blocks
 
@@ -57,13 +56,6 @@ async def _follow_progress(run: Run, artifact: UUID, interval: float = 2.0) -> N
         pass
 
 
-async def _load_tables_meanwhile(after: float = 1.0) -> None:
-    """Once the queues are sending (and mostly waiting on answers), load what writing the
-    tables needs in a thread, off the path between the last answer and the command's end."""
-    await asyncio.sleep(after)
-    await asyncio.to_thread(load_library)
-
-
 @flow(name="run_experiment", flow_run_name=_run_name, log_prints=True)
 async def run_experiment(file: str, settings: Settings | None = None, move_to_input: bool = False, wait: bool = False) -> dict[str, Any]:
     """Run one prompto-format experiment file; every queue is a task in one event loop."""
@@ -80,13 +72,13 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
         artifact = await acreate_progress_artifact(0.0, key=f"progress-{slug(run.name)}", description=f"{run.name}: prompts done")
         with run_log(run.paths.log):
             progress = asyncio.create_task(_follow_progress(run, artifact))
-            tables = asyncio.create_task(_load_tables_meanwhile())
+            tables = asyncio.create_task(load_tables_meanwhile())
             try:
                 batches = [run_batches(run)] if run.plan.batch else []
                 await asyncio.gather(*(run_queue(run, queue) for queue in run.queues), *batches)
             finally:
                 progress.cancel()
-                tables.cancel()  # a run this short writes its tables with the import
+                tables.cancel()
                 await progress
             summary = (await write_results(run)).to_dict()
     finally:
