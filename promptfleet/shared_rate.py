@@ -445,6 +445,14 @@ class GlobalRate:
             self._renewed_at = now
         return self._trusted()
 
+    async def _look(self) -> tuple[float, Bucket | None, int | None]:
+        """When we asked, the bucket, and the count of senders (None unless our own slot
+        counts in it), read together after renewing our slot if due."""
+        registered = await self._keep_registered()
+        asked = asyncio.get_running_loop().time()
+        bucket, senders = await asyncio.gather(self._limits.read(), self._limits.senders())
+        return asked, bucket, senders if registered else None
+
     def _trusted(self) -> bool:
         """Our slot still counts at the server: renewed (asked) less than half a lease ago."""
         return self._lease is not None and asyncio.get_running_loop().time() - self._renewed_at < LEASE_S / 2
@@ -459,14 +467,7 @@ class GlobalRate:
         courtesy = HANDOVER_S if self._until else 0.0  # after our own block, let a waiting process go first
         others = False
         while True:
-            if first is not None:
-                (asked, bucket, senders), first = first, None
-            else:
-                registered = await self._keep_registered()
-                asked = loop.time()
-                bucket, senders = await asyncio.gather(self._limits.read(), self._limits.senders())
-                if not registered:
-                    senders = None
+            (asked, bucket, senders), first = first or await self._look(), None
             if senders == 0:  # our slot is gone (the limit deleted, the server restarted)
                 self._lease = None
             if bucket is not None and self._foreign_slots(bucket, asked):
@@ -580,10 +581,7 @@ class GlobalRate:
         nothing was written."""
         loop = asyncio.get_running_loop()
         self._others_at = loop.time()
-        registered = await self._keep_registered()
-        asked = loop.time()
-        bucket, senders = await asyncio.gather(self._limits.read(), self._limits.senders())
-        senders = senders if registered else None
+        asked, bucket, senders = await self._look()
         self._joined = True
         age = _age(bucket) if bucket is not None else float("inf")
         unused_for = (bucket.limit + SLOTS * (1 + SPACING_MARGIN)) / bucket.per_second if bucket and bucket.per_second > 0 else 0.0
