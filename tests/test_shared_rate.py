@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import bisect
 import logging
 import math
@@ -874,3 +875,34 @@ def test_a_switched_off_senders_limit_means_blocks():
     VirtualLoop().run(_sends(rate, 10.0, times))
     assert rate.top_ups == 0 and rate.blocks > 0
     assert _most_in_a_second(times) <= 20
+
+
+def test_a_stopped_run_leaves_no_count_and_the_same_command_again_is_alone_at_once():
+    """Ctrl-C or SIGTERM cancels a run's queues while it is alone: the pool's exit still
+    gives back its slots ahead and its senders slot, so the same command again is counted
+    alone and sends at the full rate from its start, without waiting out a lease."""
+    per_second = 20
+    limits = FakeLimits("promptfleet-rate:test:stopped:0")
+    first: list[float] = []
+    again: list[float] = []
+
+    async def queue(times: list[float], until: float) -> None:
+        async with PacerPool().pacer(("test", "m", "key"), per_second * 60, shared=lambda: GlobalRate(limits, per_second * 60)) as pacer:
+            while asyncio.get_running_loop().time() < until:
+                await pacer.pace()
+                times.append(asyncio.get_running_loop().time())
+
+    async def scenario() -> None:
+        stopped = asyncio.ensure_future(queue(first, 100.0))
+        await asyncio.sleep(5.0)
+        stopped.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopped
+        assert not limits.leases  # unregistered on the way out
+        await queue(again, 15.0)
+
+    VirtualLoop().run(scenario())
+    # two spacings and the give-back's slack (0.2 s), not a lease (60 s) nor the slots it held ahead
+    assert again[0] - first[-1] < 2 / per_second + shared_rate.GIVE_BACK_SLACK + 0.05
+    assert len(again) >= 0.99 * (15.0 - again[0]) * per_second
+    assert _most_in_a_second(first + again) <= per_second
