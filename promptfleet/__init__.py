@@ -8,39 +8,27 @@ Python API (no Prefect server needed)::
 
 from __future__ import annotations
 
-from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
-from promptfleet.config import Settings
-from promptfleet.experiment import ExperimentError
-from promptfleet.run import open_run, run_all
-from promptfleet.session import Session, current_session
-
 __all__ = ["Experiment", "ExperimentError", "Session", "Settings"]
-__version__ = version("promptfleet")
+
+# loaded on first use: `promptfleet` the command imports this package before it knows
+# whether its work runs here or in the warm runner, and should cost nothing until then
+_LAZY = {
+    "Experiment": "promptfleet.api",
+    "ExperimentError": "promptfleet.experiment",
+    "Session": "promptfleet.session",
+    "Settings": "promptfleet.config",
+}
 
 
-class Experiment:
-    """One experiment file, run by the same engine as the CLI but without Prefect.
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import version
 
-    Like prompto, a bare file name is looked up in the data folder's `input/`. Experiments
-    given the same `session` share pacers (one limit per model and key) and a stop signal.
-    """
+        return version("promptfleet")
+    if name in _LAZY:
+        import importlib
 
-    def __init__(self, file_name: str | Path, settings: Settings | None = None, move_to_input: bool = False, session: Session | None = None):
-        self.settings = settings or Settings()
-        path = Path(file_name)
-        if not path.exists() and (self.settings.input_folder / path).exists():
-            path = self.settings.input_folder / path
-        self.file = path
-        self.move_to_input = move_to_input
-        self.session = session
-
-    async def process(self) -> dict[str, Any]:
-        """Validate, send every prompt, write the outputs; returns the run summary."""
-        run = open_run(self.file, self.settings, session=self.session or current_session(), move_to_input=self.move_to_input)
-        try:
-            return (await run_all(run)).to_dict()
-        finally:
-            await run.aclose()
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'promptfleet' has no attribute {name!r}")
