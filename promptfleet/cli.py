@@ -778,6 +778,11 @@ def server_status(_debug: Debug = False) -> None:
         raise typer.Exit(1)
     state = "answering" if server.healthy(info.api_url) else "not answering"
     out.print(f"Prefect server: {info.ui_url} (pid {info.pid}, since {info.started}, {state})", highlight=False)
+    from promptfleet import warm
+
+    runner = warm.pid_of(server.prefect_home())
+    out.print(f"warm runner: pid {runner} (commands start without importing Prefect)" if runner else
+              f"warm runner: not running{'' if warm.enabled() else f' ({warm.OFF_ENV} is off)'}", highlight=False)  # fmt: skip
 
 
 @server_app.command("stop")

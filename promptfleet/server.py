@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from promptfleet import processes
+from promptfleet import processes, warm
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 4200
@@ -270,6 +270,7 @@ def start(home: Path, port: int | None = None, announce: Callable[[str], None] |
                             "stop it with `promptfleet server stop` and try again"
                         )
                     time.sleep(0.25)
+            warm.start(home)
             return running, False
         chosen = port or pick_port()
         if port and not _port_free(port):
@@ -293,6 +294,7 @@ def start(home: Path, port: int | None = None, announce: Callable[[str], None] |
         except ServerError:
             _forget(home, info)
             raise
+        warm.start(home)
         return info, True
 
 
@@ -320,6 +322,7 @@ def stop(home: Path) -> ServerInfo | None:
         info = status(home)
         if info is None:
             return None
+        warm.stop(home)
         _terminate(info.pid)
         _forget(home, info)
         return info
