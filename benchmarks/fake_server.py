@@ -27,7 +27,9 @@ class Fake:
         self.latency: dict = config.get("latency", {"default": 0.0})
         self.rpm: dict = config.get("rpm", {})  # model -> requests per window
         self.window: float = config.get("window", 60.0)
-        self.faults: dict = config.get("faults", {})  # {"429": p, "500": p, "retry_after": s}
+        # {"429": p, "500": p, "retry_after": s, "429_once": bool}; with 429_once a prompt's
+        # first request alone may draw the 429 ("20% of prompts get one 429 each")
+        self.faults: dict = config.get("faults", {})
         self.serial = asyncio.Lock() if config.get("serial") else None
         self.calls: Counter = Counter()
         self.answered: Counter = Counter()
@@ -56,7 +58,7 @@ class Fake:
             self.rejected += 1
             return 429, {"retry-after": f"{max(wait, 0.05):.2f}"}, {}
         roll = self.random.random()
-        if roll < self.faults.get("429", 0):
+        if roll < self.faults.get("429", 0) and (self.calls[text] == 1 or not self.faults.get("429_once")):
             return 429, {"retry-after": str(self.faults.get("retry_after", 1))}, {}
         if roll < self.faults.get("429", 0) + self.faults.get("500", 0):
             return 500, {}, {}

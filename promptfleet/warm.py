@@ -179,6 +179,8 @@ class Runner:
         self.children: dict[int, socket.socket] = {}
         self.stopping = False
         self.own_fds: list[int] = []  # closed in every child: they are the runner's, not the command's
+        self.loaded: list[str] = []
+        self.stamp: list = []
 
     def compatible(self, request: dict) -> str | None:
         """Why this command's interpreter differs from ours, or None when it does not."""
