@@ -35,6 +35,7 @@ class Fake:
         self.answered: Counter = Counter()
         self.rejected = 0
         self.stamps: list[float] = []  # wall-clock arrival of every request: where a command's time goes
+        self.log: list[tuple[float, str, int]] = []  # (arrival, prompt, status), for /stats?stamps=1
         self.seen: dict[str, deque] = defaultdict(deque)
         self.random = random.Random(config.get("seed", 7))
 
@@ -52,15 +53,22 @@ class Fake:
         return None
 
     async def answer(self, model: str, text: str) -> tuple[int, dict, dict]:
+        arrived = time.time()
+        status, headers, body = await self._answer(model, text)
+        self.log.append((arrived, text, status))
+        return status, headers, body
+
+    async def _answer(self, model: str, text: str) -> tuple[int, dict, dict]:
         self.calls[text] += 1
         self.stamps.append(time.time())
         if (wait := self._limited(model)) is not None:
             self.rejected += 1
             return 429, {"retry-after": f"{max(wait, 0.05):.2f}"}, {}
         roll = self.random.random()
-        if roll < self.faults.get("429", 0) and (self.calls[text] == 1 or not self.faults.get("429_once")):
-            return 429, {"retry-after": str(self.faults.get("retry_after", 1))}, {}
-        if roll < self.faults.get("429", 0) + self.faults.get("500", 0):
+        if roll < self.faults.get("429", 0):
+            if self.calls[text] == 1 or not self.faults.get("429_once"):
+                return 429, {"retry-after": str(self.faults.get("retry_after", 1))}, {}
+        elif roll < self.faults.get("429", 0) + self.faults.get("500", 0):
             return 500, {}, {}
         delay = self.latency.get(model, self.latency.get("default", 0.0))
         if self.serial:
@@ -121,11 +129,13 @@ def build(fake: Fake) -> Starlette:
     async def stats(request: Request) -> Response:
         return JSONResponse({"calls": dict(fake.calls), "answered": dict(fake.answered), "rejected": fake.rejected,
                              "requests": sum(fake.calls.values()), "first": min(fake.stamps, default=None),
-                             "last": max(fake.stamps, default=None)})  # fmt: skip
+                             "last": max(fake.stamps, default=None)}
+                            | ({"stamps": fake.stamps, "log": fake.log} if request.query_params.get("stamps") else {}))  # fmt: skip
 
     async def reset(request: Request) -> Response:
         fake.calls.clear()
         fake.stamps.clear()
+        fake.log.clear()
         fake.answered.clear()
         fake.rejected = 0
         fake.seen.clear()

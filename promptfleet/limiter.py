@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 MIN_FRACTION = 0.02  # never slower than 2% of the ceiling
 DECREASE = 0.5
 COOLDOWN_S = 1.0
-RUN_OF_429 = 4  # consecutive sends answered 429: over the limit (random 20% 429s: 0.16% of sends)
+RUN_OF_429 = 6  # consecutive sends answered 429: over the limit (random 20% 429s: 0.0064% of sends)
 INCREASE = 1.01
 RELEARN_HALF_LIFE_S = 120.0  # a learned limit relaxes toward the ceiling (in log space) this slowly
 CATCH_UP_S = 0.01  # how far behind schedule sends may run back to back (timer granularity)

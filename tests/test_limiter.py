@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from promptfleet.limiter import PacerPool, Pacer
+from promptfleet.limiter import RUN_OF_429, PacerPool, Pacer
 
 
 class FakeClock:
@@ -79,7 +79,7 @@ async def test_the_strictest_ceiling_of_a_shared_pacer_wins():
 
 async def test_a_lone_429_leaves_the_pace_alone():
     pacer, clock = fake_pacer(600)
-    outcomes = [429, 429, 200, 429, 429, 429, 200, 200, 429, 200] * 3  # 60% random 429s, never 4 sends in a row
+    outcomes = ([429] * (RUN_OF_429 - 1) + [200]) * 5  # 83% 429s, but never a run: one success between
     for seq, outcome in enumerate(outcomes, start=1):
         pacer.on_rate_limited(1.0, seq=seq) if outcome == 429 else pacer.on_success()
     assert pacer.rate == 600
@@ -89,7 +89,7 @@ async def test_a_lone_429_leaves_the_pace_alone():
 async def test_a_run_of_429s_in_send_order_slows_the_queue_and_waits_out_retry_after():
     pacer, clock = fake_pacer(600)
     await send_times(pacer, clock, 1)
-    for seq in (12, 10, 13, 11):  # answered out of order, but sent one after the other
+    for seq in (12, 10, 15, 13, 11, 14):  # answered out of order, but sent one after the other
         pacer.on_rate_limited(2.0, seq=seq)
     assert pacer.rate == 300
     times = await send_times(pacer, clock, 3)
@@ -139,7 +139,7 @@ async def test_over_the_limit_the_rate_drops_to_what_was_accepted():
     for _ in range(20):
         clock.now += 0.005
         pacer.on_success()
-    for seq in range(21, 25):
+    for seq in range(21, 21 + RUN_OF_429):
         pacer.on_rate_limited(0.5, seq=seq)
     assert pacer.rate == pacer.limit == 20 * 60
     for _ in range(250):

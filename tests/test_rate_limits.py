@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from promptfleet import Experiment, Session, Settings
-from promptfleet.limiter import Pacer, _seconds_until
+from promptfleet.limiter import RUN_OF_429, Pacer, _seconds_until
 from tests.conftest import read_jsonl, write_jsonl
 from tests.test_limiter import FakeClock
 from tests.fakes import FakeServer
@@ -108,7 +108,7 @@ async def test_unpriced_models_are_unknown_not_free(tmp_path: Path):
 
 async def test_a_run_of_429s_halves_and_success_recovers():
     pacer = Pacer(6000)
-    assert [pacer.on_rate_limited(None, seq=n) for n in (1, 2, 3, 4)] == [False, False, False, True]
+    assert [pacer.on_rate_limited(None, seq=n) for n in range(1, RUN_OF_429 + 1)] == [False] * (RUN_OF_429 - 1) + [True]
     assert pacer.rate == 3000
     for _ in range(4):
         pacer.on_rate_limited(None)  # same burst (cooldown): counted, not halved again
