@@ -33,10 +33,14 @@ LOCK_FILE = "promptfleet-warm.lock"
 LOG_FILE = "promptfleet-warm.log"
 OFF_ENV = "PROMPTFLEET_WARM"
 # imported once by the runner; promptfleet itself is not (see the module docstring)
+# (and what a run or an SDK client imports later on its own, measured: none reads the
+# environment at import, which is why typer and rich are not here)
 PRELOAD = (
     "prefect.main", "prefect.flow_engine", "prefect.task_engine", "prefect.artifacts", "prefect.events",
     "prefect.runtime", "prefect.states", "prefect.client.orchestration", "prefect.utilities.urls",
-    "prefect.blocks.system", "openai", "anthropic", "google.genai",
+    "prefect.utilities.visualization", "prefect.blocks.system", "openai", "anthropic", "google.genai",
+    "httpcore2", "h2.connection", "truststore", "anyio._backends._asyncio", "pydantic.v1", "aiolimiter",
+    "encodings.idna",
 )  # fmt: skip
 CHECK_S = 5.0  # how often an idle runner checks that its server still runs
 REQUEST_TIMEOUT_S = 5.0
