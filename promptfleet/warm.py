@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import struct
 import sys
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 SOCKET_FILE = "promptfleet-warm.sock"
@@ -185,6 +187,7 @@ class Runner:
         self.own_fds: list[int] = []  # closed in every child: they are the runner's, not the command's
         self.loaded: list[str] = []
         self.stamp: list = []
+        self.poll: Any = None
 
     def compatible(self, request: dict) -> str | None:
         """Why this command's interpreter differs from ours, or None when it does not."""
@@ -202,7 +205,6 @@ class Runner:
     def serve(self) -> int:
         import fcntl
         import gc
-        import selectors
 
         self.home.mkdir(parents=True, exist_ok=True)
         lock = (self.home / LOCK_FILE).open("a")
@@ -234,24 +236,29 @@ class Runner:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._stop)
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        events = selectors.DefaultSelector()
-        events.register(listener, selectors.EVENT_READ, "accept")
-        events.register(wake_r, selectors.EVENT_READ, "wake")
-        self.own_fds += [wake_r, wake_w, events.fileno()]
+        # poll, not selectors: a command's connection is watched for its script hanging up
+        # (POLLRDHUP) without reading from it, since the child reads from the same socket
+        self.poll = select.poll()
+        self.poll.register(listener, select.POLLIN)
+        self.poll.register(wake_r, select.POLLIN)
+        self.own_fds += [wake_r, wake_w]
         print(f"serving on {self.path} (pid {os.getpid()}), preloaded {', '.join(self.loaded)}", file=sys.stderr, flush=True)
         try:
             while not (self.stopping and not self.children):
-                for key, _ in events.select(timeout=CHECK_S):
-                    if key.data == "wake":
+                for fd, _event in self.poll.poll(CHECK_S * 1000):
+                    if fd == wake_r:
                         with contextlib.suppress(OSError):
                             os.read(wake_r, 4096)
-                    elif not self.stopping:
-                        self._accept(listener)
+                    elif fd == listener.fileno():
+                        if not self.stopping:
+                            self._accept(listener)
+                    else:
+                        self._hung_up(fd)
                 self._reap()
                 if not self.stopping and not self._still_wanted(inode):
                     self.stopping = True
                 if self.stopping and listener.fileno() >= 0:
-                    events.unregister(listener)
+                    self.poll.unregister(listener)
                     listener.close()
                     self._unlink(inode)
         finally:
@@ -309,7 +316,17 @@ class Runner:
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
+        self.poll.register(conn, select.POLLRDHUP)
         send_line(conn, {"pid": pid})
+
+    def _hung_up(self, fd: int) -> None:
+        """The script of a running command is gone (kill -9, a closed terminal): its run goes
+        too, even when it is stopped (Ctrl-Z) and cannot notice by itself."""
+        self.poll.unregister(fd)
+        for pid, conn in self.children.items():
+            if conn.fileno() == fd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def _reap(self) -> None:
         while self.children:
@@ -321,6 +338,8 @@ class Runner:
                 return
             code = os.waitstatus_to_exitcode(status)
             if (conn := self.children.pop(pid, None)) is not None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self.poll.unregister(conn)
                 send_line(conn, {"exit": code if code >= 0 else 128 - code})
                 conn.close()
 

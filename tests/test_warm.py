@@ -97,8 +97,11 @@ def test_a_command_runs_in_the_runner_with_its_folder_environment_and_streams(ho
         env = environment(home, OPENAI_API_KEY="sk-from-the-command-0123456789", OPENAI_BASE_URL=fake.base_url)
         proc = subprocess.Popen(PROMPTFLEET + ["run", "-f", "exp one.jsonl", "-mq", "1200"], cwd=folder, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        seen = watch_children(proc, runner)
-        out, errors = proc.communicate(timeout=60)
+        try:
+            seen = watch_children(proc, runner)
+            out, errors = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
     assert proc.returncode == 0, errors[-3000:]
     assert seen, "the command did not run in the warm runner"
     assert set(fake.state.auth_headers) == {"Bearer sk-from-the-command-0123456789"}  # the command's environment
@@ -131,12 +134,15 @@ def test_ctrl_c_reaches_the_command_and_the_same_command_resumes_sending_each_pr
         env = environment(home, OPENAI_API_KEY="sk-test-0123456789abcdef", OPENAI_BASE_URL=fake.base_url)
         args = PROMPTFLEET + ["run", "-f", "stop.jsonl", "-mq", "600"]
         proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 60
-        while sum(fake.state.answered.values()) < 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert children_of(runner), "the command did not run in the warm runner"
-        proc.send_signal(signal.SIGINT)
-        out, errors = proc.communicate(timeout=60)
+        try:
+            deadline = time.monotonic() + 60
+            while sum(fake.state.answered.values()) < 5 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert children_of(runner), "the command did not run in the warm runner"
+            proc.send_signal(signal.SIGINT)
+            out, errors = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
         assert proc.returncode == 130, errors[-3000:]
         assert "to resume, run the same command again" in errors
         assert sum(fake.state.answered.values()) < 40
@@ -174,35 +180,55 @@ def state_of(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-def test_ctrl_z_suspends_both_processes_and_sigterm_stops_the_run(home: Path, tmp_path: Path):
+def suspended_run(home: Path, tmp_path: Path, fake: FakeServer, name: str) -> tuple[subprocess.Popen, int]:
+    """A run whose script got Ctrl-Z (SIGTSTP) once it was sending: both stopped. The script
+    gets a process group of its own, as a shell's job does (in an orphaned group the kernel
+    discards SIGTSTP)."""
     runner = warm.pid_of(home)
-    write_jsonl(tmp_path / "pause.jsonl", openai_rows(100, "p"))
+    write_jsonl(tmp_path / f"{name}.jsonl", openai_rows(100, name))
+    env = environment(home, OPENAI_API_KEY="sk-test-0123456789abcdef", OPENAI_BASE_URL=fake.base_url)
+    proc = subprocess.Popen(PROMPTFLEET + ["run", "-f", f"{name}.jsonl", "-d", ".", "-mq", "600"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while sum(fake.state.answered.values()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    [child] = children_of(runner)
+    proc.send_signal(signal.SIGTSTP)
+    deadline = time.monotonic() + 5
+    while (state_of(proc.pid), state_of(child)) != ("T", "T") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (state_of(proc.pid), state_of(child)) == ("T", "T")
+    return proc, child
+
+
+def test_ctrl_z_suspends_both_processes_and_sigterm_stops_the_run(home: Path, tmp_path: Path):
     with FakeServer() as fake:
         fake.state.latency = 0.1
-        env = environment(home, OPENAI_API_KEY="sk-test-0123456789abcdef", OPENAI_BASE_URL=fake.base_url)
-        proc = subprocess.Popen(PROMPTFLEET + ["run", "-f", "pause.jsonl", "-d", ".", "-mq", "600"], cwd=tmp_path, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        deadline = time.monotonic() + 60
-        while sum(fake.state.answered.values()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        [child] = children_of(runner)
-        proc.send_signal(signal.SIGTSTP)
-        deadline = time.monotonic() + 5
-        while (state_of(proc.pid), state_of(child)) != ("T", "T") and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert (state_of(proc.pid), state_of(child)) == ("T", "T")
-        time.sleep(0.3)
-        paused = len(fake.state.seen)
-        time.sleep(0.5)
-        assert len(fake.state.seen) == paused  # suspended means nothing sent
-        proc.send_signal(signal.SIGCONT)
-        deadline = time.monotonic() + 5
-        while len(fake.state.seen) == paused and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(fake.state.seen) > paused  # and sending again after `fg`
-        proc.send_signal(signal.SIGTERM)
-        out, errors = proc.communicate(timeout=60)
+        proc, child = suspended_run(home, tmp_path, fake, "pause")
+        try:
+            time.sleep(0.3)
+            paused = len(fake.state.seen)
+            time.sleep(0.5)
+            assert len(fake.state.seen) == paused  # suspended means nothing sent
+            proc.send_signal(signal.SIGCONT)
+            deadline = time.monotonic() + 5
+            while len(fake.state.seen) == paused and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(fake.state.seen) > paused  # and sending again after `fg`
+            proc.send_signal(signal.SIGTERM)
+            out, errors = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
     assert proc.returncode == 130 and "to resume, run the same command again" in errors, errors[-2000:]
+
+
+def test_kill_9_of_a_suspended_command_ends_its_stopped_run(home: Path, tmp_path: Path):
+    with FakeServer() as fake:
+        fake.state.latency = 0.1
+        proc, child = suspended_run(home, tmp_path, fake, "stopped")
+        proc.kill()
+        proc.wait()
+        assert gone(child, 5)  # the runner ends it: a stopped process cannot notice by itself
 
 
 def test_a_terminal_stays_a_terminal(home: Path, tmp_path: Path):
