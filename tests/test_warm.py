@@ -116,6 +116,29 @@ def test_a_command_runs_in_the_runner_with_its_folder_environment_and_streams(ho
     assert usage.returncode == 2 and "Usage: promptfleet run" in usage.stderr  # named as the script, not the runner
 
 
+def test_two_commands_at_once_run_side_by_side_in_the_runner(home: Path, tmp_path: Path):
+    runner = warm.pid_of(home)
+    procs = []
+    for name in ("left", "right"):
+        rows = [{"id": i, "api": "test", "model_name": name, "prompt": f"q{i}", "parameters": {"latency": 0.05}} for i in range(30)]
+        write_jsonl(tmp_path / f"{name}.jsonl", rows)
+        procs.append(subprocess.Popen(PROMPTFLEET + ["run", "-f", f"{name}.jsonl", "-d", ".", "-mq", "1200"], cwd=tmp_path,
+                                      env=environment(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    try:
+        most = 0
+        deadline = time.monotonic() + 60
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            most = max(most, len(children_of(runner)))
+            time.sleep(0.02)
+        outputs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outputs]
+    assert most == 2  # both at once, each in a child of its own
+    assert "left: 30 prompts, 30 answered" in outputs[0][0] and "right: 30 prompts, 30 answered" in outputs[1][0]
+
+
 def test_the_command_keeps_its_own_prefect_settings(home: Path, tmp_path: Path):
     write_jsonl(tmp_path / "few.jsonl", [{"id": i, "api": "test", "model_name": "m", "prompt": f"q{i}"} for i in range(3)])
     quiet = cli(["run", "-f", "few.jsonl", "-d", ".", "-mq", "60000"], home, tmp_path)
