@@ -148,19 +148,24 @@ def test_the_command_keeps_its_own_prefect_settings(home: Path, tmp_path: Path):
     assert "Beginning flow run 'few'" in loud.stderr
 
 
+def start_sending(home: Path, tmp_path: Path, fake: FakeServer, name: str, n: int = 40, answered: int = 5, **popen) -> tuple[subprocess.Popen, list[str], dict]:
+    """A run of `n` prompts against `fake`, returned once `answered` of them were answered."""
+    write_jsonl(tmp_path / f"{name}.jsonl", openai_rows(n, name))
+    env = environment(home, OPENAI_API_KEY="sk-test-0123456789abcdef", OPENAI_BASE_URL=fake.base_url)
+    args = PROMPTFLEET + ["run", "-f", f"{name}.jsonl", "-d", ".", "-mq", "600"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + 60
+    while sum(fake.state.answered.values()) < answered and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc, args, env
+
+
 def test_ctrl_c_reaches_the_command_and_the_same_command_resumes_sending_each_prompt_once(home: Path, tmp_path: Path):
     runner = warm.pid_of(home)
-    write_jsonl(tmp_path / "stop.jsonl", openai_rows(40, "s"))
-    (tmp_path / "data").mkdir()
     with FakeServer() as fake:
         fake.state.latency = 0.2
-        env = environment(home, OPENAI_API_KEY="sk-test-0123456789abcdef", OPENAI_BASE_URL=fake.base_url)
-        args = PROMPTFLEET + ["run", "-f", "stop.jsonl", "-mq", "600"]
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc, args, env = start_sending(home, tmp_path, fake, "stop")
         try:
-            deadline = time.monotonic() + 60
-            while sum(fake.state.answered.values()) < 5 and time.monotonic() < deadline:
-                time.sleep(0.02)
             assert children_of(runner), "the command did not run in the warm runner"
             proc.send_signal(signal.SIGINT)
             out, errors = proc.communicate(timeout=60)
@@ -176,16 +181,9 @@ def test_ctrl_c_reaches_the_command_and_the_same_command_resumes_sending_each_pr
 
 def test_kill_9_of_the_command_ends_its_process_in_the_runner_too(home: Path, tmp_path: Path):
     runner = warm.pid_of(home)
-    write_jsonl(tmp_path / "killed.jsonl", openai_rows(40, "k"))
-    (tmp_path / "data").mkdir()
     with FakeServer() as fake:
         fake.state.latency = 0.2
-        env = environment(home, OPENAI_API_KEY="sk-test-0123456789abcdef", OPENAI_BASE_URL=fake.base_url)
-        args = PROMPTFLEET + ["run", "-f", "killed.jsonl", "-mq", "600"]
-        proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while sum(fake.state.answered.values()) < 5 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        proc, args, env = start_sending(home, tmp_path, fake, "killed")
         [child] = children_of(runner)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -207,15 +205,8 @@ def suspended_run(home: Path, tmp_path: Path, fake: FakeServer, name: str) -> tu
     """A run whose script got Ctrl-Z (SIGTSTP) once it was sending: both stopped. The script
     gets a process group of its own, as a shell's job does (in an orphaned group the kernel
     discards SIGTSTP)."""
-    runner = warm.pid_of(home)
-    write_jsonl(tmp_path / f"{name}.jsonl", openai_rows(100, name))
-    env = environment(home, OPENAI_API_KEY="sk-test-0123456789abcdef", OPENAI_BASE_URL=fake.base_url)
-    proc = subprocess.Popen(PROMPTFLEET + ["run", "-f", f"{name}.jsonl", "-d", ".", "-mq", "600"], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while sum(fake.state.answered.values()) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    [child] = children_of(runner)
+    proc, _, _ = start_sending(home, tmp_path, fake, name, n=100, answered=3, process_group=0)
+    [child] = children_of(warm.pid_of(home))
     proc.send_signal(signal.SIGTSTP)
     deadline = time.monotonic() + 5
     while (state_of(proc.pid), state_of(child)) != ("T", "T") and time.monotonic() < deadline:
