@@ -289,6 +289,34 @@ def test_the_runner_leaves_when_its_server_is_gone(home: Path):
     assert not (home / warm.SOCKET_FILE).exists()
 
 
+def test_a_socket_answering_garbage_leaves_the_command_to_run_itself(tmp_path: Path):
+    """Not our runner at the socket's path (or a broken one): one bad answer, and the command
+    runs in its own process, once."""
+    import socket
+    import threading
+
+    home = tmp_path / "home"
+    home.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(home / warm.SOCKET_FILE))
+    listener.listen(4)
+    answered = []
+
+    def garbage() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"\x00not json\n")
+        answered.append(True)
+        conn.close()
+
+    threading.Thread(target=garbage, daemon=True).start()
+    write_jsonl(tmp_path / "g é.jsonl", [{"id": 0, "api": "test", "model_name": "m", "prompt": "q"}])
+    checked = cli(["check", "-f", "g é.jsonl"], home, tmp_path)
+    listener.close()
+    assert answered == [True]
+    assert checked.returncode == 0 and "g é.jsonl: 1 valid prompt(s), 0 bad line(s)" in checked.stdout, checked.stderr[-2000:]
+
+
 # --- which commands it serves, without processes ----------------------------------------
 
 
