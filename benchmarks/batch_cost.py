@@ -13,10 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from promptfleet.config import Settings
-from promptfleet.plan import inspect
-from promptfleet.run import open_run, run_all
-from promptfleet.session import Session
+from promptfleet.api import run_all
+from promptfleet.core.config import Settings
+from promptfleet.core.plan import inspect
+from promptfleet.core.run import open_run
+from promptfleet.core.session import Session
 from tests.fake_batches import FakeBatchServer
 
 N = 10_000

@@ -59,7 +59,7 @@ def main() -> None:
     if tool == "prompto":
         import prompto.experiment  # noqa: F401 - imports its API clients, before the clock
     else:
-        from promptfleet.experiment import iter_valid
+        from promptfleet.core.experiment import iter_valid
         from promptfleet.providers import provider_class
 
         for api in {record["api"] for _, record in iter_valid(Path(file))}:  # likewise

@@ -16,9 +16,9 @@ __all__ = ["Experiment", "ExperimentError", "Session", "Settings"]
 # whether its work runs here or in the warm runner, and should cost nothing until then
 _LAZY = {
     "Experiment": "promptfleet.api",
-    "ExperimentError": "promptfleet.experiment",
-    "Session": "promptfleet.session",
-    "Settings": "promptfleet.config",
+    "ExperimentError": "promptfleet.core.experiment",
+    "Session": "promptfleet.core.session",
+    "Settings": "promptfleet.core.config",
 }
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from typing import Any
 
-from promptfleet.config import Settings
-from promptfleet.run import open_run, run_all
-from promptfleet.session import Session, current_session
+from promptfleet.batch import send_batches
+from promptfleet.core.config import Settings
+from promptfleet.core.run import Run, load_tables_meanwhile, open_run, run_log
+from promptfleet.core.session import Session, current_session
+from promptfleet.core.summary import RunSummary
 
 
 class Experiment:
@@ -26,10 +28,21 @@ class Experiment:
         self.move_to_input = move_to_input
         self.session = session
 
-    async def process(self) -> dict[str, Any]:
-        """Validate, send every prompt, write the outputs; returns the run summary."""
+    async def process(self) -> RunSummary:
+        """Validate, send every prompt, write the outputs; returns the run's summary."""
         run = open_run(self.file, self.settings, session=self.session or current_session(), move_to_input=self.move_to_input)
         try:
-            return (await run_all(run)).to_dict()
+            return await run_all(run)
         finally:
             await run.aclose()
+
+
+async def run_all(run: Run) -> RunSummary:
+    """Every queue (and the batches) at once, then the tables: a whole run without Prefect."""
+    with run_log(run.paths.log):
+        tables = asyncio.create_task(load_tables_meanwhile())
+        try:
+            await asyncio.gather(*(run.send_queue(q) for q in run.queues), *([send_batches(run)] if run.plan.batch else []))
+        finally:
+            tables.cancel()
+        return run.finish()

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from promptfleet.schemas import example_instance
+from promptfleet.core.schemas import example_instance
 
 
 @dataclass

@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
-from promptfleet.run import open_run, run_all
-from promptfleet.session import Session
+from promptfleet.api import run_all
 from promptfleet.batch.jobs import BatchJournal
-from promptfleet.config import Settings
+from promptfleet.core.config import Settings
+from promptfleet.core.run import open_run
+from promptfleet.core.session import Session
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fake_batches import FakeBatchServer
 

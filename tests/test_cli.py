@@ -79,15 +79,19 @@ def test_flow_records_one_task_per_queue(tmp_path: Path, prefect_api: str):
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterName
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterId,
+        FlowRunFilterName,
+    )
 
-    from promptfleet.flows import run_experiment
-    from promptfleet.config import Settings
+    from promptfleet.core.config import Settings
+    from promptfleet.orchestration.flows.run_experiment import run_experiment
 
     rows = [{**GOOD, "model_name": "a"}, {**GOOD, "group": "g1"}, {**GOOD, "group": "g2"}]
     path = write_jsonl(tmp_path / "multi.jsonl", rows)
     summary = asyncio.run(run_experiment(file=str(path), settings=Settings(data_folder=tmp_path / "data", parallel=True)))
-    assert summary["complete"] and summary["answered"] == 3
+    assert summary.complete and summary.answered == 3
 
     async def task_names() -> list[str]:
         async with get_client() as client:

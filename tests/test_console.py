@@ -9,12 +9,12 @@ import io
 import logging
 
 import pyte
+from prefect.logging.handlers import PrefectConsoleHandler
 from rich.console import Console
 from rich.table import Table
 
-from prefect.logging.handlers import PrefectConsoleHandler
-from promptfleet.console import show_progress
-from promptfleet.session import Session
+from promptfleet.cli.console import show_progress
+from promptfleet.core.session import Session
 
 WIDTH, HEIGHT = 80, 30
 
@@ -82,7 +82,7 @@ async def test_without_a_terminal_progress_is_plain_lines(capsys):
 def test_each_flow_run_link_is_shown_once():
     """Prefect logs "View at <link>" when it creates a flow run and again when the run
     begins; while the CLI runs a flow, the second copy is dropped and nothing else is."""
-    from promptfleet.console import one_link_per_run
+    from promptfleet.cli.console import one_link_per_run
 
     shown: list[str] = []
     handler = logging.Handler()

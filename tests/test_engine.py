@@ -11,12 +11,19 @@ from pathlib import Path
 import pytest
 
 from promptfleet import Experiment, Session, Settings
-from promptfleet.engine import Prompt, QueueContext, QueueStats, RetryPolicy, run_queue
-from promptfleet.run import open_run, run_all
-from promptfleet.limiter import Pacer
+from promptfleet.api import run_all
+from promptfleet.core.engine import (
+    Prompt,
+    QueueContext,
+    QueueStats,
+    RetryPolicy,
+    run_queue,
+)
+from promptfleet.core.limiter import Pacer
+from promptfleet.core.run import open_run
+from promptfleet.core.rundir import Journal, RunPaths
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderOptions
-from promptfleet.rundir import Journal, RunPaths
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer, Scripted
 
@@ -35,7 +42,7 @@ async def run_file(path: Path, tmp: Path, policy: RetryPolicy = FAST, **settings
         summary = await run_all(run)
     finally:
         await run.aclose()
-    return summary.paths, summary.to_dict()
+    return summary.paths, summary
 
 
 async def test_retries_with_backoff_until_success(tmp_path: Path, openai_env: FakeServer):
@@ -46,7 +53,7 @@ async def test_retries_with_backoff_until_success(tmp_path: Path, openai_env: Fa
     assert openai_env.state.calls == Counter({"flaky": 3, "fine": 1})
     t = openai_env.state.times["flaky"]
     assert t[1] - t[0] >= 0.025 and t[2] - t[1] >= 0.05  # backoff doubles (with jitter in [d/2, d])
-    assert summary["retries"] == 2 and summary["failed"] == 0
+    assert summary.retries == 2 and summary.failed == 0
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404])
@@ -66,7 +73,7 @@ async def test_retry_after_is_honoured(tmp_path: Path, openai_env: FakeServer):
     t = openai_env.state.times["limited"]
     assert len(t) == 2 and t[1] - t[0] >= 0.5
     assert read_jsonl(paths.completed)[0]["attempts"] == 2
-    assert summary["queues"][0]["rate_limited"] == 1
+    assert summary.queues[0]["rate_limited"] == 1
 
 
 async def test_gives_up_after_max_attempts(tmp_path: Path, openai_env: FakeServer):
@@ -82,7 +89,7 @@ async def test_malformed_body_and_timeouts_are_retried(tmp_path: Path, openai_en
     openai_env.state.script["slow"] = [Scripted("slow", retry_after=1.0)]
     paths, summary = await run_file(write_jsonl(tmp_path / "exp.jsonl", openai_rows(["garbled", "slow"])), tmp_path, timeout=0.3)
     assert [r["attempts"] for r in read_jsonl(paths.completed)] == [2, 2]
-    assert summary["retries"] == 2
+    assert summary.retries == 2
 
 
 async def test_every_line_lands_exactly_once_with_mixed_failures(tmp_path: Path):
@@ -104,7 +111,7 @@ async def test_every_line_lands_exactly_once_with_mixed_failures(tmp_path: Path)
     assert set(lines) == set(range(1, 301)) and max(lines.values()) == 1
     assert {r["keep"] for r in failed} == {i for i in range(300) if i % 7 == 0 or (i % 5 and i % 11 == 0)}
     assert all(r["keep"] + 1 == r["input_line"] for r in completed + failed)
-    assert summary["complete"] and summary["answered"] + summary["failed"] == 300
+    assert summary.complete and summary.answered + summary.failed == 300
     assert paths.input.exists() and paths.parquet.exists()
 
 
@@ -116,7 +123,7 @@ async def test_failed_file_is_a_runnable_experiment(tmp_path: Path):
     paths2, summary = await run_file(retry, tmp_path)
     [done] = read_jsonl(paths2.completed)
     assert "error" not in done and done["response"].startswith("test reply")
-    assert summary["failed"] == 0
+    assert summary.failed == 0
 
 
 async def test_multi_turn_sends_the_conversation_so_far(tmp_path: Path, openai_env: FakeServer):
@@ -148,11 +155,11 @@ async def test_api_key_never_reaches_outputs_or_logs(tmp_path: Path, openai_env:
     openai_env.state.script["leak"] = [Scripted(401, body={"error": {"message": f"Incorrect API key provided: {key}", "type": "x"}})]
     settings = Settings(data_folder=tmp_path / "data", max_queries=60_000)
     summary = await Experiment(write_jsonl(tmp_path / "exp.jsonl", openai_rows(["leak"])), settings).process()
-    assert summary["failed"] == 1
+    assert summary.failed == 1
     for path in (tmp_path / "data" / "output").rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
-    failed = read_jsonl(Path(summary["outputs"]["failed"]))[0]
+    failed = read_jsonl(Path(summary.outputs["failed"]))[0]
     assert "Incorrect API key provided: ***" in failed["error"]["message"]
 
 
@@ -170,15 +177,15 @@ async def test_stop_leaves_the_rest_resumable_and_resume_sends_nothing_twice(tmp
     stopper = asyncio.create_task(stop_soon())
     first = await experiment.process()
     await stopper
-    assert not first["complete"] and 0 < first["answered"] < 40
+    assert not first.complete and 0 < first.answered < 40
     assert not settings.input_folder.exists()  # the inbox is only an inbox: the working copy sits with the outputs
-    assert Path(first["outputs"]["input"]).exists() and path.exists()
+    assert Path(first.outputs["input"]).exists() and path.exists()
 
     second = await Experiment(path, settings).process()
-    assert second["resumed"] and second["complete"] and second["answered"] == 40
-    assert first["outputs"]["completed"] == second["outputs"]["completed"]
+    assert second.resumed and second.complete and second.answered == 40
+    assert first.outputs["completed"] == second.outputs["completed"]
     assert max(openai_env.state.calls.values()) == 1 and len(openai_env.state.calls) == 40
-    lines = [r["input_line"] for r in read_jsonl(Path(second["outputs"]["completed"]))]
+    lines = [r["input_line"] for r in read_jsonl(Path(second.outputs["completed"]))]
     assert sorted(lines) == list(range(1, 41))
 
 
@@ -217,9 +224,9 @@ async def test_one_file_with_all_seven_apis_runs_in_parallel_queues(tmp_path: Pa
         settings = Settings(data_folder=tmp_path / "data", parallel=True, max_queries=6000)
         summary = await Experiment(path, settings).process()
 
-    assert summary["complete"] and summary["answered"] == len(rows) and summary["failed"] == 0
-    assert {q["queue"] for q in summary["queues"]} == set(APIS)
-    for record in read_jsonl(Path(summary["outputs"]["completed"])):
+    assert summary.complete and summary.answered == len(rows) and summary.failed == 0
+    assert {q["queue"] for q in summary.queues} == set(APIS)
+    for record in read_jsonl(Path(summary.outputs["completed"])):
         expected = ["answer to: one", "answer to: two"] if record["id"] == "multi" else f"answer to: {record['prompt']}"
         assert record["response"] == expected, record
     assert max(server.state.calls.values()) == 1
@@ -236,7 +243,7 @@ def test_the_python_api_never_imports_prefect(tmp_path: Path):
     script = (
         "import asyncio, sys; from promptfleet import Experiment, Settings; "
         f"s = asyncio.run(Experiment({str(tmp_path / 'x.jsonl')!r}, Settings(data_folder={str(tmp_path / 'data')!r})).process()); "
-        "print(s['answered'], 'prefect' in sys.modules)"
+        "print(s.answered, 'prefect' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["3", "False"]

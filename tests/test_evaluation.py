@@ -11,8 +11,13 @@ from typer.testing import CliRunner
 
 from promptfleet import Experiment, Settings
 from promptfleet.cli import app
-from promptfleet.experiment import ExperimentError
-from promptfleet.judge import parse_verdict, post_rephrase_records, rephrase_records, write_judge_file
+from promptfleet.core.experiment import ExperimentError
+from promptfleet.evaluation.judge import (
+    parse_verdict,
+    post_rephrase_records,
+    rephrase_records,
+    write_judge_file,
+)
 from tests.conftest import read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +45,7 @@ def test_judge_file_matches_prompto_format(tmp_path: Path, judge_folder: Path):
     completed = write_jsonl(tmp_path / "01-01-2026-00-00-00-completed-exp.jsonl", COMPLETED)
     made = write_judge_file(completed, judge_folder, ["template.txt", "t2.txt"], ["j1", "j2"], tmp_path / "judge-exp.jsonl")
     records = read_jsonl(tmp_path / "judge-exp.jsonl")
-    assert made["records"] == len(records) == 2 * 2 * 2  # judges x templates x answers
+    assert made.records == len(records) == 2 * 2 * 2  # judges x templates x answers
     # prompto's documented record, field by field and in order: judge, then template, then answer
     assert records[0] == {
         "id": "judge-j1-template-0",
@@ -104,10 +109,10 @@ async def test_scorers_add_keys_and_means(tmp_path: Path):
     ]
     settings = Settings(data_folder=tmp_path / "data", scorers=["match", "includes", "tests.test_evaluation:my_scorer", "tests.test_evaluation:broken_scorer"])
     summary = await Experiment(write_jsonl(tmp_path / "exp.jsonl", rows), settings).process()
-    done = read_jsonl(Path(summary["outputs"]["completed"]))
+    done = read_jsonl(Path(summary.outputs["completed"]))
     assert [(r["match"], r["includes"], r["length"]) for r in done] == [(True, True, 5), (False, True, 12), (False, False, 4)]
     assert all("boom" in r["score_errors"]["broken_scorer"] for r in done)
-    [model] = summary["models"]
+    [model] = summary.models
     assert model["mean_match"] == pytest.approx(1 / 3) and model["mean_includes"] == pytest.approx(2 / 3)
 
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pytest
 
-from promptfleet.experiment import ExperimentError, Issue, check_extension, read_records
+from promptfleet.core.config import Settings
+from promptfleet.core.experiment import (
+    ExperimentError,
+    Issue,
+    check_extension,
+    read_records,
+)
+from promptfleet.core.plan import inspect
 from promptfleet.providers import known_apis
-from promptfleet.config import Settings
-from promptfleet.plan import inspect
 from tests.conftest import write_jsonl
 
 GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}

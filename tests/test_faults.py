@@ -18,9 +18,9 @@ import pytest
 from typer.testing import CliRunner
 
 from promptfleet import Experiment, Settings
-from promptfleet import run as runs
 from promptfleet.cli import app
-from promptfleet.rundir import Journal, RunPaths, read_journal
+from promptfleet.core import run as runs
+from promptfleet.core.rundir import Journal, RunPaths, read_journal
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 
@@ -110,22 +110,22 @@ async def test_enospc_stops_sending_at_once_and_the_resume_answers_the_rest(tmp_
 
     first = await Experiment(path, settings).process()
     sent_first = sum(openai_env.state.calls.values())
-    assert first["journal_error"] and "No space left on device" in first["journal_error"]
-    assert not first["complete"] and first["unsaved"] >= 1
+    assert first.journal_error and "No space left on device" in first.journal_error
+    assert not first.complete and first.unsaved >= 1
     # Stopped at once: beyond the 10 saved and the failing one, only what was in flight then.
     assert sent_first <= 10 + 1 + settings.max_in_flight
-    completed = Path(first["outputs"]["completed"])
+    completed = Path(first.outputs["completed"])
     assert not list(completed.parent.glob("*.parquet"))  # no tables from a disk that refuses writes
     assert not json.loads(next(completed.parent.glob("*-run-exp.json")).read_text())["finished"]
 
     monkeypatch.setattr(runs, "Journal", Journal)  # space is back
     second = await Experiment(path, settings).process()
-    assert second["resumed"] and second["complete"] and second["answered"] == n
+    assert second.resumed and second.complete and second.answered == n
 
     lines = Counter(r["input_line"] for r in read_jsonl(completed))
     assert sorted(lines) == list(range(1, n + 1)) and max(lines.values()) == 1
     twice = [p for p, c in openai_env.state.calls.items() if c > 1]
-    assert len(twice) == first["unsaved"]  # only answers that landed but could not be saved
+    assert len(twice) == first.unsaved  # only answers that landed but could not be saved
     assert corrupt_file(completed).exists()  # the torn record was set aside
 
 

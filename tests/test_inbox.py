@@ -10,8 +10,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from promptfleet import inbox
 from promptfleet.cli import app
+from promptfleet.core import inbox
 from tests.conftest import read_jsonl, write_jsonl
 
 GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}
@@ -62,7 +62,7 @@ def test_pipeline_once_runs_good_files_and_rejects_bad_ones(tmp_path: Path, pref
 
 
 def test_a_run_left_unfinished_by_a_dead_process_goes_back_to_the_inbox(tmp_path: Path):
-    from promptfleet.rundir import RunLock
+    from promptfleet.core.rundir import RunLock
 
     inbox_dir, out = tmp_path / "input", tmp_path / "output"
     (inbox_dir / ".running").mkdir(parents=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from promptfleet.cli import app
-from promptfleet.experiment import Issue, iter_valid, read_records
+from promptfleet.core.experiment import Issue, iter_valid, read_records
 from promptfleet.providers import known_apis
 
 runner = CliRunner()

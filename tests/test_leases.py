@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from promptfleet import Session, Settings, inbox
+from promptfleet import Session, Settings
 from promptfleet.cli import app
-from promptfleet.lease import Holder, Lease, read_lease, take_over, write_lease
+from promptfleet.core import inbox
+from promptfleet.core.lease import Holder, Lease, read_lease, take_over, write_lease
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 
@@ -196,7 +197,8 @@ def test_a_poll_that_judged_a_lease_before_it_was_replaced_does_nothing(tmp_path
 
 
 async def test_a_run_that_lost_its_claim_stops_sending_and_another_host_resumes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from promptfleet.run import open_run, run_all
+    from promptfleet.api import run_all
+    from promptfleet.core.run import open_run
 
     clock = FakeClock()
     settings = Settings(data_folder=tmp_path / "data", max_queries=1200, lease_seconds=TTL)
@@ -248,8 +250,8 @@ async def test_a_run_that_lost_its_claim_stops_sending_and_another_host_resumes_
 
 
 def test_a_claim_that_lapsed_before_its_run_started_is_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from promptfleet.run import open_run
-    from promptfleet.rundir import RunBusy, RunLock
+    from promptfleet.core.run import open_run
+    from promptfleet.core.rundir import RunBusy, RunLock
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     clock = FakeClock()
@@ -267,7 +269,8 @@ def test_a_claim_that_lapsed_before_its_run_started_is_not_run(tmp_path: Path, m
 def test_a_pipeline_poll_resumes_what_a_vanished_host_left(tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch):
     """One file claimed but not started, one halfway through its run, both by a host that
     stopped renewing an hour ago: one poll runs both, each prompt answered exactly once."""
-    from promptfleet.run import open_run, run_all
+    from promptfleet.api import run_all
+    from promptfleet.core.run import open_run
 
     data = tmp_path / "data"
     settings = Settings(data_folder=data, max_queries=6000)

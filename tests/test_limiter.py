@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from promptfleet.limiter import RUN_OF_429, PacerPool, Pacer
+from promptfleet.core.limiter import RUN_OF_429, Pacer, PacerPool
 
 
 class FakeClock:

@@ -24,7 +24,7 @@ async def test_twenty_prompts_against_a_local_model_server(tmp_path: Path, monke
     rows = [{"id": i, "api": "openai", "model_name": model, "prompt": f"Say the number {i}.", "parameters": {"max_tokens": 8}}
             for i in range(20)]  # fmt: skip
     summary = await Experiment(write_jsonl(tmp_path / "live.jsonl", rows), Settings(data_folder=tmp_path, max_queries=600, timeout=300)).process()
-    assert summary["complete"] and summary["answered"] == 20, summary
-    records = read_jsonl(Path(summary["outputs"]["completed"]))
+    assert summary.complete and summary.answered == 20, summary
+    records = read_jsonl(Path(summary.outputs["completed"]))
     assert sorted(r["id"] for r in records) == list(range(20))
     assert all(isinstance(r["response"], str) and r["usage"]["output_tokens"] > 0 for r in records)

@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 
 from promptfleet import Experiment, Settings
-from promptfleet.summary import summary_markdown
+from promptfleet.core.summary import summary_markdown
 from tests.conftest import write_jsonl
 from tests.fakes import FakeServer
 
@@ -34,8 +34,8 @@ def test_manifest_of_a_python_api_run(tmp_path: Path, openai_env: FakeServer, mo
 
     summary = asyncio.run(Experiment(exp, settings).process())
 
-    path = Path(summary["outputs"]["manifest"])
-    assert path.name.endswith("-manifest-exp é.json") and path.parent == Path(summary["outputs"]["completed"]).parent
+    path = Path(summary.outputs["manifest"])
+    assert path.name.endswith("-manifest-exp é.json") and path.parent == Path(summary.outputs["completed"]).parent
     text = path.read_text()
     assert KEY not in text and "OPENAI_API_KEY" not in text
     manifest = json.loads(text)
@@ -54,7 +54,7 @@ def test_manifest_of_a_python_api_run(tmp_path: Path, openai_env: FakeServer, mo
     assert by_model["t"]["model_versions"] == ["t"] and by_model["t"]["seeds"] == []
     assert "manifest" in summary_markdown(summary) and str(path) in summary_markdown(summary)
 
-    table = pl.read_parquet(summary["outputs"]["parquet"]).filter(pl.col("api") == "openai")
+    table = pl.read_parquet(summary.outputs["parquet"]).filter(pl.col("api") == "openai")
     assert set(table["model_version"]) == {"gpt-fake-2026-01-01"} and set(table["seed"]) == {42}
     assert table["request_id"].str.starts_with("req_fake_").all()
 
@@ -62,11 +62,11 @@ def test_manifest_of_a_python_api_run(tmp_path: Path, openai_env: FakeServer, mo
 def test_manifest_names_the_prefect_flow_run(tmp_path: Path, prefect_api: str):
     from prefect.client.orchestration import get_client
 
-    from promptfleet.flows import run_experiment
+    from promptfleet.orchestration.flows.run_experiment import run_experiment
 
     exp = write_jsonl(tmp_path / "flowexp.jsonl", [{"api": "test", "model_name": "m", "prompt": "hi"}])
     summary = asyncio.run(run_experiment(file=str(exp), settings=Settings(data_folder=tmp_path / "data")))
-    manifest = json.loads(Path(summary["outputs"]["manifest"]).read_text())
+    manifest = json.loads(Path(summary.outputs["manifest"]).read_text())
     flow = manifest["prefect"]
     assert flow["flow_name"] == "run_experiment" and flow["flow_run_name"] == "flowexp"
 
@@ -94,13 +94,13 @@ async def test_a_stopped_then_resumed_run_has_one_manifest_covering_both_session
     stopper = asyncio.create_task(stop_soon())
     first = await Experiment(path, settings, session=session).process()
     await stopper
-    early = json.loads(Path(first["outputs"]["manifest"]).read_text())
+    early = json.loads(Path(first.outputs["manifest"]).read_text())
     assert early["complete"] is False and 0 < early["answered"] < 30 and early["models"][0]["answered"] == early["answered"]
 
     second = await Experiment(path, settings, session=Session()).process()
-    assert second["outputs"]["manifest"] == first["outputs"]["manifest"]
-    manifest = json.loads(Path(second["outputs"]["manifest"]).read_text())
+    assert second.outputs["manifest"] == first.outputs["manifest"]
+    manifest = json.loads(Path(second.outputs["manifest"]).read_text())
     assert manifest["complete"] is True and manifest["resumed"] is True
     assert manifest["started"] == early["started"] and manifest["ended"] > early["ended"]
     assert manifest["models"][0]["answered"] == 30  # counted from the table: both sessions
-    assert len(list(Path(first["outputs"]["manifest"]).parent.glob("*manifest*"))) == 1  # no stray .tmp
+    assert len(list(Path(first.outputs["manifest"]).parent.glob("*manifest*"))) == 1  # no stray .tmp

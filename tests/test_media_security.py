@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from promptfleet.run import open_run, run_all
-from promptfleet.session import Session
+from promptfleet.api import run_all
 from promptfleet.cli import app
-from promptfleet.config import Settings
-from promptfleet.media import MediaError
-from promptfleet.messages import LocalMedia, Message, Role, Text, parse_conversation
+from promptfleet.core.config import Settings
+from promptfleet.core.media import MediaError
+from promptfleet.core.messages import (
+    LocalMedia,
+    Message,
+    Role,
+    Text,
+    parse_conversation,
+)
+from promptfleet.core.run import open_run
+from promptfleet.core.session import Session
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderOptions
 from tests.conftest import read_jsonl, write_jsonl
@@ -112,7 +119,7 @@ async def test_a_file_swapped_for_a_symlink_after_validation_is_not_sent(api: st
 
 
 def test_reading_inside_media_still_works_and_a_directory_swap_is_caught(data: Path):
-    from promptfleet.media import MediaFolder
+    from promptfleet.core.media import MediaFolder
 
     folder = MediaFolder(data / "media")
     assert folder.read(LocalMedia("image", "cat.png")).data == b"\x89PNG-cat"

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from promptfleet.cli import app
-from promptfleet.messages import parse_conversation
+from promptfleet.core.messages import parse_conversation
 from promptfleet.providers.base import ProviderError
 from tests.conftest import write_jsonl
 from tests.fakes import FakeServer

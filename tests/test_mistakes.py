@@ -121,7 +121,7 @@ async def _delete_block(name: str) -> None:
 
 
 def test_judge_output_that_cannot_be_written_is_one_line(tmp_path: Path):
-    from promptfleet.judge import judge_file_name
+    from promptfleet.evaluation.judge import judge_file_name
 
     completed = write_jsonl(tmp_path / "24-11-2026-18-12-22-completed-exp.jsonl", [{**GOOD, "id": 1, "response": "yes"}])
     judge = ["judge", "-i", str(completed), "-l", str(REPO / "data/judge"), "-j", "test-judge"]

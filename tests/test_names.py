@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from promptfleet.cli import app
-from promptfleet.slug import slug
-from promptfleet.tasks.secrets import block_name
+from promptfleet.core.slug import slug
+from promptfleet.orchestration.secrets import block_name
 from tests.conftest import read_jsonl, write_jsonl
 
 runner = CliRunner()

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from promptfleet import Experiment, Session, Settings, inbox
+from promptfleet import Experiment, Session, Settings
 from promptfleet.cli import app
-from promptfleet.rundir import RunBusy, RunLock
+from promptfleet.core import inbox
+from promptfleet.core.rundir import RunBusy, RunLock
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 
@@ -51,7 +52,7 @@ def test_the_lock_names_its_owner_and_is_released_by_death(tmp_path: Path):
     first.release()
     RunLock(tmp_path).acquire()  # free again
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from promptfleet.rundir import RunLock; import time; RunLock(__import__('pathlib').Path({str(tmp_path / 'x')!r})).acquire(); print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", f"from promptfleet.core.rundir import RunLock; import time; RunLock(__import__('pathlib').Path({str(tmp_path / 'x')!r})).acquire(); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE,
     )
     assert holder.stdout.readline() == b"held\n"
@@ -164,21 +165,22 @@ async def test_editing_an_unsent_line_keeps_the_answers_and_says_so(tmp_path: Pa
         stopper = asyncio.create_task(stop_soon())
         first = await Experiment(path, settings, session=session).process()
         await stopper
-        answered = {r["prompt"] for r in read_jsonl(Path(first["outputs"]["completed"]))}
+        answered = {r["prompt"] for r in read_jsonl(Path(first.outputs["completed"]))}
         assert 0 < len(answered) < 40
         edited = rows(40)
         edited[39]["prompt"] = "a different last question"  # an unsent line changes
         write_jsonl(path, edited)
         with caplog.at_level(logging.WARNING, logger="promptfleet"):
             second = await Experiment(path, settings).process()
-    assert second["resumed"] and second["complete"] and second["answered"] == 40
+    assert second.resumed and second.complete and second.answered == 40
     assert f"{len(answered)} answered prompt(s) are unchanged and kept" in caplog.text
     assert max(server.state.calls.values()) == 1 and "q39" not in server.state.calls
     assert server.state.calls["a different last question"] == 1
 
 
 async def test_an_input_that_grows_during_its_run_is_not_marked_finished(tmp_path: Path):
-    from promptfleet.run import open_run, run_all
+    from promptfleet.api import run_all
+    from promptfleet.core.run import open_run
 
     path = write_jsonl(tmp_path / "exp.jsonl", [{"api": "test", "model_name": "m", "prompt": f"p{i}"} for i in range(5)])
     run = open_run(path, Settings(data_folder=tmp_path / "data"), session=Session())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from promptfleet.messages import parse_conversation, user
+from promptfleet.core.messages import parse_conversation, user
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderError, ProviderOptions
 from promptfleet.providers.errors import classify

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from promptfleet.engine import QueueStats
-from promptfleet.quantiles import QuantileSample
+from promptfleet.core.engine import QueueStats
+from promptfleet.core.quantiles import QuantileSample
 
 
 def test_exact_while_everything_fits():

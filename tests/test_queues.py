@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from promptfleet.experiment import ExperimentError
-from promptfleet.queues import SINGLE_QUEUE, load_limits, queue_for, rate_for
+from promptfleet.core.experiment import ExperimentError
+from promptfleet.core.queues import SINGLE_QUEUE, load_limits, queue_for, rate_for
 
 EXAMPLE = [
     ("gemini", "gemini-1.0-pro"), ("gemini", "gemini-1.0-pro"), ("gemini", "gemini-1.5-pro"), ("gemini", "gemini-1.5-pro"),

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from promptfleet import Experiment, Session, Settings
-from promptfleet.limiter import RUN_OF_429, Pacer, _seconds_until
+from promptfleet.core.limiter import RUN_OF_429, Pacer, _seconds_until
 from tests.conftest import read_jsonl, write_jsonl
-from tests.test_limiter import FakeClock
 from tests.fakes import FakeServer
+from tests.test_limiter import FakeClock
 
 N = 60
 SERVER_LIMIT = 20  # requests per second at the fake: 1,200/min
@@ -44,19 +44,19 @@ async def run(tmp_path: Path, name: str, data: list[dict], session: Session | No
 async def test_ceiling_far_above_the_real_limit_finds_it(tmp_path: Path, limited: FakeServer):
     # -mq 12,000/min is ten times what the server allows.
     summary, elapsed = await run(tmp_path, "exp", rows(), max_queries=12_000, max_attempts=10)
-    assert summary["complete"] and summary["answered"] == N and summary["failed"] == 0
+    assert summary.complete and summary.answered == N and summary.failed == 0
     ideal = N / SERVER_LIMIT  # 3 s
     # Bounds stated in docs/rate-limits.md: 429s at most a third of the prompts, time within 2.5x of the limit.
     assert limited.state.rejected <= N // 3, limited.state.rejected
     assert elapsed <= 2.5 * ideal + 1, elapsed
-    assert summary["rate_limited"] == limited.state.rejected
+    assert summary.rate_limited == limited.state.rejected
     assert max(limited.state.calls.values()) <= 10
 
 
 async def test_rate_limit_headers_keep_it_under_the_wall(tmp_path: Path, limited: FakeServer):
     limited.state.limit_headers = True
     summary, elapsed = await run(tmp_path, "exp", rows(), max_queries=12_000, max_attempts=10)
-    assert summary["complete"] and summary["answered"] == N
+    assert summary.complete and summary.answered == N
     assert limited.state.rejected <= 6, limited.state.rejected  # the stated limit replaces the guess
     assert elapsed <= 2 * N / SERVER_LIMIT + 1
 
@@ -68,7 +68,7 @@ async def test_two_experiments_on_one_model_and_key_share_the_limit(tmp_path: Pa
         run(tmp_path, "a", rows(30, text="a"), session, max_queries=1200, parallel=True),
         run(tmp_path, "b", rows(30, text="b"), session, max_queries=1200, parallel=True),
     )
-    assert a["complete"] and b["complete"]
+    assert a.complete and b.complete
     times = sorted(t for ts in limited.state.times.values() for t in ts)
     assert times[-1] - times[0] >= (60 - 1) / 20 - 0.1  # 60 sends at 20/s in all, not 40/s
 
@@ -80,7 +80,7 @@ async def test_tokens_per_minute_pace_long_prompts(tmp_path: Path, monkeypatch):
     limits.write_text(json.dumps({"test": {"rpm": 60_000, "tpm": 12_000}}))  # 200 tokens/s, a 2,000-token bucket
     fast, fast_time = await run(tmp_path, "fast", data, max_queries=60_000, parallel=True)
     slow, slow_time = await run(tmp_path, "slow", data, max_queries=60_000, parallel=True, max_queries_json=limits)
-    assert fast["complete"] and slow["complete"]
+    assert fast.complete and slow.complete
     total = 20 * (len(long) // 4 + 1 + 10)
     assert slow_time >= (total - 2000) / 200 - 0.1 > fast_time
 
@@ -92,18 +92,18 @@ async def test_budget_stops_sending_and_the_rest_resumes(tmp_path: Path):
     path = write_jsonl(tmp_path / "exp.jsonl", data)
     settings = Settings(data_folder=tmp_path / "data", max_queries=600, prices=prices, max_cost=10)
     first = await Experiment(path, settings).process()
-    assert not first["complete"] and first["budget_stop"] and "max-cost" in first["budget_stop"]
-    assert 5 <= first["answered"] < 10  # $2 an answer: stops at $10, in-flight ones still land
-    assert first["cost"]["estimated_usd"] >= 10
+    assert not first.complete and first.budget_stop and "max-cost" in first.budget_stop
+    assert 5 <= first.answered < 10  # $2 an answer: stops at $10, in-flight ones still land
+    assert first.cost.estimated_usd >= 10
     second = await Experiment(path, settings.model_copy(update={"max_cost": None})).process()
-    assert second["complete"] and second["resumed"] and second["answered"] == 40
-    lines = [r["input_line"] for r in read_jsonl(Path(second["outputs"]["completed"]))]
+    assert second.complete and second.resumed and second.answered == 40
+    lines = [r["input_line"] for r in read_jsonl(Path(second.outputs["completed"]))]
     assert sorted(lines) == list(range(1, 41))
 
 
 async def test_unpriced_models_are_unknown_not_free(tmp_path: Path):
     summary, _ = await run(tmp_path, "exp", [{"api": "test", "model_name": "mystery", "prompt": "hi"}], max_queries=600)
-    assert summary["cost"]["unpriced_models"] == ["mystery"] and summary["cost"]["by_model"]["mystery"]["cost"] is None
+    assert summary.cost.unpriced_models == ["mystery"] and summary.cost.by_model["mystery"]["cost"] is None
 
 
 async def test_a_run_of_429s_halves_and_success_recovers():

@@ -7,8 +7,14 @@ from pathlib import Path
 
 import polars as pl
 
-from promptfleet.rundir import Journal, RunPaths, read_journal, unfinished_runs, write_state
-from promptfleet.tables import write_tables
+from promptfleet.core.rundir import (
+    Journal,
+    RunPaths,
+    read_journal,
+    unfinished_runs,
+    write_state,
+)
+from promptfleet.core.tables import write_tables
 
 
 def test_torn_lines_anywhere_are_set_aside_and_the_rest_count(tmp_path: Path):

@@ -18,8 +18,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from promptfleet import server
-from promptfleet.flows.crashed_runs import AUTOMATION_NAME, ensure_crash_automation
+from promptfleet.orchestration import server
+from promptfleet.orchestration.crashed_runs import (
+    AUTOMATION_NAME,
+    ensure_crash_automation,
+)
 from tests.conftest import write_jsonl
 
 PROMPTFLEET = [shutil.which("promptfleet", path=str(Path(sys.executable).parent)) or "promptfleet"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import bisect
+import contextlib
 import logging
 import math
 import os
@@ -19,9 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from promptfleet import shared_rate
-from promptfleet.limiter import Pacer, PacerPool
-from promptfleet.shared_rate import SLOTS, GlobalRate, PrefectLimits, fingerprint, limit_name, machine_salt, shared_rate_for
+from promptfleet.core.limiter import Pacer, PacerPool
+from promptfleet.orchestration import shared_rate
+from promptfleet.orchestration.shared_rate import (
+    SLOTS,
+    GlobalRate,
+    PrefectLimits,
+    fingerprint,
+    limit_name,
+    machine_salt,
+    shared_rate_for,
+)
 from tests.conftest import write_jsonl
 from tests.fakes import FakeServer
 
@@ -201,7 +209,7 @@ async def test_a_deleted_limit_is_made_again(prefect_api: str):
 def warnings_of_shared_rate(caplog):
     """Prefect's logging setup may disable or detach loggers it does not know (the CLI names
     `promptfleet` to it): listen on the logger itself."""
-    logger = logging.getLogger("promptfleet.shared_rate")
+    logger = logging.getLogger("promptfleet.orchestration.shared_rate")
     logger.disabled = False
     logger.addHandler(caplog.handler)
     seen = lambda: {id(r): r for r in caplog.records if r.name == logger.name and r.levelno >= logging.WARNING}  # noqa: E731
@@ -345,7 +353,7 @@ class CountingRate:
 
 
 async def test_every_send_waits_for_the_shared_rate_and_a_lowered_ceiling_is_shared():
-    from promptfleet.limiter import Pacer
+    from promptfleet.core.limiter import Pacer
 
     shared = CountingRate()
     pacer = Pacer(60_000, shared=shared)

@@ -205,4 +205,4 @@ async def test_the_grace_after_a_stop_is_a_setting_defaulting_to_the_request_tim
         await asyncio.sleep(0.01)
     session.request_stop()
     summary = await running
-    assert summary["answered"] == landed  # 1.5 s answers: abandoned after 0.2 s, kept within the 30 s timeout
+    assert summary.answered == landed  # 1.5 s answers: abandoned after 0.2 s, kept within the 30 s timeout

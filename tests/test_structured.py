@@ -14,8 +14,13 @@ from typer.testing import CliRunner
 
 from promptfleet import Experiment, Settings
 from promptfleet.cli import app
-from promptfleet.messages import user
-from promptfleet.schemas import SchemaMismatch, parse_reply, strict_compatible, with_schemas
+from promptfleet.core.messages import user
+from promptfleet.core.schemas import (
+    SchemaMismatch,
+    parse_reply,
+    strict_compatible,
+    with_schemas,
+)
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 from tests.test_engine import FAST, run_file
@@ -127,8 +132,8 @@ def test_parquet_has_typed_parsed_columns_and_pydantic_schemas(tmp_path: Path):
     rows.append({"id": 10, "api": "test", "model_name": "m", "prompt": ["turn 1", "turn 2"], "response_schema": SCHEMA})
     exp = write_jsonl(tmp_path / "exp.jsonl", rows)
     summary = asyncio.run(Experiment(exp, Settings(data_folder=tmp_path / "data")).process())
-    assert summary["answered"] == 5
-    table = pl.read_parquet(summary["outputs"]["parquet"]).sort("input_line")
+    assert summary.answered == 5
+    table = pl.read_parquet(summary.outputs["parquet"]).sort("input_line")
     assert table.schema["parsed_score"] == pl.Int64 and table.schema["parsed_confidence"] == pl.Float64
     assert table.schema["parsed_ok"] == pl.Boolean and table.schema["parsed_label"] == pl.String
     assert table.schema["parsed_tags"] == pl.String  # an array: kept as JSON text
@@ -136,7 +141,7 @@ def test_parquet_has_typed_parsed_columns_and_pydantic_schemas(tmp_path: Path):
     assert json.loads(first["response"])["score"] == first["parsed_score"]
     assert isinstance(json.loads(first["parsed_tags"]), list)
     assert table.row(3, named=True)["parsed_score"] is None
-    multi = next(r for r in read_jsonl(Path(summary["outputs"]["completed"])) if r["id"] == 10)
+    multi = next(r for r in read_jsonl(Path(summary.outputs["completed"])) if r["id"] == 10)
     assert len(multi["response_parsed"]) == 2 and all(p["label"] in ("yes", "no") for p in multi["response_parsed"])
 
 
@@ -162,4 +167,4 @@ async def test_rejected_replies_count_towards_spend(tmp_path: Path, openai_env: 
     path = write_jsonl(tmp_path / "exp.jsonl", [{"id": 0, "api": "openai", "model_name": "m", "prompt": "rate", "response_schema": SCHEMA}])
     paths, summary = await run_file(path, tmp_path)
     # the fake reports 1 input + 3 output tokens per reply; all four attempts were refused
-    assert (summary["cost"]["input_tokens"], summary["cost"]["output_tokens"]) == (FAST.max_attempts * 1, FAST.max_attempts * 3)
+    assert (summary.cost.input_tokens, summary.cost.output_tokens) == (FAST.max_attempts * 1, FAST.max_attempts * 3)

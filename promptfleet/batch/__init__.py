@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from promptfleet.batch.runner import BatchContext, BatchRunner
+from promptfleet.core.engine import QueueStats
+from promptfleet.core.run import Run
 
-BATCH_APIS = ("openai", "azure-openai", "anthropic", "gemini")
-BATCH_QUEUE = "(batch)"  # the plan's name for the batchable prompts; no group or api looks like it
 
-
-def batchable(record: dict[str, Any]) -> bool:
-    """A single-request prompt of a batch API. A multi-turn prompt (a list of strings) needs
-    each answer before its next turn (up to 24 h per round in a batch): it goes online; so
-    does a structured one, whose replies are validated and asked again online."""
-    prompt = record["prompt"]
-    multi_turn = isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt)
-    return record["api"] in BATCH_APIS and not multi_turn and "response_schema" not in record
+async def send_batches(run: Run) -> QueueStats:
+    """The run's batchable prompts through the providers' batch APIs; its batch queue's stats."""
+    queue = run.plan.batch
+    assert queue is not None
+    stats = run.stats[queue.name]
+    ctx = BatchContext(run.paths, run.settings, queue, run.reader, run.clients, run.journal, stats, run.done_marks(queue),
+                       run.stop, run.spend, run.budget, run.scorers)  # fmt: skip
+    runner = BatchRunner(ctx)
+    run.batches = await runner.run()
+    run.live_batches = runner.live
+    return stats

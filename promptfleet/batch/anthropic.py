@@ -14,7 +14,7 @@ from typing import Any
 
 from promptfleet.batch.jobs import BatchState, BatchStatus, LineResult
 from promptfleet.batch.split import Limits
-from promptfleet.messages import Message
+from promptfleet.core.messages import Message
 from promptfleet.providers.anthropic import AnthropicProvider, reply_of
 from promptfleet.providers.errors import ErrorKind, ProviderError, classify
 

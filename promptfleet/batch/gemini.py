@@ -19,7 +19,7 @@ from google.genai import types
 
 from promptfleet.batch.jobs import BatchState, BatchStatus, LineResult, label_of
 from promptfleet.batch.split import Limits
-from promptfleet.messages import Message
+from promptfleet.core.messages import Message
 from promptfleet.providers.errors import ErrorKind, ProviderError, classify
 from promptfleet.providers.gemini import GeminiProvider, reply_of
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from promptfleet.batch.split import Limits
-from promptfleet.messages import Message
+from promptfleet.core.messages import Message
 from promptfleet.providers.base import Reply
 from promptfleet.providers.errors import ProviderError
 

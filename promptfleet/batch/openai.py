@@ -17,8 +17,13 @@ from openai.types.chat import ChatCompletion
 
 from promptfleet.batch.jobs import BatchState, BatchStatus, LineResult, label_of
 from promptfleet.batch.split import Limits
-from promptfleet.messages import Message
-from promptfleet.providers.errors import ErrorKind, ProviderError, classify, error_for_status
+from promptfleet.core.messages import Message
+from promptfleet.providers.errors import (
+    ErrorKind,
+    ProviderError,
+    classify,
+    error_for_status,
+)
 from promptfleet.providers.openai import OpenAIProvider, reply_of
 
 OPENAI_LIMITS = Limits(max_requests=50_000, max_bytes=200 * 1024 * 1024)

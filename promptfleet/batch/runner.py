@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from promptfleet import scorers
 from promptfleet.batch.jobs import (
     BatchAPI,
     BatchJournal,
@@ -33,18 +32,27 @@ from promptfleet.batch.jobs import (
     utcnow,
 )
 from promptfleet.batch.split import Chunker
-from promptfleet.config import Settings
-from promptfleet.costs import Budget, Spend, cost_of, estimate_tokens, price_of
-from promptfleet.engine import OUTPUT_KEYS, Prompt, QueueContext, QueueStats, RetryPolicy, output_of, run_queue
-from promptfleet.experiment import RecordReader
-from promptfleet.limiter import Pacer
-from promptfleet.messages import parse_conversation
-from promptfleet.plan import QueuePlan
+from promptfleet.core import scorers
+from promptfleet.core.config import Settings
+from promptfleet.core.costs import Budget, Spend, cost_of, estimate_tokens, price_of
+from promptfleet.core.engine import (
+    OUTPUT_KEYS,
+    Prompt,
+    QueueContext,
+    QueueStats,
+    RetryPolicy,
+    output_of,
+    run_queue,
+)
+from promptfleet.core.experiment import RecordReader
+from promptfleet.core.limiter import Pacer
+from promptfleet.core.messages import parse_conversation
+from promptfleet.core.plan import QueuePlan
+from promptfleet.core.rundir import TIMESTAMP_FORMAT, Journal, RunPaths
+from promptfleet.core.scorers import Scorer
 from promptfleet.providers import Clients, provider_class
 from promptfleet.providers.base import Provider, Reply
 from promptfleet.providers.errors import ErrorKind, ProviderError, classify
-from promptfleet.rundir import TIMESTAMP_FORMAT, Journal, RunPaths
-from promptfleet.scorers import Scorer
 
 log = logging.getLogger("promptfleet.batch")
 

@@ -11,7 +11,12 @@ from collections.abc import Mapping
 from functools import cache
 from importlib.metadata import entry_points
 
-from promptfleet.providers.base import Provider, ProviderError, ProviderOptions, resolve_env
+from promptfleet.providers.base import (
+    Provider,
+    ProviderError,
+    ProviderOptions,
+    resolve_env,
+)
 
 BUILTIN = {
     "test": "promptfleet.providers.test:TestProvider",

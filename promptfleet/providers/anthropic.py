@@ -11,9 +11,23 @@ from typing import Any, ClassVar
 
 import anthropic
 
-from promptfleet.media import MediaFolder, decode_data_url
-from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Role, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, mime_type_of, rate_limit_headers
+from promptfleet.core.media import MediaFolder, decode_data_url
+from promptfleet.core.messages import (
+    LocalMedia,
+    Message,
+    Part,
+    ProviderPart,
+    RemoteMedia,
+    Role,
+    Text,
+)
+from promptfleet.providers.base import (
+    ProviderError,
+    ProviderOptions,
+    Reply,
+    mime_type_of,
+    rate_limit_headers,
+)
 
 DEFAULT_MAX_TOKENS = 1024
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from promptfleet.media import MediaFolder
-from promptfleet.messages import Conversation, LocalMedia, Message, RemoteMedia
+from promptfleet.core.media import MediaFolder
+from promptfleet.core.messages import Conversation, LocalMedia, Message, RemoteMedia
 from promptfleet.providers.errors import (  # noqa: F401 - the provider-facing names
     ErrorKind,
     ProviderError,
@@ -23,7 +23,6 @@ from promptfleet.providers.errors import (  # noqa: F401 - the provider-facing n
     parse_retry_after,
     rate_limit_headers,
 )
-
 
 
 @dataclass

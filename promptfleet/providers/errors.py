@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from enum import StrEnum
 
-from promptfleet.media import MediaError
+from promptfleet.core.media import MediaError
 
 
 class ErrorKind(StrEnum):

@@ -22,10 +22,24 @@ from typing import Any, ClassVar
 from google import genai
 from google.genai import types
 
-from promptfleet import gemini_files
-from promptfleet.media import MediaFile, MediaFolder, decode_data_url
-from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Role, Text
-from promptfleet.providers.base import ErrorKind, ProviderError, ProviderOptions, Reply, seed_sent
+from promptfleet.core.media import MediaFile, MediaFolder, decode_data_url
+from promptfleet.core.messages import (
+    LocalMedia,
+    Message,
+    Part,
+    ProviderPart,
+    RemoteMedia,
+    Role,
+    Text,
+)
+from promptfleet.providers import gemini_files
+from promptfleet.providers.base import (
+    ErrorKind,
+    ProviderError,
+    ProviderOptions,
+    Reply,
+    seed_sent,
+)
 
 INLINE_LIMIT_BYTES = 20 * 1024 * 1024  # Gemini refuses requests with more inline data than this
 
@@ -99,19 +113,10 @@ class GeminiProvider:
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
         self._client = genai.Client(
-            api_key=env["GEMINI_API_KEY"], http_options=self.http_options(env, "GEMINI_BASE_URL", options)
+            api_key=env["GEMINI_API_KEY"], http_options=gemini_files.http_options(env, "GEMINI_BASE_URL", options)
         )
         self._files: FileUploads | None = FileUploads(self._client)
         self.inline_limit_bytes = INLINE_LIMIT_BYTES
-
-    @staticmethod
-    def http_options(env: Mapping[str, str], base_url_var: str, options: ProviderOptions) -> types.HttpOptions:
-        # attempts=1: the engine owns retrying.
-        return types.HttpOptions(
-            base_url=env.get(base_url_var),
-            timeout=int(options.timeout * 1000),
-            retry_options=types.HttpRetryOptions(attempts=1),
-        )
 
     @property
     def client(self) -> genai.Client:
@@ -185,7 +190,7 @@ class VertexAIProvider(GeminiProvider):
             project=env["VERTEXAI_PROJECT_ID"],
             location=env["VERTEXAI_LOCATION_ID"],
             credentials=credentials,
-            http_options=self.http_options(env, "VERTEXAI_BASE_URL", options),
+            http_options=gemini_files.http_options(env, "VERTEXAI_BASE_URL", options),
         )
         self._files = None  # the File API is the Gemini Developer API's only
         self.inline_limit_bytes = INLINE_LIMIT_BYTES

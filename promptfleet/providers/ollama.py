@@ -12,9 +12,15 @@ from typing import Any, ClassVar
 
 import httpx
 
-from promptfleet.media import MediaFolder, decode_data_url
-from promptfleet.messages import LocalMedia, Message, RemoteMedia, Text
-from promptfleet.providers.base import ProviderError, ProviderOptions, Reply, error_for_status, seed_sent
+from promptfleet.core.media import MediaFolder, decode_data_url
+from promptfleet.core.messages import LocalMedia, Message, RemoteMedia, Text
+from promptfleet.providers.base import (
+    ProviderError,
+    ProviderOptions,
+    Reply,
+    error_for_status,
+    seed_sent,
+)
 
 TOP_LEVEL = ("keep_alive", "format", "think")
 

@@ -17,8 +17,16 @@ import openai
 import orjson
 from openai.types.chat import ChatCompletion
 
-from promptfleet.media import MediaFolder, decode_data_url
-from promptfleet.messages import LocalMedia, Message, Part, ProviderPart, RemoteMedia, Text
+from promptfleet.core.media import MediaFolder, decode_data_url
+from promptfleet.core.messages import (
+    LocalMedia,
+    Message,
+    Part,
+    ProviderPart,
+    RemoteMedia,
+    Text,
+)
+from promptfleet.core.schemas import strict_compatible
 from promptfleet.providers.base import (
     ErrorKind,
     ProviderError,
@@ -30,7 +38,6 @@ from promptfleet.providers.base import (
     seed_sent,
 )
 from promptfleet.providers.http import JsonPoster, status_message
-from promptfleet.schemas import strict_compatible
 
 
 def to_openai_messages(messages: Sequence[Message], media: MediaFolder) -> list[dict[str, Any]]:

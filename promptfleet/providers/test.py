@@ -22,9 +22,14 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from promptfleet.messages import Message
-from promptfleet.providers.base import ProviderOptions, Reply, error_for_status, seed_sent
-from promptfleet.schemas import example_instance
+from promptfleet.core.messages import Message
+from promptfleet.core.schemas import example_instance
+from promptfleet.providers.base import (
+    ProviderOptions,
+    Reply,
+    error_for_status,
+    seed_sent,
+)
 
 
 class TestProvider:

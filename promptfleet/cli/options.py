@@ -1,0 +1,126 @@
+"""Options and failures shared by the commands: prompto's flags, one line per mistake."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from promptfleet.core.experiment import ExperimentError
+
+err = Console(stderr=True, soft_wrap=True)  # never wrap a file:line message
+
+EXIT_BAD_INPUT = 1
+EXIT_INTERRUPTED = 130
+EXIT_WRITE_FAILED = 74  # sysexits EX_IOERR: the disk refused a write
+DEBUG_ENV = "PROMPTFLEET_DEBUG"
+
+
+def _set_debug(value: bool) -> None:
+    if value:
+        os.environ[DEBUG_ENV] = "1"
+
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.", callback=_set_debug, expose_value=False)]
+
+File = Annotated[Path, typer.Option("--file", "-f", help="Experiment file (.jsonl or .csv).")]
+DataFolder = Annotated[Path, typer.Option("--data-folder", "-d", help="Folder with input/, output/, media/.")]
+EnvFile = Annotated[Path, typer.Option("--env-file", "-e", help="Env file with API keys (prompto's .env).")]
+MoveToInput = Annotated[bool, typer.Option("--move-to-input", "-m", help="Move the file into input/ instead of copying it.")]
+MaxQueries = Annotated[
+    Optional[int],
+    typer.Option("--max-queries", "-mq", min=1, help="Default queries per minute per queue [default: 10; test api: 600]."),
+]
+MaxAttempts = Annotated[int, typer.Option("--max-attempts", "-ma", min=1, help="Attempts per prompt before it fails.")]
+Parallel = Annotated[bool, typer.Option("--parallel", "-p", help="One queue per group/api (and model), run in parallel.")]
+MaxQueriesJson = Annotated[
+    Optional[Path], typer.Option("--max-queries-json", "-mqj", help="JSON of rate limits per api/group/model.")
+]
+Prices = Annotated[Optional[Path], typer.Option("--prices", help="JSON of USD per million tokens per model (extends ours).")]
+Batch = Annotated[bool, typer.Option("--batch", help="Send what the providers' batch APIs take through them, at batch prices.")]
+Grace = Annotated[
+    Optional[float],
+    typer.Option("--grace", min=0, help="Seconds in-flight answers get to land after Ctrl-C/SIGTERM [default: the request timeout]."),
+]
+Ephemeral = Annotated[
+    bool,
+    typer.Option(
+        "--ephemeral",
+        help="Use a temporary Prefect server for this command only (also: PROMPTFLEET_EPHEMERAL=1), "
+        "instead of the background one. PREFECT_API_URL, when set, always wins.",
+    ),
+]
+CreateDataFolder = Annotated[bool, typer.Option("--create-data-folder", help="Create the data folder if it does not exist.")]
+RateShare = Annotated[
+    float, typer.Option("--rate-share", min=0.01, max=1.0, help="Use this fraction of every rate (with a Prefect server: of the key's shared rate).")
+]
+
+
+def split_list(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def load_env(env_file: Path) -> None:
+    """Read the .env file and route our log lines to Prefect before Prefect is imported."""
+    from dotenv import load_dotenv
+
+    if env_file.exists():
+        load_dotenv(env_file, override=False)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "promptfleet")
+    # Offline by design: the temporary server's telemetry only fails noisily here.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def make_settings(**values: Any):
+    from promptfleet.core.config import Settings
+
+    return Settings(**values)
+
+
+def require_data_folder(folder: Path, create: bool) -> None:
+    """Refuse a data folder that does not exist (prompto does too): a typo must not scatter
+    input/ and output/ folders around; --create-data-folder makes it."""
+    if folder.is_dir():
+        return
+    if folder.exists():
+        fail(f"{folder}: the data folder is a file, not a folder")
+    if not create:
+        fail(f"{folder}: data folder not found (check -d, or add --create-data-folder to create it)")
+    folder.mkdir(parents=True)
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    err.print(message, markup=False, highlight=False)
+    raise typer.Exit(code)
+
+
+def check_scorers(names: list[str]) -> None:
+    """Import every scorer before anything starts, so a typo costs a second, not a run."""
+    from promptfleet.core.scorers import scorer_problem
+
+    for name in names:
+        if problem := scorer_problem(name):
+            fail(f"--scorer {name}: {problem}")
+
+
+
+def missing_env_lines(found, present: set[str], where_hint: str) -> list[str]:
+    lines = []
+    for where, names in found.missing_env.items():
+        if missing := [name for name in names if name not in present]:
+            lines.append(f"{found.file}: env: {where} needs {', '.join(missing)} ({where_hint})")
+    return lines
+
+
+def report_issues(error: ExperimentError) -> None:
+    if len(error.issues) == 1:
+        err.print(f"cannot run: {error.issues[0]}", markup=False, highlight=False)
+        return
+    err.print(f"[red]cannot run: {len(error.issues)} problem(s)[/red]")
+    for issue in error.issues:
+        err.print(f"  {issue}", markup=False, highlight=False)
+
+

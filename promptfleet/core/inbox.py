@@ -1,0 +1,269 @@
+"""The input folder as a work queue, and the one module that moves input files: find
+settled waiting files, claim one atomically, place a run's working copy next to its
+outputs, put a file back for a resume, or set a bad one aside with its error report.
+
+A claim is a rename into `input/.running/`, atomic on one filesystem, so two workers or
+two overlapping polls never take the same file. The claim holds a lease (promptfleet.core.lease)
+in `.running/.NAME.owner`, renewed for as long as the file's run goes on: a poll on any
+host puts back a claim whose lease expired, and at once one whose process died on its own
+host; the file then resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from promptfleet.core.experiment import EXTENSIONS
+from promptfleet.core.lease import (
+    Clock,
+    Holder,
+    SystemClock,
+    done_taking_over,
+    read_lease,
+    take_over,
+)
+from promptfleet.core.rundir import RunBusy, RunLock, RunPaths, now_stamp
+
+RUNNING = ".running"
+DEFAULT_LEASE_SECONDS = 60.0
+
+log = logging.getLogger("promptfleet.pipeline")
+
+
+@dataclass
+class Claim:
+    """A file this process took from the inbox, and the lease that says so."""
+
+    path: Path  # where it was claimed to, in `.running/`
+    holder: Holder
+
+    def held(self) -> bool:
+        """Whether this process may still act on the file: False once its lease lapsed or
+        was taken over; a run then stops sending."""
+        return self.holder.held()
+
+    @property
+    def lost(self) -> str | None:
+        return self.holder.lost
+
+    def moving_to(self, working_copy: Path) -> None:
+        """The file is about to become its run's working copy; the lease follows it."""
+        self.holder.subjects.append(working_copy)
+
+    def _ours(self, what: str) -> bool:
+        self.holder.stop()
+        if self.holder.ours_on_disk():
+            return True
+        log.warning("%s: not %s, another process took over its claim (%s)", self.path.name, what, self.holder.lost or "its lease expired")
+        return False
+
+    def end(self) -> None:
+        """The run is done with the file (finished, or given back): stop renewing."""
+        self.holder.drop()
+
+
+def running_folder(input_folder: Path) -> Path:
+    return input_folder / RUNNING
+
+
+def waiting_files(input_folder: Path, settle_seconds: float = 0.0) -> list[Path]:
+    """Experiment files waiting in input/ and complete, oldest first.
+
+    A file is complete when nothing has written to it for `settle_seconds` (its ctime,
+    which copies cannot back-date) and, for JSONL, it ends with a newline. Writers that
+    cannot promise either write `name.jsonl.part` (or a dot-file) and rename it when done."""
+    if not input_folder.is_dir():
+        return []
+    now = time.time()
+    files = []
+    for path in input_folder.iterdir():
+        if path.name.startswith(".") or path.suffix not in EXTENSIONS or not path.is_file():
+            continue
+        stat = path.stat()
+        if now - max(stat.st_mtime, stat.st_ctime) < settle_seconds or not _ends_complete(path, stat.st_size):
+            continue
+        files.append((stat.st_mtime, path.name, path))
+    return [path for _, _, path in sorted(files)]
+
+
+def _ends_complete(path: Path, size: int) -> bool:
+    if path.suffix != ".jsonl" or size == 0:
+        return size > 0
+    with path.open("rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
+def claim(path: Path, lease_seconds: float = DEFAULT_LEASE_SECONDS, clock: Clock | None = None) -> Claim | None:
+    """Take a waiting file for this process, or None if someone else was faster. The
+    caller starts renewing (`claim.holder.start()`) and ends the claim."""
+    running = running_folder(path.parent)
+    running.mkdir(exist_ok=True)
+    target = running / path.name
+    if target.exists():  # the same name is already running: leave this one waiting
+        return None
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return None
+    return Claim(target, Holder(_owner_file(target), target, lease_seconds, clock))
+
+
+def release(claim: Claim) -> Path | None:
+    """Put an unfinished file back in input/; re-running it resumes where it stopped.
+    None when another process has taken the claim over (and put it back itself)."""
+    if not claim._ours("put back"):
+        return None
+    back = claim.path.parent.parent / claim.path.name
+    try:
+        os.rename(claim.path, back)
+    except FileNotFoundError:
+        return None
+    claim.end()
+    return back
+
+
+def give_back_claimed(claim: Claim, working_copy: Path, input_folder: Path) -> Path | None:
+    """An unfinished run of a claimed file returns its working copy to the inbox, unless
+    another process took the claim over meanwhile (then the file is its business)."""
+    if not claim._ours("put back"):
+        return None
+    try:
+        back = give_back(working_copy, input_folder, claim.path.name)
+    except FileNotFoundError:
+        return None
+    claim.end()
+    return back
+
+
+def requeue_orphans(input_folder: Path, clock: Clock | None = None, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> list[Path]:
+    """Put back claimed files whose lease expired (their owner, on any host, stopped
+    renewing) or whose process died on this host. A claim with no owner record at all (a
+    claimer killed between its rename and its record) is put back a lease after it was
+    made. Files whose run already started are `requeue_stranded`'s."""
+    running = running_folder(input_folder)
+    if not running.is_dir():
+        return []
+    now = (clock or SystemClock()).now()
+    requeued = []
+    for claimed in sorted(running.iterdir()):
+        if claimed.name.startswith(".") or claimed.suffix not in EXTENSIONS:
+            continue
+        owner = _owner_file(claimed)
+        lease = read_lease(owner, lease_seconds)
+        back = input_folder / claimed.name
+        if lease is None:
+            try:
+                if now - claimed.stat().st_ctime > lease_seconds:
+                    os.rename(claimed, back)
+                    requeued.append(back)
+            except FileNotFoundError:
+                pass
+            continue
+        if not lease.stale(now) or not take_over(owner, lease):
+            continue
+        try:
+            owner.unlink(missing_ok=True)  # first: a renewal now finds the claim gone
+            os.rename(claimed, back)
+            requeued.append(back)
+        except FileNotFoundError:
+            pass
+        finally:
+            done_taking_over(owner, lease)
+    return requeued
+
+
+def requeue_stranded(input_folder: Path, output_folder: Path, clock: Clock | None = None,
+                     lease_seconds: float = DEFAULT_LEASE_SECONDS) -> list[Path]:  # fmt: skip
+    """Put back inbox files whose run a dead process left unfinished (a worker killed with
+    -9, a host that went down): the run's state names a claim in `.running/` and its
+    working copy sits next to its outputs. Whether its process is gone is told by the
+    claim's lease (expired, or its pid dead on this host) — across hosts, whatever the
+    shared filesystem's flock is worth. A run held by a live flock is left alone even with
+    an expired lease (same-host flocks are exact); without a lease (a run started by a
+    version without leases) the flock alone decides, as it did then."""
+    running = running_folder(input_folder).resolve()
+    now = (clock or SystemClock()).now()
+    requeued = []
+    for state_file in output_folder.glob("*/*-run-*.json") if output_folder.is_dir() else []:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        source = Path(str(state.get("source", "")))
+        if state.get("finished") or source.parent.resolve() != running:
+            continue
+        if (input_folder / source.name).exists() or (running / source.name).exists():
+            continue  # waiting, or claimed again: its next run resumes this one
+        stamp, _, name = state_file.name.removesuffix(".json").partition("-run-")
+        working = RunPaths(state_file.parent, stamp, name, source.suffix).input
+        owner = _owner_file(running / source.name)
+        lease = read_lease(owner, lease_seconds)
+        if lease is not None and (not lease.stale(now) or not take_over(owner, lease)):
+            continue
+        try:
+            if back := _give_back_unlocked(working, input_folder, source.name, owner if lease else None):
+                requeued.append(back)
+        finally:
+            if lease is not None:
+                done_taking_over(owner, lease)
+    return requeued
+
+
+def _give_back_unlocked(working: Path, input_folder: Path, name: str, owner: Path | None) -> Path | None:
+    lock = RunLock(working.parent)
+    try:
+        lock.acquire()
+    except RunBusy:
+        return None  # its run is alive
+    except OSError:  # no flock on this share
+        if owner is None:
+            return None
+    try:
+        if owner is not None:
+            owner.unlink(missing_ok=True)
+        return give_back(working, input_folder, name) if working.exists() else None
+    except FileNotFoundError:
+        return None
+    finally:
+        lock.release()
+
+
+def reject(claim: Claim, report: str, data_folder: Path) -> Path:
+    """Move a file that cannot run to `rejected/`, with its error report next to it."""
+    folder = data_folder / "rejected"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{now_stamp()}-{claim.path.name}"
+    os.rename(claim.path, target)
+    target.with_name(target.name + ".errors.txt").write_text(report + "\n")
+    claim.end()
+    return target
+
+
+def place_working_copy(source: Path, target: Path, move: bool = False) -> None:
+    """Put a run's input next to its outputs (prompto's `-input-` file) before sending: a
+    copy written under a temporary name and renamed, or the file itself with -m."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if move:
+        shutil.move(source, target)
+        return
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def give_back(working_copy: Path, input_folder: Path, name: str) -> Path:
+    """An unfinished run of an inbox file returns it to the inbox, to be resumed."""
+    back = input_folder / name
+    shutil.move(working_copy, back)
+    return back
+
+
+def _owner_file(claimed: Path) -> Path:
+    return claimed.with_name(f".{claimed.name}.owner")

@@ -1,0 +1,277 @@
+"""The output folder of a run: file names, the state file, the append-only journal and
+the resume index.
+
+The completed and failed files *are* the journal: one JSON line per finished prompt,
+appended with a single unbuffered write, so a crash can cost at most a torn last line,
+which resuming sets aside.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+TIMESTAMP_FORMAT = "%d-%m-%Y-%H-%M-%S"  # prompto's, so output names sort and read the same
+
+
+def now_stamp() -> str:
+    return datetime.now().strftime(TIMESTAMP_FORMAT)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    out_dir: Path
+    stamp: str
+    name: str
+    input_suffix: str = ".jsonl"
+
+    def _file(self, kind: str, suffix: str = ".jsonl") -> Path:
+        return self.out_dir / f"{self.stamp}-{kind}-{self.name}{suffix}"
+
+    @property
+    def input(self) -> Path:
+        return self._file("input", self.input_suffix)
+
+    @property
+    def completed(self) -> Path:
+        return self._file("completed")
+
+    @property
+    def failed(self) -> Path:
+        return self._file("failed")
+
+    @property
+    def batches(self) -> Path:
+        """The batch journal (batch mode): which provider batch holds which lines."""
+        return self._file("batches")
+
+    @property
+    def log(self) -> Path:
+        return self._file("log", ".txt")
+
+    @property
+    def state(self) -> Path:
+        return self._file("run", ".json")
+
+    @property
+    def manifest(self) -> Path:
+        return self._file("manifest", ".json")
+
+    @property
+    def parquet(self) -> Path:
+        return self._file("results", ".parquet")
+
+    @property
+    def csv(self) -> Path:
+        return self._file("completed", ".csv")
+
+
+def unfinished_runs(out_dir: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """(stamp, state) of the interrupted runs of this experiment, newest first."""
+    found = []
+    for state_file in out_dir.glob(f"*-run-{name}.json") if out_dir.is_dir() else []:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if not state.get("finished"):
+            found.append((state_file.name.removesuffix(f"-run-{name}.json"), state))
+    return sorted(found, key=lambda item: item[1].get("started", ""), reverse=True)
+
+
+class RunBusy(Exception):
+    """Another process owns this experiment's runs."""
+
+
+class RunLock:
+    """One owner at a time per experiment: an flock on `<out_dir>/.lock`, held for the run's
+    life and released by the OS when the process dies, even by kill -9. The file says who
+    holds it, for the refusal message."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / ".lock"
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, wait: bool = False, on_wait: Any = None) -> None:
+        if self.held:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = self.owner()
+            if not wait:
+                os.close(fd)
+                raise RunBusy(owner) from None
+            if on_wait:
+                on_wait(owner)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "since": datetime.now().astimezone().isoformat(timespec="seconds")}
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    def owner(self) -> str:
+        try:
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            info = {}
+        return f"pid {info.get('pid', '?')} on {info.get('host', '?')} since {info.get('since', '?')}"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+def write_state(paths: RunPaths, **state: Any) -> None:
+    """Replace the run's state file atomically (write then rename)."""
+    paths.out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = paths.state.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    os.replace(tmp, paths.state)
+
+
+def read_state(paths: RunPaths) -> dict[str, Any]:
+    return json.loads(paths.state.read_text())
+
+
+class Journal:
+    """Append-only completed/failed files shared by every queue of a run.
+
+    O_APPEND and one os.write per record keep lines whole even when several queues or
+    processes append at once. A record always starts on a fresh line: if the file does not
+    end in a newline (a write torn by a full disk or a crash), one is written first, so a
+    torn record never swallows the next. Data is fsynced at most once a second: a power cut
+    can lose that last second, a killed process loses nothing the OS accepted.
+    """
+
+    def __init__(self, paths: RunPaths, sync_interval: float = 1.0, on_error: Callable[[OSError], None] | None = None):
+        paths.out_dir.mkdir(parents=True, exist_ok=True)
+        self._on_error = on_error
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read too: to see how the file ends
+        self._fds = {"completed": os.open(paths.completed, flags, 0o644), "failed": os.open(paths.failed, flags, 0o644)}
+        self._sync_interval = sync_interval
+        self._last_sync = time.monotonic()
+
+    def write(self, kind: str, record: dict[str, Any]) -> bool:
+        """Append one record; False when it could not be written. A failed write (disk full,
+        I/O error) goes to `on_error`, which stops the run: the record's prompt stays
+        unanswered for the resume."""
+        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        fd = self._fds[kind]
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data
+            self._append(fd, data)
+            if time.monotonic() - self._last_sync > self._sync_interval:
+                self.sync()
+        except OSError as err:
+            if self._on_error is None:
+                raise
+            self._on_error(err)
+            return False
+        return True
+
+    @staticmethod
+    def _append(fd: int, data: bytes) -> None:
+        while data:
+            data = data[os.write(fd, data) :]
+
+    def sync(self) -> None:
+        for fd in self._fds.values():
+            os.fsync(fd)
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if not self._fds:
+            return
+        try:
+            self.sync()
+        except OSError as err:  # answers may not have reached the disk
+            if self._on_error is not None:
+                self._on_error(err)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+@dataclass
+class JournalIndex:
+    """What a run's journal says is done: by record key, and by input line for records
+    journaled before keys existed."""
+
+    keys: Counter = field(default_factory=Counter)
+    lines: set[int] = field(default_factory=set)
+    corrupt: int = 0
+
+
+def read_journal(paths: RunPaths) -> JournalIndex:
+    """Parse every journal line. A line that is not a JSON record (a torn write) is set aside
+    into `<file>.corrupt` and its prompt counts as unanswered, so resuming is never blocked.
+    Streams: memory holds the index, never the journal."""
+    done = JournalIndex()
+    for path in (paths.completed, paths.failed):
+        if not path.exists():
+            continue
+        bad = 0
+        ends_whole = True
+        with path.open("rb") as fh:
+            for raw in fh:
+                ends_whole = raw.endswith(b"\n")
+                record = _journal_record(raw)
+                if record is None:
+                    bad += bool(raw.strip())
+                elif key := record.get("input_key"):
+                    done.keys[key] += 1
+                else:
+                    done.lines.add(record["input_line"])
+        if bad or not ends_whole:  # a whole last record may lack only its newline
+            _set_aside_torn(path)
+            done.corrupt += bad
+    return done
+
+
+def _journal_record(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and "input_line" in record else None
+
+
+def _set_aside_torn(path: Path) -> None:
+    """Rewrite the journal with its records only, each ending in a newline; the lines that
+    are not records go to `<file>.corrupt`. A second pass, so no line is held in memory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    corrupt = None
+    try:
+        with path.open("rb") as fh, open(tmp, "wb") as good:
+            for raw in fh:
+                line = raw if raw.endswith(b"\n") else raw + b"\n"
+                if _journal_record(raw) is not None:
+                    good.write(line)
+                elif raw.strip():
+                    corrupt = corrupt or open(str(path) + ".corrupt", "ab")
+                    corrupt.write(line)
+            good.flush()
+            os.fsync(good.fileno())
+    finally:
+        if corrupt is not None:
+            corrupt.close()
+    os.replace(tmp, path)

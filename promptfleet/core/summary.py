@@ -1,0 +1,115 @@
+"""A run's summary: the typed outcome a run hands to whoever started it (the CLI, a flow, the
+Python API), and its words and tables for the terminal and the Prefect artifacts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from promptfleet.core.rundir import RunPaths
+
+
+@dataclass
+class CostSummary:
+    input_tokens: int
+    output_tokens: int
+    estimated_usd: float
+    unpriced_models: list[str]
+    by_model: dict[str, dict[str, Any]]
+    batch_saved_usd: float = 0.0  # what the batch requests would have cost more online
+
+
+@dataclass
+class RunSummary:
+    experiment: str
+    prompts: int
+    answered: int
+    failed: int
+    complete: bool
+    resumed: bool
+    retries: int
+    rate_limited: int
+    wall_s: float
+    queues: list[dict[str, Any]]
+    models: list[dict[str, Any]]
+    outputs: dict[str, Path]
+    paths: RunPaths
+    budget_stop: str | None = None
+    cost: CostSummary | None = None
+    stopped_by: str | None = None  # why sending stopped early, when it did
+    batches: list[dict[str, Any]] = field(default_factory=list)  # batch mode: each provider batch and its state
+    live_batches: int = 0  # still running at the provider: a rerun collects them
+    journal_error: str | None = None  # the disk refused the journal: the run stopped
+    unsaved: int = 0  # outcomes that landed but could not be journaled
+    flow_run_url: str | None = None  # the Prefect flow run that ran it, when one did
+
+    @property
+    def unfinished(self) -> int:
+        return self.prompts - self.answered - self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "paths"}
+        out["unfinished"] = self.unfinished
+        out["outputs"] = {k: str(v) for k, v in self.outputs.items()}
+        return out
+
+QUEUE_COLUMNS = ("queue", "rate_per_minute", "rate_at_end", "prompts", "already_done", "answered", "failed", "retries", "rate_limited", "latency_p50_s", "latency_p95_s", "wall_s")
+BATCH_COLUMNS = ("batch", "api", "model", "prompts", "state")
+MODEL_COLUMNS = ("api", "model_name", "prompts", "answered", "failed", "latency_p50_s", "latency_p95_s", "input_tokens", "output_tokens")
+LABELS = {
+    "rate_per_minute": "rate/min",
+    "rate_at_end": "now/min",
+    "already_done": "resumed",
+    "rate_limited": "429s",
+    "latency_p50_s": "p50 s",
+    "latency_p95_s": "p95 s",
+    "wall_s": "wall s",
+    "model_name": "model",
+    "input_tokens": "tok in",
+    "output_tokens": "tok out",
+}
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def headline(summary: RunSummary) -> str:
+    state = "complete" if summary.complete else f"stopped with {summary.unfinished} unfinished"
+    if summary.budget_stop:
+        state += f" ({summary.budget_stop})"
+    if summary.journal_error:
+        state += " (the journal could not be written)"
+    resumed = " (resumed)" if summary.resumed else ""
+    cost = summary.cost
+    spent = f", {cost.input_tokens + cost.output_tokens} tokens, about ${cost.estimated_usd:.4f}" if cost else ""
+    if cost and cost.unpriced_models:
+        spent += f" + unpriced {', '.join(cost.unpriced_models)}"
+    if cost and cost.batch_saved_usd:
+        spent += f" (batch prices saved ${cost.batch_saved_usd:.4f})"
+    return (
+        f"{summary.experiment}{resumed}: {summary.prompts} prompts, {summary.answered} answered, "
+        f"{summary.failed} failed, {summary.retries} retries{spent}, {summary.wall_s:.1f}s — {state}"
+    )
+
+
+def table_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] | None = None) -> str:
+    columns = columns or (tuple(rows[0]) if rows else ())
+    if not columns:
+        return "(nothing)"
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
+
+
+def summary_markdown(summary: RunSummary) -> str:
+    outputs = "".join(f"- {kind}: `{path}`\n" for kind, path in summary.outputs.items())
+    batches = f"\n## Batches\n\n{table_markdown(summary.batches, BATCH_COLUMNS)}" if summary.batches else ""
+    return (
+        f"# {summary.experiment}\n\n{headline(summary)}\n\n## Queues\n\n{table_markdown(summary.queues, QUEUE_COLUMNS)}"
+        f"\n## Models\n\n{table_markdown(summary.models, MODEL_COLUMNS)}{batches}\n## Outputs\n\n{outputs}"
+    )

@@ -1,0 +1,211 @@
+"""Result tables: one row per prompt in Parquet (and CSV), streamed from the journal."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from promptfleet.core.quantiles import QuantileSample
+from promptfleet.core.rundir import RunPaths
+
+if TYPE_CHECKING:
+    import polars as pl
+
+
+# polars dtypes by name: polars loads when a table is written, not with the CLI (~0.2 s)
+TABLE_COLUMNS = {
+    "input_line": "Int64",
+    "id": "String",
+    "api": "String",
+    "model_name": "String",
+    "group": "String",
+    "status": "String",
+    "prompt": "String",
+    "response": "String",
+    "timestamp_sent": "String",
+    "latency_s": "Float64",
+    "attempts": "Int64",
+    "input_tokens": "Int64",
+    "output_tokens": "Int64",
+    "finish_reason": "String",
+    "model_version": "String",
+    "system_fingerprint": "String",
+    "request_id": "String",
+    "seed": "Int64",
+    "error_type": "String",
+    "error_status": "Int64",
+    "error_message": "String",
+    "parameters": "String",
+}
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+PARSED_TYPES = {"string": "String", "integer": "Int64", "number": "Float64", "boolean": "Boolean", "json": "String"}
+
+
+def _parsed(value: Any, kind: str) -> Any:
+    """One `parsed_<name>` cell: the value if it has the column's type, JSON text for json."""
+    if value is None:
+        return None
+    if kind == "json":
+        return json.dumps(value, ensure_ascii=False)
+    if kind == "boolean" or isinstance(value, bool):
+        return value if kind == "boolean" and isinstance(value, bool) else None
+    if kind == "number":
+        return float(value) if isinstance(value, (int, float)) else None
+    return value if isinstance(value, {"integer": int, "string": str}[kind]) else None
+
+
+def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_columns: dict[str, str] | None = None) -> dict[str, Any]:
+    usage = record.get("usage") or {}
+    error = record.get("error") or {}
+    return {
+        "input_line": record.get("input_line"),
+        "id": _as_text(record.get("id")),
+        "api": record.get("api"),
+        "model_name": record.get("model_name"),
+        "group": record.get("group"),
+        "status": status,
+        "prompt": _as_text(record.get("prompt")),
+        "response": _as_text(record.get("response")),
+        "timestamp_sent": record.get("timestamp_sent"),
+        "latency_s": record.get("latency_s"),
+        "attempts": record.get("attempts", error.get("attempts")),
+        "input_tokens": usage.get("input_tokens"),
+        "output_tokens": usage.get("output_tokens"),
+        "finish_reason": record.get("finish_reason"),
+        "model_version": record.get("model_version"),
+        "system_fingerprint": record.get("system_fingerprint"),
+        "request_id": record.get("request_id"),
+        "seed": record.get("seed") if isinstance(record.get("seed"), int) else None,
+        "error_type": error.get("type"),
+        "error_status": error.get("status"),
+        "error_message": error.get("message"),
+        "parameters": _as_text(record.get("parameters")),
+        **{f"score_{k}": _score(record.get(k)) for k in score_keys},
+        **_parsed_cells(record.get("response_parsed"), parsed_columns or {}),
+    }
+
+
+def _parsed_cells(parsed: Any, columns: dict[str, str]) -> dict[str, Any]:
+    values = parsed if isinstance(parsed, dict) else {}
+    return {f"parsed_{name}": _parsed(values.get(name), kind) for name, kind in columns.items()}
+
+
+def _score(value: Any) -> float | None:
+    """Scores in the table are numbers (True is 1) so they average; others stay in the JSONL."""
+    return float(value) if isinstance(value, (bool, int, float)) else None
+
+
+@dataclass
+class _ModelTally:
+    """One model's line of the summary, added up row by row as the table is written."""
+
+    prompts: int = 0
+    answered: int = 0
+    failed: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency: QuantileSample = field(default_factory=QuantileSample)
+    scores: dict[str, list[float]] = field(default_factory=dict)  # key -> [sum, count]
+    versions: set[str] = field(default_factory=set)  # for the manifest: what the answers reported
+    fingerprints: set[str] = field(default_factory=set)
+    seeds: set[int] = field(default_factory=set)
+
+    def add(self, row: dict[str, Any], score_keys: list[str]) -> None:
+        self.prompts += 1
+        if row["status"] == "completed":
+            self.answered += 1
+        else:
+            self.failed += 1
+        self.input_tokens += row["input_tokens"] or 0
+        self.output_tokens += row["output_tokens"] or 0
+        if row["latency_s"] is not None:
+            self.latency.add(row["latency_s"])
+        for seen, value in ((self.versions, row["model_version"]), (self.fingerprints, row["system_fingerprint"]), (self.seeds, row["seed"])):
+            if value is not None:
+                seen.add(value)
+        for k in score_keys:
+            if (value := row[f"score_{k}"]) is not None:
+                total = self.scores.setdefault(k, [0.0, 0])
+                total[0] += value
+                total[1] += 1
+
+
+def write_tables(
+    paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000, parsed_columns: dict[str, str] | None = None
+) -> pl.DataFrame:
+    """Parquet (and CSV) of every prompt in the run, one row each (answers, then failures, as they
+    landed; `input_line` gives the input order); returns a per-model summary, with the distinct model versions,
+    fingerprints and seeds the answers reported (`SEEN_COLUMNS`, for the manifest).
+
+    Memory stays that of one batch whatever the run's size: rows go to Parquet parts `batch` at a
+    time, which polars streams into one file in row groups of the same size (polars' NDJSON
+    reader, or its default row groups, would hold much of the run), and the per-model summary is
+    added up as the rows pass, its latency quantiles from a fixed-size sample.
+    """
+    import polars as pl
+
+    parsed_columns = parsed_columns or {}
+    score_keys = list(score_keys)
+    columns = TABLE_COLUMNS | {f"score_{k}": "Float64" for k in score_keys}
+    columns |= {f"parsed_{name}": PARSED_TYPES[kind] for name, kind in parsed_columns.items()}
+    schema = {name: getattr(pl, dtype) for name, dtype in columns.items()}
+    parts = paths.out_dir / f".{paths.stamp}-table-{paths.name}"
+    parts.mkdir(exist_ok=True)
+    tallies: dict[tuple[str, str], _ModelTally] = {}
+    try:
+        rows: list[dict[str, Any]] = []
+        written = 0
+        for path, status in ((paths.completed, "completed"), (paths.failed, "failed")):
+            if not path.exists():
+                continue
+            with path.open(encoding="utf-8") as fh:
+                for text in fh:
+                    row = _row(json.loads(text), status, score_keys, parsed_columns)
+                    tallies.setdefault((row["api"], row["model_name"]), _ModelTally()).add(row, score_keys)
+                    rows.append(row)
+                    if len(rows) == batch:
+                        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
+                        written, rows = written + 1, []
+        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
+        table = pl.scan_parquet(parts / "*.parquet")
+        table.sink_parquet(paths.parquet, row_group_size=batch)
+        if csv:
+            table.sink_csv(paths.csv)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    return _summary(tallies, score_keys)
+
+
+SEEN_COLUMNS = ("model_versions", "system_fingerprints", "seeds")
+
+
+def load_library() -> None:
+    """Import polars now (~0.2 s of CPU): a caller whose queues are waiting on answers loads
+    it meanwhile instead of after the last one."""
+    import polars  # noqa: F401
+
+
+def _summary(tallies: dict[tuple[str, str], _ModelTally], score_keys: list[str]) -> pl.DataFrame:
+    import polars as pl
+
+    schema = {"api": pl.String, "model_name": pl.String, "prompts": pl.Int64, "answered": pl.Int64, "failed": pl.Int64,
+              "latency_p50_s": pl.Float64, "latency_p95_s": pl.Float64, "input_tokens": pl.Int64, "output_tokens": pl.Int64,
+              **{f"mean_{k}": pl.Float64 for k in score_keys},
+              "model_versions": pl.List(pl.String), "system_fingerprints": pl.List(pl.String), "seeds": pl.List(pl.Int64)}  # fmt: skip
+    rows = []
+    for (api, model), t in sorted(tallies.items(), key=lambda item: (item[0][0] or "", item[0][1] or "")):
+        means = {f"mean_{k}": (t.scores[k][0] / t.scores[k][1] if k in t.scores else None) for k in score_keys}
+        rows.append({"api": api, "model_name": model, "prompts": t.prompts, "answered": t.answered, "failed": t.failed,
+                     "latency_p50_s": t.latency.quantile(0.5), "latency_p95_s": t.latency.quantile(0.95),
+                     "input_tokens": t.input_tokens, "output_tokens": t.output_tokens, **means,
+                     "model_versions": sorted(t.versions), "system_fingerprints": sorted(t.fingerprints), "seeds": sorted(t.seeds)})  # fmt: skip
+    return pl.DataFrame(rows, schema=schema)

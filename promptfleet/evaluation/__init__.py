@@ -1,0 +1,1 @@
+"""What follows a run: judge and rephrase files, verdicts, scorers, study tables."""

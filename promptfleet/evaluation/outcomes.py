@@ -1,0 +1,33 @@
+"""What chained evaluation steps hand back: typed, so the CLI and the flows agree on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from promptfleet.core.summary import RunSummary
+from promptfleet.evaluation.judge import JudgeFile
+from promptfleet.evaluation.study import StudyTable
+
+
+@dataclass
+class Judged:
+    """A completed run judged: the judge file, the judge run, and the study table joining them."""
+
+    judge_file: JudgeFile
+    judge_run: RunSummary
+    study: StudyTable
+
+
+@dataclass
+class Rephrased:
+    rephrase_run: RunSummary
+    post_rephrase_run: RunSummary | None = None  # None with --only-rephrase
+
+
+@dataclass
+class Study:
+    """An experiment with its evaluation chained (`run --judge-folder/--rephrase-folder`)."""
+
+    run: RunSummary
+    rephrase: Rephrased | None = None
+    judge: Judged | None = None

@@ -1,0 +1,1 @@
+"""Prefect at the edge: flows, tasks, the background server and the shared rate limit."""

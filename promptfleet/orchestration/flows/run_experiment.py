@@ -1,0 +1,123 @@
+"""Flow `run_experiment`: load_and_validate -> one run_queue per queue, concurrently -> write_results.
+
+While queues run, a progress artifact follows them; at the end a summary artifact and the
+event `promptfleet.experiment.completed` (which judge deployments and automations can
+trigger on) carry the output paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from uuid import UUID
+
+from prefect.artifacts import (
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    aupdate_progress_artifact,
+)
+from prefect.events import emit_event
+from prefect.runtime import flow_run
+from prefect.states import Failed
+from prefect.utilities.urls import url_for
+
+from promptfleet.core.config import Settings
+from promptfleet.core.experiment import ExperimentError
+from promptfleet.core.run import Run, load_tables_meanwhile, run_log
+from promptfleet.core.session import current_session
+from promptfleet.core.signals import stop_on_signals
+from promptfleet.core.slug import slug
+from promptfleet.core.summary import RunSummary, summary_markdown
+from promptfleet.orchestration.flows.lean import flow
+from promptfleet.orchestration.secrets import env_from_secret_blocks
+from promptfleet.orchestration.shared_rate import shared_rate_for
+from promptfleet.orchestration.tasks import (
+    load_and_validate,
+    run_batches,
+    run_queue,
+    write_results,
+)
+
+log = logging.getLogger("promptfleet")
+
+COMPLETED_EVENT = "promptfleet.experiment.completed"
+
+
+def _run_name() -> str:
+    return Path(str(flow_run.parameters["file"])).stem
+
+
+def _percent(done: int, prompts: int) -> float:
+    return round(100.0 * done / max(prompts, 1), 1)
+
+
+async def _follow_progress(run: Run, artifact: UUID, interval: float = 2.0) -> None:
+    last = 0.0
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            percent = _percent(sum(s.done + s.skipped for s in run.stats.values()), run.plan.prompts)
+            if percent != last:
+                await aupdate_progress_artifact(artifact, percent)
+                last = percent
+    except asyncio.CancelledError:
+        pass
+
+
+@flow(name="run_experiment", flow_run_name=_run_name, log_prints=True)
+async def run_experiment(file: str, settings: Settings | None = None, move_to_input: bool = False, wait: bool = False) -> RunSummary:
+    """Run one prompto-format experiment file; every queue is a task in one event loop."""
+    settings = settings or Settings()
+    session = current_session()
+    stop_on_signals(session)
+    if session.shared_rates is None:  # a key's rate is shared with every process on this server
+        session.shared_rates = shared_rate_for
+    if not session.planned(Path(file)) and (filled := await env_from_secret_blocks()):
+        log.info("API keys from Prefect Secret blocks: %s", ", ".join(filled))
+    run = await load_and_validate(Path(file), settings, session, move_to_input, wait)
+    if isinstance(run, ExperimentError):  # the flow run fails in one line; its caller gets the ExperimentError
+        more = f" (and {len(run.issues) - 1} more)" if len(run.issues) > 1 else ""
+        return Failed(message=f"cannot run: {run.issues[0] if run.issues else run}{more}", data=run)  # type: ignore[return-value]
+    try:
+        artifact = await acreate_progress_artifact(0.0, key=f"progress-{slug(run.name)}", description=f"{run.name}: prompts done")
+        with run_log(run.paths.log):
+            progress = asyncio.create_task(_follow_progress(run, artifact))
+            tables = asyncio.create_task(load_tables_meanwhile())
+            try:
+                batches = [run_batches(run)] if run.plan.batch else []
+                await asyncio.gather(*(run_queue(run, queue) for queue in run.queues), *batches)
+            finally:
+                progress.cancel()
+                tables.cancel()
+                await progress
+            summary = await write_results(run)
+    finally:
+        await run.aclose()
+    # the last word on progress: what landed, so a finished run reads 100%
+    await aupdate_progress_artifact(artifact, _percent(summary.answered + summary.failed, summary.prompts))
+    if flow_run.id and (url := url_for("flow-run", obj_id=flow_run.id)):
+        summary.flow_run_url = url
+    await acreate_markdown_artifact(
+        key=f"summary-{slug(run.name)}",
+        markdown=summary_markdown(summary),
+        description=f"promptfleet summary of {run.name}",
+    )
+    if summary.complete:
+        emit_event(
+            event=COMPLETED_EVENT,
+            resource={
+                "prefect.resource.id": f"promptfleet.experiment.{run.name}",
+                "prefect.resource.name": run.name,
+                # judge runs say so, so a judge trigger does not judge its own verdicts
+                "promptfleet.role": "judge" if run.name.startswith("judge-") else "experiment",
+            },
+            related=[
+                {"prefect.resource.id": f"promptfleet.file.{path}", "prefect.resource.role": kind}
+                for kind, path in summary.outputs.items()
+            ],
+            payload={"experiment": summary.experiment, "prompts": summary.prompts, "answered": summary.answered,
+                     "failed": summary.failed, "outputs": {k: str(v) for k, v in summary.outputs.items()},
+                     "data_folder": str(settings.data_folder)},  # fmt: skip
+        )
+    return summary
