@@ -12,7 +12,7 @@ from promptfleet.core.experiment import (
     ExperimentError,
     Issue,
     check_extension,
-    read_records,
+    validated,
 )
 from promptfleet.core.plan import inspect
 from promptfleet.providers import known_apis
@@ -22,7 +22,7 @@ GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}
 
 
 def issues_of(path: Path, media: Path | None = None) -> list[Issue]:
-    return [r for _, r in read_records(path, media, known_apis()) if isinstance(r, Issue)]
+    return [r for _, r in ((i.line, i.value) for i in validated(path, media, known_apis())) if isinstance(r, Issue)]
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_all_prompt_shapes_and_extra_keys_are_accepted(tmp_path: Path):
         {**GOOD, "prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]},
     ]
     path = write_jsonl(tmp_path / "exp.jsonl", rows)
-    records = list(read_records(path, None, known_apis()))
+    records = list(((i.line, i.value) for i in validated(path, None, known_apis())))
     assert [r for _, r in records] == rows
 
 
@@ -90,7 +90,7 @@ def test_csv_parameters_columns_become_parameters(tmp_path: Path):
         'id-1,"multi\nline",test,m,,7\n'
         "id-2,,test,m,1,1\n"
     )
-    records = list(read_records(path, None, known_apis()))
+    records = list(((i.line, i.value) for i in validated(path, None, known_apis())))
     assert records[0] == (2, {"id": "id-0", "prompt": "What is the capital of France?", "api": "test", "model_name": "m", "parameters": {"temperature": 0.5, "max_tokens": 100}})
     assert records[1][1]["parameters"] == {"max_tokens": 7}
     assert records[1][1]["prompt"] == "multi\nline"

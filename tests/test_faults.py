@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from promptfleet import Experiment, Settings
 from promptfleet.cli import app
 from promptfleet.core import run as runs
-from promptfleet.core.rundir import Journal, RunPaths, read_journal
+from promptfleet.core.rundir import Journal, RunPaths
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 
@@ -54,7 +54,7 @@ def corrupt_file(path: Path) -> Path:
 
 
 def finished_lines(paths: RunPaths) -> set[int]:
-    return read_journal(paths).lines
+    return {record["input_line"] for path in (paths.completed, paths.failed) for record in read_jsonl(path)}
 
 
 def test_a_record_after_a_torn_write_starts_on_its_own_line(tmp_path: Path):

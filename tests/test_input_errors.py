@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from promptfleet.cli import app
-from promptfleet.core.experiment import Issue, iter_valid, read_records
+from promptfleet.core.experiment import Issue, iter_valid, validated
 from promptfleet.providers import known_apis
 
 runner = CliRunner()
@@ -17,7 +17,7 @@ GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}
 
 
 def outcomes(path: Path) -> list[tuple[int, dict | Issue]]:
-    return list(read_records(path, None, known_apis()))
+    return list(((i.line, i.value) for i in validated(path, None, known_apis())))
 
 
 def test_a_byte_that_is_not_utf8_is_reported_with_its_line_and_the_rest_still_reads(tmp_path: Path):

@@ -254,15 +254,6 @@ class RecordReader:
         os.close(self._fd)
 
 
-def read_records(
-    path: Path, media_dir: Path | None = None, known_apis: set[str] | None = None, check: MediaCheck | None = None
-) -> Iterator[tuple[int, dict[str, Any] | Issue]]:
-    """Stream (line, record) pairs; a bad line comes as an Issue in place of its record.
-    `check` lets the caller refuse media a record's provider cannot take."""
-    for item in validated(path, media_dir, known_apis, check):
-        yield item.line, item.value
-
-
 def validated(
     path: Path, media_dir: Path | None = None, known_apis: set[str] | None = None, check: MediaCheck | None = None, digest: Any = None
 ) -> Iterator[Scanned]:

@@ -296,10 +296,10 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
         paths = RunPaths(out_dir, stamp, plan.name)
         done = read_journal(paths)
         same = state.get("input_sha256") == plan.digest
-        skip, matched = _skips(plan, done, same)
+        skip, matched = _skips(plan, done)
         if done.corrupt:
             log.warning("%s: %d torn journal line(s) set aside in *.corrupt; their prompts will be sent again", plan.name, done.corrupt)
-        answered = sum(done.keys.values()) + len(done.lines)
+        answered = sum(done.keys.values())
         if same or matched or not answered:
             note = None
             if not same:
@@ -319,7 +319,7 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
     return _Resume(stamp)
 
 
-def _skips(plan: Plan, done: JournalIndex, same_file: bool) -> tuple[dict[str, bytearray], int]:
+def _skips(plan: Plan, done: JournalIndex) -> tuple[dict[str, bytearray], int]:
     keys = Counter(done.keys)
     skip: dict[str, bytearray] = {}
     matched = 0
@@ -329,8 +329,6 @@ def _skips(plan: Plan, done: JournalIndex, same_file: bool) -> tuple[dict[str, b
             key = queue.key(i)
             if keys[key] > 0:
                 keys[key] -= 1
-                marks[i] = 1
-            elif same_file and queue.lines[i] in done.lines:  # journaled before keys existed
                 marks[i] = 1
             matched += marks[i]
         skip[queue.name] = marks

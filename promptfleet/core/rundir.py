@@ -213,11 +213,9 @@ class Journal:
 
 @dataclass
 class JournalIndex:
-    """What a run's journal says is done: by record key, and by input line for records
-    journaled before keys existed."""
+    """What a run's journal says is done, by record key."""
 
     keys: Counter = field(default_factory=Counter)
-    lines: set[int] = field(default_factory=set)
     corrupt: int = 0
 
 
@@ -239,8 +237,6 @@ def read_journal(paths: RunPaths) -> JournalIndex:
                     bad += bool(raw.strip())
                 elif key := record.get("input_key"):
                     done.keys[key] += 1
-                else:
-                    done.lines.add(record["input_line"])
         if bad or not ends_whole:  # a whole last record may lack only its newline
             _set_aside_torn(path)
             done.corrupt += bad
