@@ -16,8 +16,8 @@ from promptfleet.cli import (  # noqa: F401 - each registers its command
     server,
     upload_media,
 )
-from promptfleet.cli.root import app
 from promptfleet.cli.options import DEBUG_ENV, EXIT_BAD_INPUT, err
+from promptfleet.cli.root import app
 
 
 def main() -> None:

@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from promptfleet.cli.root import group
 from promptfleet.cli.options import EXIT_BAD_INPUT, DataFolder, EnvFile, err, load_env
+from promptfleet.cli.root import group
 
 batches_app = group("batches", "The provider batches of a data folder's runs (batch mode).")
 

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from promptfleet.cli.root import app
 from promptfleet.cli.options import (
     EXIT_BAD_INPUT,
     Batch,
@@ -29,6 +28,7 @@ from promptfleet.cli.options import (
     require_data_folder,
 )
 from promptfleet.cli.prefect_api import env_lines_with_secret_blocks
+from promptfleet.cli.root import app
 from promptfleet.core.experiment import ExperimentError
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, RenderableType
 from rich.live import Live
@@ -24,7 +24,10 @@ from promptfleet.core.summary import (
     fmt,
     headline,
 )
-from promptfleet.evaluation.outcomes import Study
+
+if TYPE_CHECKING:
+    from promptfleet.core.summary import RunSummary
+    from promptfleet.evaluation.outcomes import Study
 
 
 def print_summary(summary: RunSummary, console: Console) -> None:

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from promptfleet.cli.root import app
 from promptfleet.cli.options import (
     EXIT_BAD_INPUT,
     Debug,
@@ -17,6 +16,7 @@ from promptfleet.cli.options import (
     report_issues,
     split_list,
 )
+from promptfleet.cli.root import app
 from promptfleet.core.experiment import ExperimentError
 
 

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from promptfleet.cli.root import app
 from promptfleet.cli.options import EXIT_BAD_INPUT, err, report_issues
+from promptfleet.cli.root import app
 from promptfleet.core.experiment import ExperimentError
 
 

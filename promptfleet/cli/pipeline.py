@@ -10,7 +10,6 @@ from typing import Annotated
 
 import typer
 
-from promptfleet.cli.root import app
 from promptfleet.cli.options import (
     EXIT_INTERRUPTED,
     EXIT_WRITE_FAILED,
@@ -30,6 +29,7 @@ from promptfleet.cli.options import (
     require_data_folder,
 )
 from promptfleet.cli.prefect_api import prefect_api
+from promptfleet.cli.root import app
 from promptfleet.cli.run import in_flow
 
 

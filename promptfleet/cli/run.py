@@ -13,7 +13,6 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from promptfleet.cli.root import app
 from promptfleet.cli.check import print_inspection
 from promptfleet.cli.options import (
     EXIT_BAD_INPUT,
@@ -45,6 +44,7 @@ from promptfleet.cli.options import (
     split_list,
 )
 from promptfleet.cli.prefect_api import prefect_api
+from promptfleet.cli.root import app
 from promptfleet.core.experiment import ExperimentError
 
 

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from promptfleet.cli.root import group
 from promptfleet.cli.options import Debug, err
 from promptfleet.cli.prefect_api import background_server
+from promptfleet.cli.root import group
 
 server_app = group("server", "The background Prefect server that promptfleet commands share.")
 

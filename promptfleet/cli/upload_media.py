@@ -11,7 +11,6 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from promptfleet.cli.root import group
 from promptfleet.cli.options import (
     EXIT_BAD_INPUT,
     EnvFile,
@@ -20,6 +19,7 @@ from promptfleet.cli.options import (
     load_env,
     report_issues,
 )
+from promptfleet.cli.root import group
 from promptfleet.core.experiment import ExperimentError
 
 upload_media = group("upload-media", "Gemini File API uploads (prompto_upload_media), reused by content hash.")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from promptfleet.core.summary import RunSummary
-from promptfleet.evaluation.judge import JudgeFile
-from promptfleet.evaluation.study import StudyTable
+if TYPE_CHECKING:  # polars, which the study table needs, loads only when a study is made
+    from promptfleet.core.summary import RunSummary
+    from promptfleet.evaluation.judge import JudgeFile
+    from promptfleet.evaluation.study import StudyTable
 
 
 @dataclass
