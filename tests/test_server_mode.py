@@ -123,7 +123,7 @@ def test_pipeline_deployment_runs_through_a_worker(tmp_path: Path, prefect_serve
         time.sleep(0.5)
     [event] = events["events"]
     assert event["event"] == "promptfleet.experiment.completed"
-    assert event["resource"]["prefect.resource.id"] == "promptfleet.core.experiment.quickstart"
+    assert event["resource"]["prefect.resource.id"] == "promptfleet.experiment.quickstart"
     assert event["payload"]["answered"] == 11 and json.dumps(event["payload"]["outputs"]).count("quickstart") >= 4
 
     # The judge deployment's trigger has scheduled a judge run of the finished experiment.
