@@ -30,12 +30,21 @@ from tests.fakes import FakeServer  # noqa: E402
 
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
-    """One temporary Prefect server for every flow test; yields its API URL."""
+    """One temporary Prefect server for the whole session; yields its API URL. Exported in the
+    environment too, so every command a test starts, in this process or as a subprocess,
+    reports to it instead of starting a temporary server of its own (10-15 s each): modules
+    that run commands ask for it (`pytestmark`). Tests of the background and temporary
+    servers remove it from their commands' environment."""
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
-        yield PREFECT_API_URL.value()
+    with prefect_test_harness(server_startup_timeout=180):
+        url = PREFECT_API_URL.value()
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield url
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture

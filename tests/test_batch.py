@@ -26,6 +26,8 @@ from promptfleet.core.session import Session
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fake_batches import FakeBatchServer
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 MODELS = {"openai": "gpt-4o-mini", "azure-openai": "my-deployment", "anthropic": "claude-3-5-haiku", "gemini": "gemini-2.0-flash"}
 
 

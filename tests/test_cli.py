@@ -18,6 +18,8 @@ from promptfleet.cli import app
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 runner = CliRunner()
 GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}
 REPO = Path(__file__).resolve().parents[1]

@@ -20,6 +20,8 @@ from promptfleet.evaluation.judge import (
 )
 from tests.conftest import read_jsonl, write_jsonl
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 REPO = Path(__file__).resolve().parents[1]
 COMPLETED = [
     {"id": 0, "api": "test", "model_name": "m", "prompt": "What is 2+2?", "response": "4", "extra": "x", "input_line": 1},

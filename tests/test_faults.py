@@ -20,9 +20,11 @@ from typer.testing import CliRunner
 from promptfleet import Experiment, Settings
 from promptfleet.cli import app
 from promptfleet.core import run as runs
-from promptfleet.core.rundir import Journal, RunPaths
+from promptfleet.core.rundir import Journal, RunPaths, read_journal
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
+
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
 
 runner = CliRunner()
 
@@ -53,8 +55,9 @@ def corrupt_file(path: Path) -> Path:
     return path.with_name(path.name + ".corrupt")
 
 
-def finished_lines(paths: RunPaths) -> set[int]:
-    return {record["input_line"] for path in (paths.completed, paths.failed) for record in read_jsonl(path)}
+def finished_keys(paths: RunPaths) -> set[str]:
+    """What a resume would skip; reading the journal sets its torn lines aside."""
+    return set(read_journal(paths).keys)
 
 
 def test_a_record_after_a_torn_write_starts_on_its_own_line(tmp_path: Path):
@@ -69,23 +72,23 @@ def test_a_record_after_a_torn_write_starts_on_its_own_line(tmp_path: Path):
 
 def test_a_bad_line_anywhere_is_set_aside_and_its_prompt_counts_as_unanswered(tmp_path: Path):
     paths = RunPaths(tmp_path, "s", "exp")
-    good = [json.dumps({"input_line": n, "response": "r"}) for n in (1, 2, 4)]
+    good = [json.dumps({"input_line": n, "input_key": f"k{n}", "response": "r"}) for n in (1, 2, 4)]
     torn = '{"input_line": 3, "resp'
     paths.completed.write_bytes(("\n".join([good[0], torn, good[1], "", good[2]]) + "\n").encode() + b'{"input_line": 5, "x": "\xc3')
-    paths.failed.write_text('[1, 2]\n{"input_line": 6, "error": {}}\n')
-    assert finished_lines(paths) == {1, 2, 4, 6}
+    paths.failed.write_text('[1, 2]\n{"input_line": 6, "input_key": "k6", "error": {}}\n')
+    assert finished_keys(paths) == {"k1", "k2", "k4", "k6"}
     assert paths.completed.read_text().splitlines() == good  # the journal is whole again
     aside = corrupt_file(paths.completed).read_bytes().splitlines()
     assert aside[0] == torn.encode() and aside[1].startswith(b'{"input_line": 5')
     assert corrupt_file(paths.failed).read_text() == "[1, 2]\n"
-    assert finished_lines(paths) == {1, 2, 4, 6}  # idempotent: nothing more set aside
+    assert finished_keys(paths) == {"k1", "k2", "k4", "k6"}  # idempotent: nothing more set aside
     assert len(corrupt_file(paths.completed).read_bytes().splitlines()) == 2
 
 
 def test_a_whole_last_record_without_its_newline_counts(tmp_path: Path):
     paths = RunPaths(tmp_path, "s", "exp")
-    paths.completed.write_text(json.dumps({"input_line": 1}) + "\n" + json.dumps({"input_line": 2}))
-    assert finished_lines(paths) == {1, 2}
+    paths.completed.write_text(json.dumps({"input_line": 1, "input_key": "k1"}) + "\n" + json.dumps({"input_line": 2, "input_key": "k2"}))
+    assert finished_keys(paths) == {"k1", "k2"}
     assert not corrupt_file(paths.completed).exists()
     assert paths.completed.read_text().endswith("}\n")  # so counting lines counts it too
 

@@ -8,11 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from promptfleet.cli import app
 from promptfleet.core import inbox
 from tests.conftest import read_jsonl, write_jsonl
+
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
 
 GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from promptfleet.cli import app
 from promptfleet.core.experiment import Issue, iter_valid, validated
 from promptfleet.providers import known_apis
+
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
 
 runner = CliRunner()
 GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}

@@ -21,6 +21,8 @@ from promptfleet.core.lease import Holder, Lease, read_lease, take_over, write_l
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 TTL = 60.0
 KEY = "sk-lease-test-000000"
 

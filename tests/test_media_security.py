@@ -29,6 +29,8 @@ from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 from tests.test_providers import provider_env
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 SECRET = "TOP-SECRET-7f3a9c"
 IMAGE_APIS = ["openai", "azure-openai", "anthropic", "gemini", "vertexai", "ollama"]
 runner = CliRunner()

@@ -18,6 +18,8 @@ from tests.conftest import write_jsonl
 from tests.fakes import FakeServer
 from tests.test_providers import make_clients
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 FILES = {"talk.wav": b"RIFF fake wav", "song.mp3": b"ID3 fake mp3", "clip.mp4": b"\x00\x00 fake mp4" * 50,
          "paper.pdf": b"%PDF-1.4 fake", "voice.ogg": b"OggS fake", "notes.docx": b"PK fake"}  # fmt: skip
 

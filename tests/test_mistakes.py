@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 from promptfleet.cli import app
 from tests.conftest import write_jsonl
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 GOOD = {"api": "test", "model_name": "m", "prompt": "hi"}

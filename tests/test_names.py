@@ -14,6 +14,8 @@ from promptfleet.core.slug import slug
 from promptfleet.orchestration.secrets import block_name
 from tests.conftest import read_jsonl, write_jsonl
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 runner = CliRunner()
 PREFECT_KEY = re.compile(r"^[a-z0-9-]+$")  # prefect.types.names: artifact keys and block names
 NAMES = ["données ü", "name with spaces ✓", "UPPER_case", "--", "日本語", "a/b\\c", "x" * 3]

@@ -24,6 +24,8 @@ from promptfleet.core.rundir import RunBusy, RunLock
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 KEY = "sk-ownership-test-000000"
 
 

@@ -14,6 +14,8 @@ from promptfleet.cli import app
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,6 +18,8 @@ from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer, Scripted
 from tests.test_server_mode import prefect_server  # noqa: F401  (fixture)
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 
 def rows(n: int) -> list[dict]:
     return [{"api": "openai", "model_name": "gpt-fake", "prompt": f"q{i}"} for i in range(n)]

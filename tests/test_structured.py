@@ -26,6 +26,8 @@ from tests.fakes import FakeServer
 from tests.test_engine import FAST, run_file
 from tests.test_providers import make_clients
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 SCHEMA = {
     "type": "object",
     "properties": {"label": {"type": "string", "enum": ["yes", "no"]}, "score": {"type": "integer", "minimum": 1, "maximum": 5},
