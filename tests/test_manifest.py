@@ -47,7 +47,11 @@ def test_manifest_of_a_python_api_run(tmp_path: Path, openai_env: FakeServer, mo
     assert manifest["prefect"] is None  # no flow: the plain Python API
     assert manifest["settings"]["max_attempts"] == 2 and manifest["settings"]["parallel"] is True
     assert manifest["settings"]["rate_limits"] == {"openai": {"gpt-fake": 600}, "test": 6000}
-    assert manifest["settings"]["prices_usd_per_million_tokens"]["gpt-fake"] == {"input": 1.5, "output": 6.0}
+    priced = manifest["settings"]["prices_usd_per_million_tokens"]
+    assert priced["gpt-fake"] == {"input": 1.5, "output": 6.0, "batch_input": 0.75, "batch_output": 3.0, "source": str(prices)}
+    assert priced["t"] is None  # the test provider's "t" is in no price list: unknown, not free
+    assert manifest["settings"]["prices"] == {"database": f"genai-prices {version('genai-prices')}", "overrides": str(prices)}
+    assert manifest["packages"]["genai-prices"] == version("genai-prices")
     by_model = {m["model_name"]: m for m in manifest["models"]}
     assert by_model["gpt-fake"] == {"api": "openai", "model_name": "gpt-fake", "prompts": 3, "answered": 3,
                                     "model_versions": ["gpt-fake-2026-01-01"], "system_fingerprints": ["fp_fake"], "seeds": [42]}  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from promptfleet.core.costs import load_prices
+from promptfleet.core.costs import PriceTable, load_prices
 from promptfleet.core.queues import Limits, load_limits
 
 
@@ -61,7 +61,7 @@ class Settings(BaseModel):
         return load_limits(self.max_queries_json) if self.max_queries_json else None
 
     @cached_property
-    def price_table(self) -> dict[str, dict[str, float]]:
+    def price_table(self) -> PriceTable:
         return load_prices(self.prices)
 
     def limits(self) -> Limits | None:

@@ -33,8 +33,9 @@ log = logging.getLogger("promptfleet.core.engine")
 # Keys the engine writes; stale copies from a re-run failed file are dropped.
 # What the provider reported about the model that answered (the last turn's, in a multi-turn prompt).
 REPRODUCIBILITY_KEYS = ("model_version", "system_fingerprint", "request_id", "seed")
-OUTPUT_KEYS = ("response", PARSED_KEY, "error", "timestamp_sent", "latency_s", "attempts", "usage", "finish_reason",
-               "input_line", "input_key", "batch", *REPRODUCIBILITY_KEYS)  # fmt: skip
+THINKING_KEY = "thinking_text"  # prompto's name: a reply's thoughts, a list a turn in multi-turn prompts
+OUTPUT_KEYS = ("response", PARSED_KEY, THINKING_KEY, "error", "timestamp_sent", "latency_s", "attempts", "usage",
+               "finish_reason", "input_line", "input_key", "batch", *REPRODUCIBILITY_KEYS)  # fmt: skip
 
 
 @dataclass
@@ -179,15 +180,25 @@ class _Conversation:
         out: dict[str, Any] = {"response": texts if self.turns is not None else texts[0]}
         if self.parsed:
             out[PARSED_KEY] = self.parsed if self.turns is not None else self.parsed[0]
-        ins = [r.input_tokens for r in self.replies if r.input_tokens is not None]
-        outs = [r.output_tokens for r in self.replies if r.output_tokens is not None]
-        if ins or outs:
-            out["usage"] = {"input_tokens": sum(ins) if ins else None, "output_tokens": sum(outs) if outs else None}
+        if any(r.thoughts for r in self.replies):
+            thoughts = [list(r.thoughts) for r in self.replies]
+            out[THINKING_KEY] = thoughts if self.turns is not None else thoughts[0]
+        usage = {key: _total(self.replies, key) for key in ("input_tokens", "output_tokens", "reasoning_tokens")}
+        if usage["input_tokens"] is not None or usage["output_tokens"] is not None:
+            out["usage"] = {k: v for k, v in usage.items() if v is not None or k != "reasoning_tokens"}
         last = self.replies[-1]
+        if last.served_model:
+            out["model"] = last.served_model  # prompto's key for what a self-hosted endpoint serves
         if last.finish_reason:
             out["finish_reason"] = last.finish_reason
         out.update({key: value for key in REPRODUCIBILITY_KEYS if (value := getattr(last, key)) is not None})
         return out
+
+
+def _total(replies: list[Reply], key: str) -> int | None:
+    """A count summed over the turns that reported it; None when none did."""
+    counts = [n for r in replies if (n := getattr(r, key)) is not None]
+    return sum(counts) if counts else None
 
 
 def output_of(record: dict[str, Any], replies: list[Reply]) -> dict[str, Any]:
@@ -371,7 +382,8 @@ def _account(record: dict[str, Any], usage: dict[str, Any] | None, estimate: int
         asyncio.ensure_future(ctx.pacer.charge_tokens(used - estimate))
     if ctx.spend is None:
         return
-    ctx.spend.add(record["model_name"], usage.get("input_tokens"), usage.get("output_tokens"))
+    ctx.spend.add(record["model_name"], usage.get("input_tokens"), usage.get("output_tokens"), api=record["api"],
+                  reasoning_tokens=usage.get("reasoning_tokens"))  # fmt: skip
     if ctx.budget and (reason := ctx.budget.exceeded_by(ctx.spend)) and not ctx.stop.is_set():
         log.warning("budget reached: %s; no new requests, in-flight answers still land", reason)
         ctx.stats.budget_stop = reason

@@ -35,6 +35,7 @@ SDK_OF_API = {
     "gemini": "google-genai",
     "vertexai": "google-genai",
     "ollama": "httpx",
+    "quart": "aiohttp",
 }
 
 
@@ -88,7 +89,11 @@ def effective_settings(settings: Settings, models: list[dict[str, Any]]) -> dict
     """The settings as used: flags, the rate limits file's content, and the price of each model."""
     out = settings.model_dump(mode="json")
     out["rate_limits"] = settings.rate_limits
-    out["prices_usd_per_million_tokens"] = {m["model_name"]: price_of(m["model_name"], settings.price_table) for m in models}
+    table = settings.price_table
+    out["prices"] = table.describe()  # which price data (package and version) priced the run
+    out["prices_usd_per_million_tokens"] = {
+        m["model_name"]: price.as_dict() if (price := price_of(m["model_name"], table, m["api"])) else None for m in models
+    }
     return out
 
 
@@ -114,7 +119,7 @@ def build(
         "python": platform.python_version(),
         "python_implementation": platform.python_implementation(),
         "platform": platform.platform(),
-        "packages": {name: version_of(name) for name in ["prefect", "polars", "pydantic", *sdks]},
+        "packages": {name: version_of(name) for name in ["prefect", "polars", "pydantic", "genai-prices", *sdks]},
         "input_file": state.get("input_file"),
         "input_sha256": state.get("input_sha256"),
         "started": state.get("started"),  # a resumed run keeps its first start

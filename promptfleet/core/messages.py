@@ -135,12 +135,32 @@ def parse_part(item: Any) -> Part:
         spec = item.get("image_url")
         url, detail = (spec.get("url"), spec.get("detail")) if isinstance(spec, Mapping) else (spec, None)
         return media_part("image", url, detail)
+    if kind in SOURCE_KINDS and isinstance(item.get("source"), Mapping):
+        return _source_part(SOURCE_KINDS[kind], item["source"])
     if kind in MEDIA_KINDS or (kind is None and "media" in item):
         reference = item.get("media", item.get("url"))
         return media_part(kind or "image", reference, item.get("detail"), item.get("mime_type"))
     if kind is None and set(item) == {"text"} and isinstance(item["text"], str):  # Gemini's {"text": ...}
         return Text(item["text"])
     return ProviderPart(dict(item))
+
+
+SOURCE_KINDS = {"image": "image", "document": "file"}  # Anthropic's blocks that carry a `source`
+
+
+def _source_part(kind: str, source: Mapping[str, Any]) -> LocalMedia | RemoteMedia:
+    """Anthropic's `source`: prompto's `{media, media_type}` names a file in the media folder;
+    the API's own `{type: base64, media_type, data}` and `{type: url, url}` pass on as they are."""
+    mime = source.get("media_type")
+    if source.get("type") == "base64":
+        if not isinstance(mime, str) or not isinstance(source.get("data"), str):
+            raise PromptError(f"{kind} source of type base64 needs string 'media_type' and 'data'")
+        return RemoteMedia(kind, f"data:{mime};base64,{source['data']}", mime)
+    if source.get("type") == "url":
+        return media_part(kind, source.get("url"), mime_type=mime)
+    if "media" not in source:
+        raise PromptError(f"{kind} source needs 'media' (a file in the media folder), or the API's base64/url form")
+    return media_part(kind, source["media"], mime_type=mime)
 
 
 def parse_content(content: Any) -> tuple[Part, ...]:

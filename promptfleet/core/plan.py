@@ -24,7 +24,7 @@ from promptfleet.core.schemas import (
     schema_problem_for,
 )
 from promptfleet.providers import known_apis, provider_class
-from promptfleet.providers.base import media_problem, missing_env
+from promptfleet.providers.base import media_problem, missing_env, parameter_problems
 
 MAX_REPORTED_ISSUES = 200
 
@@ -139,12 +139,16 @@ def inspect(file: Path, settings: Settings) -> Plan:
                     plan.issues.append(str(Issue(str(file), item.line, SCHEMA_KEY, problem)))
                 continue
             merge_columns(plan.parsed_columns, parsed_columns(record[SCHEMA_KEY]))
+        if problems := parameter_problems(provider_class(record["api"]), record["model_name"], record.get("parameters") or {}):
+            plan.issue_count += len(problems)
+            plan.issues.extend(str(Issue(str(file), item.line, "parameters", p)) for p in problems[: MAX_REPORTED_ISSUES - len(plan.issues)])
+            continue
         plan.prompts += 1
         models.add((record["api"], record["model_name"]))
         ins, outs = estimate_tokens(record)
         plan.worst_case_input_tokens += ins
         plan.worst_case_output_tokens += outs
-        if (price := price_of(record["model_name"], prices)) is None:
+        if (price := price_of(record["model_name"], prices, record["api"])) is None:
             unpriced.add(record["model_name"])
         else:
             plan.worst_case_cost += cost_of(price, ins, outs)

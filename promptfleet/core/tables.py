@@ -24,11 +24,13 @@ TABLE_COLUMNS = {
     "status": "String",
     "prompt": "String",
     "response": "String",
+    "thinking_text": "String",
     "timestamp_sent": "String",
     "latency_s": "Float64",
     "attempts": "Int64",
     "input_tokens": "Int64",
     "output_tokens": "Int64",
+    "reasoning_tokens": "Int64",
     "finish_reason": "String",
     "model_version": "String",
     "system_fingerprint": "String",
@@ -45,6 +47,13 @@ def _as_text(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
     return json.dumps(value, ensure_ascii=False)
+
+
+def _thinking(value: Any) -> str | None:
+    """A reply's thoughts as one text (blank-line separated); a multi-turn prompt's as JSON, a list a turn."""
+    if isinstance(value, list) and all(isinstance(t, str) for t in value):
+        return "\n\n".join(value)
+    return _as_text(value)
 
 
 PARSED_TYPES = {"string": "String", "integer": "Int64", "number": "Float64", "boolean": "Boolean", "json": "String"}
@@ -75,11 +84,13 @@ def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_colu
         "status": status,
         "prompt": _as_text(record.get("prompt")),
         "response": _as_text(record.get("response")),
+        "thinking_text": _thinking(record.get("thinking_text")),
         "timestamp_sent": record.get("timestamp_sent"),
         "latency_s": record.get("latency_s"),
         "attempts": record.get("attempts", error.get("attempts")),
         "input_tokens": usage.get("input_tokens"),
         "output_tokens": usage.get("output_tokens"),
+        "reasoning_tokens": usage.get("reasoning_tokens"),
         "finish_reason": record.get("finish_reason"),
         "model_version": record.get("model_version"),
         "system_fingerprint": record.get("system_fingerprint"),

@@ -27,6 +27,7 @@ BUILTIN = {
     "gemini": "promptfleet.providers.gemini:GeminiProvider",
     "vertexai": "promptfleet.providers.gemini:VertexAIProvider",
     "ollama": "promptfleet.providers.ollama:OllamaProvider",
+    "quart": "promptfleet.providers.quart:QuartProvider",
 }
 
 

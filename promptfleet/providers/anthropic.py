@@ -1,7 +1,8 @@
 """`anthropic`: the Messages API through the official SDK.
 
 System messages become Anthropic's `system`; `max_tokens`, which the API requires,
-defaults to 1024 when the experiment does not set it.
+defaults to 1024 when the experiment does not set it. Extended thinking is the API's own
+`thinking` parameter; its blocks come back as the reply's thoughts.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from promptfleet.providers.base import (
     ProviderError,
     ProviderOptions,
     Reply,
+    count,
     mime_type_of,
     rate_limit_headers,
 )
 
 DEFAULT_MAX_TOKENS = 1024
+MIN_THINKING_BUDGET = 1024  # the API refuses a smaller budget_tokens
+THINKING_TYPES = ("enabled", "disabled", "adaptive")
 
 
 def to_anthropic(messages: Sequence[Message], media: MediaFolder) -> tuple[str | None, list[dict[str, Any]]]:
@@ -80,6 +84,10 @@ class AnthropicProvider:
             return f"the anthropic api takes PDF documents, not {mime or 'an unknown type'}"
         return None
 
+    @classmethod
+    def parameter_problems(cls, model: str, parameters: Mapping[str, Any]) -> list[str]:
+        return thinking_problems(parameters)
+
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
         self._client = anthropic.AsyncAnthropic(
@@ -117,17 +125,42 @@ class AnthropicProvider:
         await self._client.close()
 
 
+def thinking_problems(parameters: Mapping[str, Any]) -> list[str]:
+    """The rules of `thinking` the API would answer 400 for, found before anything is sent."""
+    thinking = parameters.get("thinking")
+    if thinking is None:
+        return []
+    if not isinstance(thinking, Mapping) or thinking.get("type") not in THINKING_TYPES:
+        return [f"thinking must be an object with type one of {', '.join(THINKING_TYPES)}, got {thinking!r}"]
+    if thinking["type"] != "enabled":
+        return []
+    budget, max_tokens = thinking.get("budget_tokens"), parameters.get("max_tokens", DEFAULT_MAX_TOKENS)
+    if count(budget) is None or budget < MIN_THINKING_BUDGET:
+        return [f"thinking.budget_tokens must be an integer of at least {MIN_THINKING_BUDGET}, got {budget!r}"]
+    problems = []
+    if count(max_tokens) is not None and max_tokens <= budget:
+        default = "" if "max_tokens" in parameters else f" (the default, {DEFAULT_MAX_TOKENS})"
+        problems.append(f"max_tokens {max_tokens}{default} must be greater than thinking.budget_tokens {budget}")
+    if parameters.get("temperature", 1) != 1 or "top_k" in parameters:
+        problems.append("thinking cannot be combined with temperature (other than 1) or top_k")
+    return problems
+
+
 def reply_of(response: anthropic.types.Message, rate_limits: dict[str, str] | None = None, request_id: str | None = None) -> Reply:
     """A Message (online, or one succeeded result of a batch) as a Reply."""
     texts = [block.text for block in response.content if getattr(block, "type", None) == "text"]
+    thoughts = tuple(block.thinking for block in response.content if getattr(block, "type", None) == "thinking")
     if not texts and response.stop_reason != "max_tokens":
         raise ProviderError("response has no text content", kind="invalid_response")
+    details = getattr(response.usage, "output_tokens_details", None)
     return Reply(
         text="".join(texts),
         input_tokens=response.usage.input_tokens,
-        output_tokens=response.usage.output_tokens,
+        output_tokens=response.usage.output_tokens,  # thinking included: Anthropic bills it as output
         finish_reason=response.stop_reason,
         rate_limits=rate_limits,
         model_version=response.model or None,
         request_id=request_id or response.id or None,
+        thoughts=thoughts,
+        reasoning_tokens=count(getattr(details, "thinking_tokens", None)),
     )

@@ -37,6 +37,13 @@ class Reply:
     system_fingerprint: str | None = None  # OpenAI's backend configuration fingerprint
     request_id: str | None = None  # the provider's id of this request, for support tickets
     seed: int | None = None  # the seed that was sent, if any
+    # Reasoning models: the thought text the provider returned (Gemini's thought parts, Anthropic's
+    # thinking blocks, Ollama's `thinking`), and how many of `output_tokens` went on reasoning.
+    # `output_tokens` always counts every billed output token, reasoning included.
+    thoughts: tuple[str, ...] = ()
+    reasoning_tokens: int | None = None
+    # The model a self-hosted endpoint (quart, huggingface-tgi) says it serves: prompto keeps it as `model`.
+    served_model: str | None = None
 
 
 def seed_sent(parameters: Mapping[str, Any]) -> int | None:
@@ -75,12 +82,26 @@ class Provider(Protocol):
     # Optional: True when chat() takes `response_schema` (a JSON Schema) and asks the API for
     # JSON of that shape; records with a schema are refused at validation for other providers.
     structured_output: ClassVar[bool]
+    # Optional: a classmethod `parameter_problems(model, parameters) -> list[str]`, run by `check`
+    # (see `parameter_problems` below).
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None: ...
 
     async def chat(self, model: str, messages: list[Message], parameters: dict[str, Any]) -> Reply: ...
 
     async def aclose(self) -> None: ...
+
+
+def parameter_problems(cls: type[Provider], model: str, parameters: Mapping[str, Any]) -> list[str]:
+    """What is wrong with a record's parameters for this provider and model, one line each
+    (a provider checks what it knows: reasoning settings and their limits, mostly)."""
+    check = getattr(cls, "parameter_problems", None)
+    return list(check(model, parameters)) if check else []
+
+
+def count(value: Any) -> int | None:
+    """A token count as a provider reported it; anything but an int is no count."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def model_env_suffix(model: str) -> str:

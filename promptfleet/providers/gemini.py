@@ -9,12 +9,17 @@ Media of every kind (image, audio, video, PDF) is sent inline; a file over the i
 limit goes to the Gemini File API instead, once: uploads are found again by SHA-256, so a
 file used by many prompts, runs or `promptfleet upload-media` is uploaded a single time.
 Vertex has no File API: large files there are given as gs:// URIs.
+
+Thinking: prompto's flat `thinking_budget` and `include_thoughts` (and `thinking_level`) become
+the config's ThinkingConfig, range-checked per model family at `check`; thought parts come
+back as the reply's thoughts, and `thoughts_token_count` is billed as output.
 """
 
 from __future__ import annotations
 
 import asyncio
 import mimetypes
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,10 +43,21 @@ from promptfleet.providers.base import (
     ProviderError,
     ProviderOptions,
     Reply,
+    count,
     seed_sent,
 )
 
 INLINE_LIMIT_BYTES = 20 * 1024 * 1024  # Gemini refuses requests with more inline data than this
+
+THINKING_KEYS = ("thinking_budget", "include_thoughts", "thinking_level")  # prompto's flat spelling, and Gemini 3's level
+# thinking_budget per model family (Google's published limits): (lowest, highest, may be 0 to turn thinking off).
+# -1 asks for a dynamic budget everywhere. Longest matching prefix wins.
+THINKING_BUDGETS = {
+    "gemini-2.5-pro": (128, 32768, False),
+    "gemini-2.5-flash": (1, 24576, True),
+    "gemini-2.5-flash-lite": (512, 24576, True),
+}
+NOT_THINKING = ("gemini-1.", "gemini-2.0")  # families that take no thinking settings
 
 Uploaded = Mapping[str, types.File]  # media ref -> its File API upload
 
@@ -110,6 +126,18 @@ class GeminiProvider:
     media_urls: ClassVar[bool] = True
     structured_output: ClassVar[bool] = True
 
+    @classmethod
+    def parameter_problems(cls, model: str, parameters: Mapping[str, Any]) -> list[str]:
+        problems = thinking_problems(model, parameters)
+        checked = parameters if not problems else {k: v for k, v in parameters.items() if k not in (*THINKING_KEYS, "thinking_config")}
+        try:
+            with warnings.catch_warnings():  # the SDK warns before it refuses; the refusal is the line we report
+                warnings.simplefilter("ignore")
+                types.GenerateContentConfig(**with_thinking_config(checked))
+        except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError
+            problems += config_errors(err)
+        return problems
+
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
         self._client = genai.Client(
@@ -133,7 +161,8 @@ class GeminiProvider:
         """(contents, config) of generateContent; a batch's inlined request carries the same pair."""
         system, contents = to_contents(messages, self._options.media, uploaded)
         asked = {"response_mime_type": "application/json", "response_json_schema": response_schema} if response_schema is not None else {}
-        return contents, types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **asked, **parameters)
+        config = with_thinking_config(parameters)
+        return contents, types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **asked, **config)
 
     async def chat(
         self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
@@ -196,20 +225,90 @@ class VertexAIProvider(GeminiProvider):
         self.inline_limit_bytes = INLINE_LIMIT_BYTES
 
 
+def with_thinking_config(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters with the flat thinking keys moved into `thinking_config`, where the SDK
+    takes them (a `thinking_config` written out in full is kept, the flat keys added to it)."""
+    flat = {k: parameters[k] for k in THINKING_KEYS if k in parameters}
+    if not flat:
+        return dict(parameters)
+    config = {k: v for k, v in parameters.items() if k not in THINKING_KEYS}
+    written = config.get("thinking_config")
+    config["thinking_config"] = {**(written if isinstance(written, Mapping) else {}), **flat}
+    return config
+
+
+def _family(model: str) -> str:
+    return model.rsplit("/", 1)[-1]  # "models/gemini-2.5-pro" and Vertex's publisher paths name the same model
+
+
+def thinking_problems(model: str, parameters: Mapping[str, Any]) -> list[str]:
+    """Gemini's thinking settings against what the model's family takes."""
+    written = parameters.get("thinking_config") or {}
+    if not isinstance(written, Mapping):
+        return ["thinking_config must be an object"]
+    settings = {**written, **{k: parameters[k] for k in THINKING_KEYS if k in parameters}}
+    if not settings:
+        return []
+    name = _family(model)
+    if name.startswith(NOT_THINKING) and "thinking" not in name:
+        return [f"{model} does not think: {', '.join(sorted(settings))} is for Gemini 2.5 and later models"]
+    problems = []
+    if "include_thoughts" in settings and not isinstance(settings["include_thoughts"], bool):
+        problems.append(f"include_thoughts must be true or false, got {settings['include_thoughts']!r}")
+    level = settings.get("thinking_level")
+    if level is not None and str(level).upper() not in types.ThinkingLevel.__members__:
+        problems.append(f"thinking_level must be one of {', '.join(m.lower() for m in types.ThinkingLevel.__members__ if m != 'THINKING_LEVEL_UNSPECIFIED')}, got {level!r}")
+    if "thinking_budget" in settings:
+        problems += _budget_problems(model, settings["thinking_budget"], level is not None)
+    return problems
+
+
+def _budget_problems(model: str, budget: Any, with_level: bool) -> list[str]:
+    if with_level:
+        return ["thinking_budget and thinking_level cannot both be set"]
+    if count(budget) is None or budget < -1:
+        return [f"thinking_budget must be an integer (-1 for a dynamic budget), got {budget!r}"]
+    family = max((f for f in THINKING_BUDGETS if _family(model).startswith(f)), key=len, default=None)
+    if family is None or budget == -1:
+        return []
+    low, high, may_stop = THINKING_BUDGETS[family]
+    if budget == 0 and may_stop:
+        return []
+    if not low <= budget <= high:
+        off = ", or 0 to turn thinking off" if may_stop else "; thinking cannot be turned off"
+        return [f"thinking_budget {budget} is out of range for {family}: {low} to {high}, -1 for dynamic{off}"]
+    return []
+
+
+def config_errors(err: Exception) -> list[str]:
+    """The SDK's validation of GenerateContentConfig, one line per field."""
+    errors = getattr(err, "errors", None)
+    if not callable(errors):
+        return [str(err)]
+    lines = []
+    for e in errors():
+        where = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{where} is not a Gemini generation parameter" if e["type"] == "extra_forbidden" else f"{where}: {e['msg']}")
+    return lines
+
+
 def reply_of(response: types.GenerateContentResponse, seed: int | None = None) -> Reply:
     """A generateContent response (online, or one inlined response of a batch) as a Reply."""
     candidate = response.candidates[0] if response.candidates else None
     if candidate is None:
         reason = response.prompt_feedback.block_reason if response.prompt_feedback else None
         raise ProviderError(f"no candidates (prompt blocked: {reason})", kind="bad_request")
-    text = "".join(p.text for p in (candidate.content.parts if candidate.content else None) or [] if p.text)
+    parts = [p for p in (candidate.content.parts if candidate.content else None) or [] if p.text]
     usage = response.usage_metadata
+    answer, thinking = (usage.candidates_token_count, usage.thoughts_token_count) if usage else (None, None)
     return Reply(
-        text=text,
+        text="".join(p.text for p in parts if not p.thought),
         input_tokens=usage.prompt_token_count if usage else None,
-        output_tokens=usage.candidates_token_count if usage else None,
+        output_tokens=(answer or 0) + (thinking or 0) if answer is not None or thinking is not None else None,
         finish_reason=candidate.finish_reason.value if candidate.finish_reason else None,
         model_version=response.model_version,
         request_id=response.response_id,
         seed=seed,
+        thoughts=tuple(p.text for p in parts if p.thought),
+        reasoning_tokens=thinking,
     )

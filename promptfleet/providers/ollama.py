@@ -2,7 +2,8 @@
 single prompt, /api/chat for conversations), with one pooled httpx client per endpoint.
 
 `parameters` are Ollama's `options` (num_predict, temperature, ...); `keep_alive`,
-`format` and `think`, if given, go next to them at the top level of the request.
+`format` and `think`, if given, go next to them at the top level of the request. A thinking
+model's `thinking` comes back as the reply's thoughts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from promptfleet.providers.base import (
 )
 
 TOP_LEVEL = ("keep_alive", "format", "think")
+THINK_LEVELS = ("low", "medium", "high")  # besides true/false, for models that take a level (gpt-oss)
 
 
 def to_ollama(message: Message, media: MediaFolder) -> dict[str, Any]:
@@ -49,6 +51,13 @@ class OllamaProvider:
     media_kinds: ClassVar[frozenset[str]] = frozenset({"image"})
     media_urls: ClassVar[bool] = False
     structured_output: ClassVar[bool] = True
+
+    @classmethod
+    def parameter_problems(cls, model: str, parameters: Mapping[str, Any]) -> list[str]:
+        think = parameters.get("think")
+        if think is None or isinstance(think, bool) or think in THINK_LEVELS:
+            return []
+        return [f"think must be true, false or one of {', '.join(THINK_LEVELS)}, got {think!r}"]
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -85,7 +94,8 @@ class OllamaProvider:
         if not response.is_success:
             message = data.get("error", response.reason_phrase) if isinstance(data, dict) else response.reason_phrase
             raise error_for_status(response.status_code, str(message), response.headers)
-        text = data.get("response") if single else (data.get("message") or {}).get("content")
+        answer = data if single else (data.get("message") or {})
+        text, thinking = answer.get("response" if single else "content"), answer.get("thinking")
         if text is None:
             raise ProviderError("malformed response: no answer in body", kind="invalid_response")
         return Reply(
@@ -95,6 +105,7 @@ class OllamaProvider:
             finish_reason=data.get("done_reason"),
             model_version=data.get("model"),
             seed=seed_sent(parameters),
+            thoughts=(thinking,) if isinstance(thinking, str) and thinking else (),
         )
 
     async def aclose(self) -> None:

@@ -3,7 +3,10 @@
 `huggingface-tgi` are the same protocol with other endpoints and credentials.
 
 Parameters go to the API as they are, so a misspelt one is reported by the server instead
-of being dropped here. The SDK configures the client; requests go through the lean
+of being dropped here. Reasoning models take `reasoning_effort` (checked against the SDK's
+values at `check`); the Responses API's `{"reasoning": {"effort": ...}}` is sent as it.
+Reasoning tokens come from `completion_tokens_details`; servers that return the reasoning
+text (vLLM, llama.cpp, DeepSeek: `reasoning_content` or `reasoning`) give the reply's thoughts. The SDK configures the client; requests go through the lean
 transport in `http.py` (Azure's deployment paths stay with the SDK).
 """
 
@@ -11,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import openai
 import orjson
 from openai.types.chat import ChatCompletion
+from openai.types.shared import ReasoningEffort
 
 from promptfleet.core.media import MediaFolder, decode_data_url
 from promptfleet.core.messages import (
@@ -32,6 +36,7 @@ from promptfleet.providers.base import (
     ProviderError,
     ProviderOptions,
     Reply,
+    count,
     error_for_status,
     mime_type_of,
     rate_limit_headers,
@@ -90,6 +95,27 @@ def openai_media_refusal(api: str, part: LocalMedia | RemoteMedia) -> str | None
     return None
 
 
+EFFORTS = tuple(a for arg in get_args(ReasoningEffort) for a in get_args(arg))  # the SDK's own list of levels
+
+
+def reasoning_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """`reasoning: {effort}` (the Responses API's spelling) as chat completions' `reasoning_effort`;
+    a `reasoning` object with more in it is left for the servers that read it (OpenRouter, vLLM)."""
+    reasoning = parameters.get("reasoning")
+    if not (isinstance(reasoning, Mapping) and set(reasoning) == {"effort"}):
+        return dict(parameters)
+    return {**{k: v for k, v in parameters.items() if k != "reasoning"}, "reasoning_effort": reasoning["effort"]}
+
+
+def reasoning_problems(parameters: Mapping[str, Any]) -> list[str]:
+    effort = reasoning_parameters(parameters).get("reasoning_effort")
+    if "reasoning_effort" in reasoning_parameters(parameters) and effort not in EFFORTS:
+        return [f"reasoning effort must be one of {', '.join(EFFORTS)}, got {effort!r}"]
+    if "reasoning" in parameters and not isinstance(parameters["reasoning"], Mapping):
+        return [f"reasoning must be an object such as {{\"effort\": \"low\"}}, got {parameters['reasoning']!r}"]
+    return []
+
+
 def response_format(schema: dict[str, Any]) -> dict[str, Any]:
     """OpenAI's structured output; strict when the schema allows it (closed objects, all required)."""
     return {"type": "json_schema", "json_schema": {"name": "response", "schema": schema, "strict": strict_compatible(schema)}}
@@ -108,6 +134,10 @@ class OpenAIProvider:
     @classmethod
     def media_refusal(cls, part: LocalMedia | RemoteMedia) -> str | None:
         return openai_media_refusal(cls.api, part)
+
+    @classmethod
+    def parameter_problems(cls, model: str, parameters: Mapping[str, Any]) -> list[str]:
+        return reasoning_problems(parameters)
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._options = options
@@ -132,7 +162,7 @@ class OpenAIProvider:
         self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """The chat completions body; the batch API sends the same one per line."""
-        body = {**parameters, "model": model, "messages": to_openai_messages(messages, self._options.media)}
+        body = {**reasoning_parameters(parameters), "model": model, "messages": to_openai_messages(messages, self._options.media)}
         if response_schema is not None:
             body["response_format"] = response_format(response_schema)
         return body
@@ -175,16 +205,21 @@ def reply_of_body(
     """A chat completion as parsed JSON as a Reply; a body of another shape is a malformed response."""
     try:
         choice = completion["choices"][0]
-        text = choice["message"].get("content") or ""
+        message = choice["message"]
+        text = message.get("content") or ""
     except (KeyError, IndexError, TypeError, AttributeError):
         raise ProviderError("malformed response: no choices with a message", kind=ErrorKind.INVALID_RESPONSE) from None
     if not isinstance(text, str):
         raise ProviderError("malformed response: the message content is not text", kind=ErrorKind.INVALID_RESPONSE)
     usage = completion.get("usage") or {}
+    details = usage.get("completion_tokens_details") or {}
+    thought = message.get("reasoning_content") or message.get("reasoning")
     return Reply(
         text=text,
-        input_tokens=_count(usage.get("prompt_tokens")),
-        output_tokens=_count(usage.get("completion_tokens")),
+        input_tokens=count(usage.get("prompt_tokens")),
+        output_tokens=count(usage.get("completion_tokens")),  # reasoning included, as OpenAI bills it
+        reasoning_tokens=count(details.get("reasoning_tokens")) if isinstance(details, dict) else None,
+        thoughts=(thought,) if isinstance(thought, str) and thought else (),
         finish_reason=choice.get("finish_reason"),
         rate_limits=rate_limits,
         model_version=completion.get("model") or None,
@@ -192,10 +227,6 @@ def reply_of_body(
         request_id=request_id or completion.get("id") or None,
         seed=seed,
     )
-
-
-def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class AzureOpenAIProvider(OpenAIProvider):
@@ -226,6 +257,13 @@ class HuggingFaceTGIProvider(OpenAIProvider):
     optional_env: ClassVar[tuple[str, ...]] = ("HUGGINGFACE_TGI_API_KEY",)
     media_kinds: ClassVar[frozenset[str]] = frozenset()  # TGI's Messages API serves text models
     structured_output: ClassVar[bool] = False  # TGI's grammar format is its own; not mapped yet
+
+    async def chat(
+        self, model: str, messages: Sequence[Message], parameters: dict[str, Any], response_schema: dict[str, Any] | None = None
+    ) -> Reply:
+        reply = await super().chat(model, messages, parameters, response_schema)
+        reply.served_model = reply.model_version  # `model_name` only names the endpoint here
+        return reply
 
     @staticmethod
     def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:

@@ -9,6 +9,7 @@ Parameters it reads (all optional):
   raise_error    "true"/"yes" fails every attempt with a 400 (prompto's test api option)
   reply_with     "score": answer "Score: N" with N from 1 to 10, derived from the prompt
                  (a judge stand-in); any other string is answered as it is
+  thoughts       answer as a reasoning model: N thoughts, their tokens counted as reasoning
 A record's `response_schema` is answered with JSON of that shape (unless `reply_with`
 says otherwise, which is how a schema failure is rehearsed).
 """
@@ -41,6 +42,12 @@ class TestProvider:
     media_urls: ClassVar[bool] = True
     structured_output: ClassVar[bool] = True
 
+    @classmethod
+    def parameter_problems(cls, model: str, parameters: Mapping[str, Any]) -> list[str]:
+        thoughts = parameters.get("thoughts", 0)
+        ok = isinstance(thoughts, int) and not isinstance(thoughts, bool) and thoughts >= 0
+        return [] if ok else [f"thoughts must be a whole number of thoughts, got {thoughts!r}"]
+
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
         self._attempts: Counter[str] = Counter()
 
@@ -66,9 +73,12 @@ class TestProvider:
             answer = json.dumps(example_instance(response_schema, f"{model}\n{question}"))
         if (reply := parameters.get("reply_with")) is not None:
             answer = f"Score: {int(digest, 16) % 10 + 1}" if reply == "score" else str(reply)
+        thoughts = tuple(f"thought {n + 1} of {model} on: {question[:100]}" for n in range(int(parameters.get("thoughts", 0))))
+        reasoning = sum(len(t.split()) for t in thoughts)
         return Reply(
-            answer, input_tokens=sum(len(m.text.split()) for m in messages), output_tokens=words + 5, finish_reason="stop",
+            answer, input_tokens=sum(len(m.text.split()) for m in messages), output_tokens=words + 5 + reasoning, finish_reason="stop",
             model_version=model, request_id=f"test-{digest}", seed=seed_sent(parameters),
+            thoughts=thoughts, reasoning_tokens=reasoning if thoughts else None,
         )  # fmt: skip
 
     async def aclose(self) -> None:
