@@ -1,6 +1,13 @@
 """A local fake LLM server on 127.0.0.1 that speaks each provider's wire protocol:
 OpenAI chat completions (also Azure's deployment paths and TGI's Messages API),
-Anthropic messages, Gemini/Vertex generateContent, and Ollama chat/generate.
+Anthropic messages, Gemini/Vertex generateContent, Ollama chat/generate, and prompto's
+Quart server (`POST /generate`).
+
+A request that asks for reasoning is answered as a reasoning model answers, in each API's
+own shape: Anthropic `thinking` blocks with a signature and `output_tokens_details`, Gemini
+parts with `thought: true` and `thoughtsTokenCount`, OpenAI's
+`completion_tokens_details.reasoning_tokens` (and vLLM's `reasoning_content` when
+`reasoning_text` is set), Ollama's `thinking`.
 
 Behaviour is scripted per prompt text: a list of steps to play before answering
 normally, each a status code (with optional Retry-After and body) or "malformed" /
@@ -58,6 +65,7 @@ class FakeState:
     pending_uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
     processing_polls: int = 0  # GETs an uploaded file answers PROCESSING before ACTIVE
     schema_replies: list[str] = field(default_factory=list)  # raw answers to play first when JSON is asked for
+    reasoning_text: bool = False  # OpenAI-compatible answers carry `reasoning_content`, as vLLM and DeepSeek send it
 
     @property
     def requests(self) -> list[dict[str, Any]]:
@@ -81,12 +89,25 @@ def _openai_text(p: dict) -> str:
     return _text(p["messages"][-1]["content"])
 
 
-def _openai_ok(p: dict, answer: str, n: int) -> dict:
+REASONING_TOKENS = 7  # what every fake reasoning answer spent thinking
+
+
+def thought_about(text: str) -> str:
+    return f"thinking about: {text}"
+
+
+def _openai_ok(p: dict, answer: str, n: int, reasoning_text: bool = False) -> dict:
+    thinks = "reasoning_effort" in p
+    r = REASONING_TOKENS if thinks else 0
+    message = {"role": "assistant", "content": answer}
+    if reasoning_text and thinks:
+        message["reasoning_content"] = thought_about(_openai_text(p))
     return {
         "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()),
         "model": f"{p.get('model', 'tgi')}-2026-01-01", "system_fingerprint": "fp_fake",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": n, "completion_tokens": n + 2, "total_tokens": 2 * n + 2},
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": n, "completion_tokens": n + 2 + r, "total_tokens": 2 * n + 2 + r,
+                  **({"completion_tokens_details": {"reasoning_tokens": r}} if thinks else {})},
     }  # fmt: skip
 
 
@@ -98,11 +119,16 @@ def _anthropic_text(p: dict) -> str:
     return _text(p["messages"][-1]["content"])
 
 
-def _anthropic_ok(p: dict, answer: str, n: int) -> dict:
+def _anthropic_ok(p: dict, answer: str, n: int, reasoning_text: bool = False) -> dict:
+    thinks = (p.get("thinking") or {}).get("type") == "enabled"
+    content = [{"type": "text", "text": answer}]
+    usage: dict = {"input_tokens": n, "output_tokens": n + 2}
+    if thinks:
+        content.insert(0, {"type": "thinking", "thinking": thought_about(_anthropic_text(p)), "signature": "EqQBCgIYAhIM-fake-signature"})
+        usage = {"input_tokens": n, "output_tokens": n + 2 + REASONING_TOKENS, "output_tokens_details": {"thinking_tokens": REASONING_TOKENS}}
     return {
         "id": "msg_fake", "type": "message", "role": "assistant", "model": f"{p['model']}-20260101",
-        "content": [{"type": "text", "text": answer}], "stop_reason": "end_turn", "stop_sequence": None,
-        "usage": {"input_tokens": n, "output_tokens": n + 2},
+        "content": content, "stop_reason": "end_turn", "stop_sequence": None, "usage": usage,
     }  # fmt: skip
 
 
@@ -115,11 +141,17 @@ def _gemini_text(p: dict) -> str:
     return _text(p["contents"][-1]["parts"])
 
 
-def _gemini_ok(p: dict, answer: str, n: int) -> dict:
+def _gemini_ok(p: dict, answer: str, n: int, reasoning_text: bool = False) -> dict:
+    thinking = (p.get("generationConfig") or {}).get("thinkingConfig") or {}
+    spelt = lambda name: thinking.get(name, thinking.get(re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), name)))  # noqa: E731 - proto JSON takes both spellings, the SDK sends snake_case here
+    r = REASONING_TOKENS if thinking and spelt("thinkingBudget") != 0 else 0
+    parts: list = [{"text": answer}]
+    if r and spelt("includeThoughts"):
+        parts.insert(0, {"text": thought_about(_gemini_text(p)), "thought": True})
+    usage = {"promptTokenCount": n, "candidatesTokenCount": n + 2, "totalTokenCount": 2 * n + 2 + r, **({"thoughtsTokenCount": r} if r else {})}
     return {
-        "candidates": [{"content": {"role": "model", "parts": [{"text": answer}]}, "finishReason": "STOP", "index": 0}],
-        "usageMetadata": {"promptTokenCount": n, "candidatesTokenCount": n + 2, "totalTokenCount": 2 * n + 2},
-        "modelVersion": "fake-model-001", "responseId": "resp_fake",
+        "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+        "usageMetadata": usage, "modelVersion": "fake-model-001", "responseId": "resp_fake",
     }
 
 
@@ -133,17 +165,32 @@ def _ollama_text(p: dict) -> str:
     return p["messages"][-1]["content"] if "messages" in p else p["prompt"]
 
 
-def _ollama_ok(p: dict, answer: str, n: int) -> dict:
+def _ollama_ok(p: dict, answer: str, n: int, reasoning_text: bool = False) -> dict:
     body = {"model": p["model"], "created_at": "2026-01-01T00:00:00Z", "done": True, "done_reason": "stop",
             "prompt_eval_count": n, "eval_count": n + 2}  # fmt: skip
+    thought = {"thinking": thought_about(_ollama_text(p))} if p.get("think") else {}
     if "messages" in p:
-        body["message"] = {"role": "assistant", "content": answer}
+        body["message"] = {"role": "assistant", "content": answer, **thought}
     else:
-        body["response"] = answer
+        body.update(response=answer, **thought)
     return body
 
 
 def _ollama_err(status: int, message: str) -> dict:
+    return {"error": message}
+
+
+def _quart_text(p: dict) -> str:
+    """prompto's server takes `text`: the prompt, or chat messages for the model's template."""
+    text = p["text"]
+    return text if isinstance(text, str) else text[-1]["content"]
+
+
+def _quart_ok(p: dict, answer: str, n: int, reasoning_text: bool = False) -> dict:
+    return {"response": [{"generated_text": answer}], "model": "fake-org/quart-model"}
+
+
+def _quart_err(status: int, message: str) -> dict:
     return {"error": message}
 
 
@@ -164,6 +211,7 @@ PROTOCOLS = {
     "anthropic": (_anthropic_text, _anthropic_ok, _anthropic_err),
     "gemini": (_gemini_text, _gemini_ok, _gemini_err),
     "ollama": (_ollama_text, _ollama_ok, _ollama_err),
+    "quart": (_quart_text, _quart_ok, _quart_err),
 }
 
 
@@ -177,6 +225,8 @@ def protocol_of(path: str) -> str | None:
         return "gemini"
     if path in ("/api/chat", "/api/generate"):
         return "ollama"
+    if path.endswith("/generate"):
+        return "quart"
     return None
 
 
@@ -200,6 +250,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?")[0]
         state = self.state
+        if path == "/":  # prompto's quart server answers its ping
+            return self._send(200, b"pong")
         with state.lock:
             if re.fullmatch(r"/v1(?:beta)?/files", path):
                 return self._send(200, {"files": list(state.files.values())})
@@ -282,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
         request_id = {"x-request-id": f"req_fake_{len(state.seen)}", "request-id": f"req_fake_{len(state.seen)}"}
         with state.lock:
             state.answered[text] += 1
-        self._send(200, ok(payload, answer, len(text.split())), {**limit_headers, **request_id})
+        self._send(200, ok(payload, answer, len(text.split()), state.reasoning_text), {**limit_headers, **request_id})
 
     @staticmethod
     def _enforce_limit(state: FakeState) -> tuple[dict[str, str], float | None]:

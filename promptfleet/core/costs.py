@@ -223,6 +223,13 @@ class Spend:
         if entry["cost"] is not None:
             entry["cost"] += cost
 
+    def cost_of(
+        self, model: str, input_tokens: int | None, output_tokens: int | None, batch: bool = False, api: str | None = None
+    ) -> float | None:
+        """USD of one answer's tokens; None when the model has no price."""
+        price = price_of(model, self.prices, api)
+        return None if price is None else cost_of(price, input_tokens or 0, output_tokens or 0, batch)
+
     @property
     def tokens(self) -> int:
         return self.input_tokens + self.output_tokens

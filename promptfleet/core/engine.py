@@ -201,11 +201,22 @@ def _total(replies: list[Reply], key: str) -> int | None:
     return sum(counts) if counts else None
 
 
-def output_of(record: dict[str, Any], replies: list[Reply]) -> dict[str, Any]:
-    """The output keys of a prompt answered by `replies` (batch mode's answers take this shape too)."""
+def output_of(record: dict[str, Any], replies: list[Reply], spend: Spend | None = None, batch: bool = False) -> dict[str, Any]:
+    """The output keys of a prompt answered by `replies` (batch mode's answers take this shape too),
+    priced when `spend` is given."""
     conversation = _Conversation(record)
     conversation.replies = list(replies)
-    return conversation.output()
+    return with_cost(conversation.output(), record, spend, batch)
+
+
+def with_cost(output: dict[str, Any], record: dict[str, Any], spend: Spend | None, batch: bool = False) -> dict[str, Any]:
+    """The answer's price in its usage (`cost_usd`), when its model has one."""
+    usage = output.get("usage")
+    if spend is not None and usage:
+        cost = spend.cost_of(record["model_name"], usage.get("input_tokens"), usage.get("output_tokens"), batch, record["api"])
+        if cost is not None:
+            usage["cost_usd"] = round(cost, 9)
+    return output
 
 
 @dataclass
@@ -350,7 +361,7 @@ def record(prompt: Prompt, outcome: Outcome, estimate: int, ctx: QueueContext) -
         return
     base = {k: v for k, v in prompt.record.items() if k not in OUTPUT_KEYS}
     if isinstance(outcome, Answered):
-        done = {**base, **outcome.output, "timestamp_sent": outcome.first_sent, "latency_s": round(outcome.latency, 4),
+        done = {**base, **with_cost(outcome.output, prompt.record, ctx.spend), "timestamp_sent": outcome.first_sent, "latency_s": round(outcome.latency, 4),
                 "attempts": outcome.attempts, "input_line": prompt.line, "input_key": prompt.key}  # fmt: skip
         if ctx.scorers:
             scores = scorers.apply(ctx.scorers, done)
