@@ -190,8 +190,8 @@ def _quart_ok(p: dict, answer: str, n: int, reasoning_text: bool = False) -> dic
     return {"response": [{"generated_text": answer}], "model": "fake-org/quart-model"}
 
 
-def _quart_err(status: int, message: str) -> dict:
-    return {"error": message}
+def _quart_err(status: int, message: str) -> bytes:
+    return f"<!doctype html>\n<title>{status}</title>\n<h1>Error</h1>\n<p>{message}</p>\n".encode()  # Quart's HTML error page
 
 
 def asked_schema(protocol: str, p: dict) -> dict | None:

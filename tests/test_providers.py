@@ -41,10 +41,12 @@ def provider_env(api: str, url: str) -> dict[str, str]:
         "vertexai": {"VERTEXAI_PROJECT_ID": "proj", "VERTEXAI_LOCATION_ID": "europe-west2", "VERTEXAI_BASE_URL": url,
                      "VERTEXAI_ACCESS_TOKEN": KEY},  # fmt: skip
         "ollama": {"OLLAMA_API_ENDPOINT": url},
+        "quart": {"QUART_API_ENDPOINT": url},
     }[api]
 
 
 APIS = ["openai", "azure-openai", "huggingface-tgi", "anthropic", "gemini", "vertexai", "ollama"]
+ALL_APIS = [*APIS, "quart"]  # quart reports no token usage: left out where usage is asserted
 
 
 @pytest.fixture
@@ -79,6 +81,7 @@ async def test_answer_usage_and_finish_reason(api: str, server: FakeServer, tmp_
         ("vertexai", r"/v1(beta1)?/projects/proj/locations/europe-west2/publishers/google/models/model-x:generateContent",
          "authorization", f"Bearer {KEY}"),  # fmt: skip
         ("ollama", "/api/generate", None, None),
+        ("quart", "/generate", "content-type", "application/json"),
     ],
 )
 async def test_wire_paths_and_credentials(api, path, header, value, server: FakeServer, tmp_path: Path):
@@ -89,7 +92,7 @@ async def test_wire_paths_and_credentials(api, path, header, value, server: Fake
     assert re.fullmatch(path, seen.path), seen.path
     if header:
         assert header in seen.headers and seen.headers[header] == (value or seen.headers[header])
-    if api != "ollama":  # the key travels in the header the SDK chose, and nowhere in the URL
+    if api not in ("ollama", "quart"):  # the key travels in the header the SDK chose, and nowhere in the URL
         assert any(KEY in v for v in seen.headers.values()) and KEY not in seen.path
 
 
@@ -157,7 +160,7 @@ async def test_images_from_the_media_folder_are_encoded(api: str, server: FakeSe
         assert payload["images"] == [encoded]
 
 
-@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("api", ALL_APIS)
 @pytest.mark.parametrize(
     ("step", "kind", "status", "retryable", "retry_after"),
     [
@@ -187,7 +190,7 @@ async def test_failures_map_to_the_taxonomy(api, step, kind, status, retryable, 
     assert KEY not in clients.redact(err.message)
 
 
-@pytest.mark.parametrize("api", APIS)
+@pytest.mark.parametrize("api", ALL_APIS)
 async def test_connection_refused_is_retryable(api: str, tmp_path: Path):
     with FakeServer() as dead:
         url = dead.url
@@ -289,3 +292,24 @@ async def test_reply_says_which_model_answered(api, version, fingerprint, reques
     reply = await clients.get(api, "model-x").chat("model-x", [user("hello")], params)
     await clients.aclose()
     assert (reply.model_version, reply.system_fingerprint, reply.request_id, reply.seed) == (version, fingerprint, request_id, seed)
+
+
+async def test_quart_speaks_promptos_server_protocol(server: FakeServer, tmp_path: Path):
+    """prompto's server: `text` (a string for one prompt, the chat for the model's template),
+    `model` and `options`; the model the server loaded comes back as the reply's served model."""
+    clients = make_clients("quart", server, tmp_path)
+    provider = clients.get("quart", "vicgalle/gpt2-open-instruct-v1")
+    reply = await provider.chat("vicgalle/gpt2-open-instruct-v1", [user("hello")], {"temperature": 0.5})
+    chat = msgs([{"role": "system", "content": "be brief"}, {"role": "user", "content": "again"}])
+    await provider.chat("vicgalle/gpt2-open-instruct-v1", chat, {})
+    await clients.aclose()
+    first, second = server.state.requests
+    assert first == {"text": "hello", "model": "vicgalle/gpt2-open-instruct-v1", "options": {"temperature": 0.5}}
+    assert second["text"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "again"}]
+    assert (reply.text, reply.served_model, reply.input_tokens) == ("answer to: hello", "fake-org/quart-model", None)
+
+
+def test_quart_model_specific_endpoint_wins(tmp_path: Path):
+    environ = {"QUART_API_ENDPOINT": "http://127.0.0.1:1", "QUART_API_ENDPOINT_vicgalle_gpt2_open_instruct_v1": "http://127.0.0.1:2"}
+    clients = Clients(ProviderOptions(media_dir=tmp_path), environ=environ)
+    assert clients.get("quart", "vicgalle/gpt2-open-instruct-v1") is not clients.get("quart", "other-model")
