@@ -135,5 +135,8 @@ def test_each_documented_form_runs(name: str, record: dict[str, Any], files: lis
         assert any(e in body for body in sent for e in encoded), file
     if name.endswith(":image-url"):
         assert WEB_IMAGE in sent[-1]  # a web image stays a URL
+    if "safety_filter" in record:  # prompto's top-level key, as the safety settings it stands for
+        thresholds = {s["threshold"] for s in json.loads(sent[-1])["safetySettings"]}
+        assert thresholds == {"BLOCK_LOW_AND_ABOVE"}
     if name.startswith("quart:"):
         assert done["model"] == "fake-org/quart-model"  # the model the server reports, kept as prompto keeps it

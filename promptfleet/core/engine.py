@@ -25,7 +25,7 @@ from promptfleet.core.rundir import Journal, now_stamp
 from promptfleet.core.schemas import PARSED_KEY, SCHEMA_KEY, SchemaMismatch, parse_reply
 from promptfleet.core.scorers import Scorer
 from promptfleet.providers import Clients
-from promptfleet.providers.base import Provider, ProviderError, Reply
+from promptfleet.providers.base import Provider, ProviderError, Reply, parameters_of
 from promptfleet.providers.errors import ErrorKind, classify
 
 log = logging.getLogger("promptfleet.core.engine")
@@ -305,7 +305,7 @@ async def attempt_until_done(prompt: Prompt, estimate: int, seq: int, ctx: Queue
     or the run stops while it backs off."""
     stats, pacer, record_ = ctx.stats, ctx.pacer, prompt.record
     conversation = _Conversation(record_)
-    model, params = record_["model_name"], record_.get("parameters") or {}
+    model = record_["model_name"]
     first_sent = now_stamp()
     n = 0
     try:
@@ -313,6 +313,7 @@ async def attempt_until_done(prompt: Prompt, estimate: int, seq: int, ctx: Queue
     except ProviderError as err:
         ctx.pacer.release()
         return Failed(err, ctx.clients.redact(err.message), 1, first_sent)
+    params = parameters_of(type(provider), record_)
     while True:
         n += 1
         if n > 1:

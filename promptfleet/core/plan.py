@@ -24,7 +24,7 @@ from promptfleet.core.schemas import (
     schema_problem_for,
 )
 from promptfleet.providers import known_apis, provider_class
-from promptfleet.providers.base import media_problem, missing_env, parameter_problems
+from promptfleet.providers.base import media_problem, missing_env, parameter_problems, parameters_of
 
 MAX_REPORTED_ISSUES = 200
 
@@ -139,7 +139,8 @@ def inspect(file: Path, settings: Settings) -> Plan:
                     plan.issues.append(str(Issue(str(file), item.line, SCHEMA_KEY, problem)))
                 continue
             merge_columns(plan.parsed_columns, parsed_columns(record[SCHEMA_KEY]))
-        if problems := parameter_problems(provider_class(record["api"]), record["model_name"], record.get("parameters") or {}):
+        provider = provider_class(record["api"])
+        if problems := parameter_problems(provider, record["model_name"], parameters_of(provider, record)):
             plan.issue_count += len(problems)
             plan.issues.extend(str(Issue(str(file), item.line, "parameters", p)) for p in problems[: MAX_REPORTED_ISSUES - len(plan.issues)])
             continue

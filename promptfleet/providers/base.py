@@ -92,6 +92,14 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
+def parameters_of(cls: type[Provider], record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record's `parameters`, with the top-level keys prompto reads as parameters of this api
+    (a provider's `record_keys`, e.g. Gemini's `safety_filter`)."""
+    parameters = dict(record.get("parameters") or {})
+    parameters.update({key: record[key] for key in getattr(cls, "record_keys", ()) if key in record})
+    return parameters
+
+
 def parameter_problems(cls: type[Provider], model: str, parameters: Mapping[str, Any]) -> list[str]:
     """What is wrong with a record's parameters for this provider and model, one line each
     (a provider checks what it knows: reasoning settings and their limits, mostly)."""

@@ -58,6 +58,11 @@ THINKING_BUDGETS = {
     "gemini-2.5-flash-lite": (512, 24576, True),
 }
 NOT_THINKING = ("gemini-1.", "gemini-2.0")  # families that take no thinking settings
+# prompto's top-level `safety_filter`: one threshold for the four harm categories it sets.
+SAFETY_FILTERS = {"none": "BLOCK_NONE", "few": "BLOCK_ONLY_HIGH", "default": "BLOCK_MEDIUM_AND_ABOVE",
+                  "some": "BLOCK_MEDIUM_AND_ABOVE", "most": "BLOCK_LOW_AND_ABOVE"}  # fmt: skip
+HARM_CATEGORIES = ("HARM_CATEGORY_DANGEROUS_CONTENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_HARASSMENT",
+                   "HARM_CATEGORY_SEXUALLY_EXPLICIT")  # fmt: skip
 
 Uploaded = Mapping[str, types.File]  # media ref -> its File API upload
 
@@ -125,15 +130,17 @@ class GeminiProvider:
     media_kinds: ClassVar[frozenset[str]] = frozenset({"image", "audio", "video", "file"})
     media_urls: ClassVar[bool] = True
     structured_output: ClassVar[bool] = True
+    record_keys: ClassVar[tuple[str, ...]] = ("safety_filter",)
 
     @classmethod
     def parameter_problems(cls, model: str, parameters: Mapping[str, Any]) -> list[str]:
-        problems = thinking_problems(model, parameters)
+        problems = thinking_problems(model, parameters) + safety_problems(parameters)
+        parameters = {k: v for k, v in parameters.items() if k != "safety_filter"}
         checked = parameters if not problems else {k: v for k, v in parameters.items() if k not in (*THINKING_KEYS, "thinking_config")}
         try:
             with warnings.catch_warnings():  # the SDK warns before it refuses; the refusal is the line we report
                 warnings.simplefilter("ignore")
-                types.GenerateContentConfig(**with_thinking_config(checked))
+                types.GenerateContentConfig(**generation_config(checked))
         except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError
             problems += config_errors(err)
         return problems
@@ -161,7 +168,7 @@ class GeminiProvider:
         """(contents, config) of generateContent; a batch's inlined request carries the same pair."""
         system, contents = to_contents(messages, self._options.media, uploaded)
         asked = {"response_mime_type": "application/json", "response_json_schema": response_schema} if response_schema is not None else {}
-        config = with_thinking_config(parameters)
+        config = generation_config(parameters)
         return contents, types.GenerateContentConfig(**({"system_instruction": system} if system else {}), **asked, **config)
 
     async def chat(
@@ -225,13 +232,24 @@ class VertexAIProvider(GeminiProvider):
         self.inline_limit_bytes = INLINE_LIMIT_BYTES
 
 
-def with_thinking_config(parameters: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameters with the flat thinking keys moved into `thinking_config`, where the SDK
-    takes them (a `thinking_config` written out in full is kept, the flat keys added to it)."""
+def safety_problems(parameters: Mapping[str, Any]) -> list[str]:
+    if "safety_filter" not in parameters:
+        return []
+    if parameters["safety_filter"] not in SAFETY_FILTERS:
+        return [f"safety_filter must be one of {', '.join(SAFETY_FILTERS)}, got {parameters['safety_filter']!r}"]
+    return ["safety_filter and safety_settings cannot both be set"] if "safety_settings" in parameters else []
+
+
+def generation_config(parameters: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters as GenerateContentConfig takes them: the flat thinking keys moved into
+    `thinking_config` (a `thinking_config` written out in full is kept, the flat keys added to
+    it), prompto's `safety_filter` as the safety settings it stands for."""
+    config = {k: v for k, v in parameters.items() if k not in (*THINKING_KEYS, "safety_filter")}
+    if (level := SAFETY_FILTERS.get(parameters.get("safety_filter"))) is not None:  # type: ignore[arg-type]
+        config["safety_settings"] = [{"category": category, "threshold": level} for category in HARM_CATEGORIES]
     flat = {k: parameters[k] for k in THINKING_KEYS if k in parameters}
     if not flat:
-        return dict(parameters)
-    config = {k: v for k, v in parameters.items() if k not in THINKING_KEYS}
+        return config
     written = config.get("thinking_config")
     config["thinking_config"] = {**(written if isinstance(written, Mapping) else {}), **flat}
     return config
