@@ -110,7 +110,7 @@ def ran(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         mp.setenv("QUART_API_ENDPOINT", server.url)
         check = CliRunner().invoke(app, ["check", "-f", str(path), "-d", str(root / "data"), "-e", str(root / "none.env")])
         settings = Settings(data_folder=root / "data", max_queries=6000, parallel=True)
-        summary = asyncio.run(Experiment(path, settings).process())
+        summary = asyncio.run(Experiment(path, settings).process()).to_dict()
         seen = list(server.state.seen)
     completed = {r["id"]: r for r in read_jsonl(Path(summary["outputs"]["completed"]))}
     return {"check": check, "summary": summary, "completed": completed, "seen": seen}

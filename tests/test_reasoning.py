@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from promptfleet import Experiment, Settings
 from promptfleet.cli import app
-from promptfleet.messages import user
+from promptfleet.core.messages import user
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fake_batches import FakeBatchServer
 from tests.fakes import REASONING_TOKENS, FakeServer, thought_about
@@ -147,7 +147,7 @@ def test_a_mixed_reasoning_experiment_online(tmp_path: Path, server: FakeServer,
         for key, value in provider_env(api, server.url).items():
             monkeypatch.setenv(key, value)
     path = write_jsonl(tmp_path / "mixed.jsonl", MIXED)
-    summary = asyncio.run(Experiment(path, Settings(data_folder=tmp_path / "data", max_queries=600, parallel=True)).process())
+    summary = asyncio.run(Experiment(path, Settings(data_folder=tmp_path / "data", max_queries=600, parallel=True)).process()).to_dict()
     completed = read_jsonl(Path(summary["outputs"]["completed"]))
     check_mixed(completed, pl.read_parquet(summary["outputs"]["parquet"]), {"g": 2, "a": 2, "o": 2})
     turns = next(r for r in completed if r["id"] == "turns")
@@ -177,7 +177,7 @@ def test_a_mixed_reasoning_experiment_in_batch_mode(tmp_path: Path, monkeypatch:
 def test_the_offline_test_provider_thinks_when_asked(tmp_path: Path):
     rows = [{"id": 1, "api": "test", "model_name": "test-thinker", "prompt": "why?", "parameters": {"thoughts": 2}},
             {"id": 2, "api": "test", "model_name": "test-thinker", "prompt": "plain"}]  # fmt: skip
-    summary = asyncio.run(Experiment(write_jsonl(tmp_path / "t.jsonl", rows), Settings(data_folder=tmp_path / "data")).process())
+    summary = asyncio.run(Experiment(write_jsonl(tmp_path / "t.jsonl", rows), Settings(data_folder=tmp_path / "data")).process()).to_dict()
     thinker, plain = sorted(read_jsonl(Path(summary["outputs"]["completed"])), key=lambda r: r["id"])
     assert len(thinker["thinking_text"]) == 2 and thinker["usage"]["reasoning_tokens"] > 0
     assert "thinking_text" not in plain and "reasoning_tokens" not in plain["usage"]
