@@ -136,6 +136,7 @@ async def test_vertex_refuses_large_inline_media_and_says_what_to_do(server, med
         ("anthropic", "audio", "talk.wav", "the anthropic api does not take audio"),
         ("anthropic", "file", "notes.docx", "the anthropic api takes PDF documents"),
         ("ollama", "file", "paper.pdf", "the ollama api does not take files"),
+        ("quart", "image", "paper.pdf", "the quart api does not take images"),
         ("gemini", "audio", "../outside.wav", "media file '../outside.wav' is outside the media folder"),
     ],
 )

@@ -140,3 +140,17 @@ def test_each_documented_form_runs(name: str, record: dict[str, Any], files: lis
         assert thresholds == {"BLOCK_LOW_AND_ABOVE"}
     if name.startswith("quart:"):
         assert done["model"] == "fake-org/quart-model"  # the model the server reports, kept as prompto keeps it
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic", "gemini"])
+@pytest.mark.parametrize("ref", ["../outside.jpg", "/etc/hostname", "missing.jpg"])
+def test_each_apis_image_form_stays_inside_the_media_folder(api: str, ref: str, tmp_path: Path):
+    """prompto's forms name files relative to media/: nothing else is read, and `check` says so."""
+    (tmp_path / "data" / "media").mkdir(parents=True)
+    (tmp_path / "data" / "outside.jpg").write_bytes(b"\xff\xd8\xff secret")
+    record = {"api": api, "model_name": "m", "prompt": chat(api, ("user", ["what is it?", image(api, ref)]))}
+    path = write_jsonl(tmp_path / "exp.jsonl", [record])
+    result = CliRunner().invoke(app, ["check", "-f", str(path), "-d", str(tmp_path / "data"), "-e", str(tmp_path / "none.env")])
+    assert result.exit_code == 1
+    reason = "not found in" if ref == "missing.jpg" else "is outside the media folder"
+    assert f"{path}:1: multimedia: media file {ref!r} {reason}" in " ".join(result.output.split())
