@@ -362,7 +362,8 @@ def record(prompt: Prompt, outcome: Outcome, estimate: int, ctx: QueueContext) -
         return
     base = {k: v for k, v in prompt.record.items() if k not in OUTPUT_KEYS}
     if isinstance(outcome, Answered):
-        done = {**base, **with_cost(outcome.output, prompt.record, ctx.spend), "timestamp_sent": outcome.first_sent, "latency_s": round(outcome.latency, 4),
+        output = with_cost(outcome.output, prompt.record, ctx.spend)
+        done = {**base, **output, "timestamp_sent": outcome.first_sent, "latency_s": round(outcome.latency, 4),
                 "attempts": outcome.attempts, "input_line": prompt.line, "input_key": prompt.key}  # fmt: skip
         if ctx.scorers:
             scores = scorers.apply(ctx.scorers, done)

@@ -142,7 +142,8 @@ def inspect(file: Path, settings: Settings) -> Plan:
         provider = provider_class(record["api"])
         if problems := parameter_problems(provider, record["model_name"], parameters_of(provider, record)):
             plan.issue_count += len(problems)
-            plan.issues.extend(str(Issue(str(file), item.line, "parameters", p)) for p in problems[: MAX_REPORTED_ISSUES - len(plan.issues)])
+            room = max(0, MAX_REPORTED_ISSUES - len(plan.issues))
+            plan.issues.extend(str(Issue(str(file), item.line, "parameters", p)) for p in problems[:room])
             continue
         plan.prompts += 1
         models.add((record["api"], record["model_name"]))

@@ -136,11 +136,12 @@ class GeminiProvider:
     def parameter_problems(cls, model: str, parameters: Mapping[str, Any]) -> list[str]:
         problems = thinking_problems(model, parameters) + safety_problems(parameters)
         parameters = {k: v for k, v in parameters.items() if k != "safety_filter"}
-        checked = parameters if not problems else {k: v for k, v in parameters.items() if k not in (*THINKING_KEYS, "thinking_config")}
+        if problems:  # reported already: the SDK would only say the same again
+            parameters = {k: v for k, v in parameters.items() if k not in (*THINKING_KEYS, "thinking_config")}
         try:
             with warnings.catch_warnings():  # the SDK warns before it refuses; the refusal is the line we report
                 warnings.simplefilter("ignore")
-                types.GenerateContentConfig(**generation_config(checked))
+                types.GenerateContentConfig(**generation_config(parameters))
         except (ValueError, TypeError) as err:  # pydantic's ValidationError is a ValueError
             problems += config_errors(err)
         return problems
@@ -275,7 +276,8 @@ def thinking_problems(model: str, parameters: Mapping[str, Any]) -> list[str]:
         problems.append(f"include_thoughts must be true or false, got {settings['include_thoughts']!r}")
     level = settings.get("thinking_level")
     if level is not None and str(level).upper() not in types.ThinkingLevel.__members__:
-        problems.append(f"thinking_level must be one of {', '.join(m.lower() for m in types.ThinkingLevel.__members__ if m != 'THINKING_LEVEL_UNSPECIFIED')}, got {level!r}")
+        levels = [m.lower() for m in types.ThinkingLevel.__members__ if m != "THINKING_LEVEL_UNSPECIFIED"]
+        problems.append(f"thinking_level must be one of {', '.join(levels)}, got {level!r}")
     if "thinking_budget" in settings:
         problems += _budget_problems(model, settings["thinking_budget"], level is not None)
     return problems

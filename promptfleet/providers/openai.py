@@ -6,8 +6,9 @@ Parameters go to the API as they are, so a misspelt one is reported by the serve
 of being dropped here. Reasoning models take `reasoning_effort` (checked against the SDK's
 values at `check`); the Responses API's `{"reasoning": {"effort": ...}}` is sent as it.
 Reasoning tokens come from `completion_tokens_details`; servers that return the reasoning
-text (vLLM, llama.cpp, DeepSeek: `reasoning_content` or `reasoning`) give the reply's thoughts. The SDK configures the client; requests go through the lean
-transport in `http.py` (Azure's deployment paths stay with the SDK).
+text (vLLM, llama.cpp, DeepSeek: `reasoning_content` or `reasoning`) give the reply's
+thoughts. The SDK configures the client; requests go through the lean transport in
+`http.py` (Azure's deployment paths stay with the SDK).
 """
 
 from __future__ import annotations
@@ -108,9 +109,9 @@ def reasoning_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def reasoning_problems(parameters: Mapping[str, Any]) -> list[str]:
-    effort = reasoning_parameters(parameters).get("reasoning_effort")
-    if "reasoning_effort" in reasoning_parameters(parameters) and effort not in EFFORTS:
-        return [f"reasoning effort must be one of {', '.join(EFFORTS)}, got {effort!r}"]
+    sent = reasoning_parameters(parameters)
+    if "reasoning_effort" in sent and sent["reasoning_effort"] not in EFFORTS:
+        return [f"reasoning effort must be one of {', '.join(EFFORTS)}, got {sent['reasoning_effort']!r}"]
     if "reasoning" in parameters and not isinstance(parameters["reasoning"], Mapping):
         return [f"reasoning must be an object such as {{\"effort\": \"low\"}}, got {parameters['reasoning']!r}"]
     return []

@@ -76,7 +76,8 @@ class TestProvider:
         thoughts = tuple(f"thought {n + 1} of {model} on: {question[:100]}" for n in range(int(parameters.get("thoughts", 0))))
         reasoning = sum(len(t.split()) for t in thoughts)
         return Reply(
-            answer, input_tokens=sum(len(m.text.split()) for m in messages), output_tokens=words + 5 + reasoning, finish_reason="stop",
+            answer, input_tokens=sum(len(m.text.split()) for m in messages), output_tokens=words + 5 + reasoning,
+            finish_reason="stop",
             model_version=model, request_id=f"test-{digest}", seed=seed_sent(parameters),
             thoughts=thoughts, reasoning_tokens=reasoning if thoughts else None,
         )  # fmt: skip
