@@ -26,6 +26,7 @@ from promptfleet.cli.options import (
     missing_env_lines,
     report_issues,
     require_data_folder,
+    write_problem_of,
 )
 from promptfleet.cli.prefect_api import env_lines_with_secret_blocks
 from promptfleet.cli.root import app
@@ -63,6 +64,8 @@ def check(
         report_issues(error)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     env_lines = env_lines_with_secret_blocks(found)
+    if problem := write_problem_of(settings.output_folder / found.name, 0 if move_to_input else found.size):
+        env_lines.append(problem)  # what `run` would meet first: checked here, where it costs nothing
     print_inspection(found, batch, env_lines)
     if log_file:
         log_file.write_text("".join(f"{line}\n" for line in [*found.issues, *env_lines]))

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -67,8 +71,15 @@ def load_env(env_file: Path) -> None:
     """Read the .env file and route our log lines to Prefect before Prefect is imported."""
     from dotenv import load_dotenv
 
+    if env_file.is_dir():
+        fail(f"{env_file}: -e/--env-file names a folder; give the .env file in it (e.g. -e {env_file / '.env'})")
     if env_file.exists():
-        load_dotenv(env_file, override=False)
+        if not env_file.is_file():  # a FIFO would hang the command
+            fail(f"{env_file}: -e/--env-file is not a regular file; give a .env file")
+        try:
+            load_dotenv(env_file, override=False)
+        except (OSError, UnicodeDecodeError) as error:
+            fail(f"{env_file}: cannot read the env file ({getattr(error, 'strerror', None) or error.__class__.__name__}); make it a readable UTF-8 file")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "promptfleet")
     # Offline by design: the temporary server's telemetry only fails noisily here.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -90,6 +101,58 @@ def require_data_folder(folder: Path, create: bool) -> None:
     if not create:
         fail(f"{folder}: data folder not found (check -d, or add --create-data-folder to create it)")
     folder.mkdir(parents=True)
+
+
+MIN_FREE_BYTES = 1 << 20  # besides the input's copy: the run's state, journal and tables start small
+
+
+def require_writable(out_dir: Path, input_size: int, code: int = EXIT_WRITE_FAILED) -> None:
+    """Refuse, before anything is copied or sent, a run whose output cannot be written."""
+    if problem := write_problem_of(out_dir, input_size):
+        fail(f"cannot run: {problem}", code)
+
+
+def write_problem_of(out_dir: Path, input_size: int) -> str | None:
+    from promptfleet.core.rundir import write_problem
+
+    return write_problem(out_dir, input_size + MIN_FREE_BYTES)
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO)
+
+
+class _WriteFailureOffConsole(logging.Filter):
+    """Prefect logs a flow's failure with the traceback of its exception, task and flow
+    alike. When that exception is the disk refusing a write, the command says so in one
+    line of its own; the traceback would only bury it. The records still reach the API
+    (the run's log in the UI), and --debug shows them here too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, OSError):
+            return error.errno not in WRITE_ERRNOS
+        if record.levelno < logging.ERROR:
+            return True
+        message = record.getMessage()  # "Finished in state Failed('... OSError: [Errno 28] ...')"
+        return not any(f"[Errno {n}]" in message or f"Error({n}," in message for n in WRITE_ERRNOS)
+
+
+@contextmanager
+def write_failures_in_one_line() -> Iterator[None]:
+    """While open, Prefect's console output leaves out failures of writes to disk (unless --debug)."""
+    from promptfleet.orchestration.server import console_handlers
+
+    handlers = [] if os.environ.get(DEBUG_ENV) else console_handlers()
+    quiet = _WriteFailureOffConsole()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:

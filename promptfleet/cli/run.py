@@ -41,7 +41,9 @@ from promptfleet.cli.options import (
     missing_env_lines,
     report_issues,
     require_data_folder,
+    require_writable,
     split_list,
+    write_failures_in_one_line,
 )
 from promptfleet.cli.prefect_api import prefect_api
 from promptfleet.cli.root import app
@@ -129,6 +131,7 @@ def run(
     if found.issue_count:
         print_inspection(found)
         raise typer.Exit(EXIT_BAD_INPUT)
+    require_writable(settings.output_folder / found.name, 0 if move_to_input else found.size)
     if judge_folder or rephrase_folder:
         from promptfleet.evaluation import judge as judging
 
@@ -195,7 +198,8 @@ def run(
                 fail("\n".join(lines))
             session.remember_plan(dataclasses.replace(found, missing_env={}))  # every key is set now
         try:
-            result = asyncio.run(in_flow(start, session))
+            with write_failures_in_one_line():
+                result = asyncio.run(in_flow(start, session))
         except ExperimentError as error:
             report_issues(error)
             raise typer.Exit(EXIT_BAD_INPUT) from None

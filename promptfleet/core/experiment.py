@@ -25,8 +25,13 @@ from promptfleet.core.messages import (
     PromptError,
     parse_conversation,
 )
+from promptfleet.core.nesting import MAX_DEPTH, field_too_deep_in_text, too_deep_field
+from promptfleet.core.rundir import output_name_problem
 
 EXTENSIONS = (".jsonl", ".csv")
+
+
+_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(32), 127]}
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,8 @@ class Issue:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
+        file = self.file.translate(_ESCAPED) if not self.file.isprintable() else self.file  # a name with a newline stays one line
+        where = f"{file}:{self.line}" if self.line else file
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
@@ -156,11 +162,50 @@ def scan(path: Path, digest: Any = None) -> Iterator[Scanned]:
             except UnicodeDecodeError as err:
                 yield Scanned(n, start, len(raw), b"", Issue(file, n, None, _not_utf8(err)))
                 continue
-            try:
-                value: Any = json.loads(text)
-            except json.JSONDecodeError as err:
-                value = Issue(file, n, None, f"invalid JSON: {err.msg} at column {err.colno}")
-            yield Scanned(n, start, len(raw), record_key(body), value)
+            yield Scanned(n, start, len(raw), record_key(body), _parse_line(text, file, n))
+
+
+def _parse_line(text: str, file: str, line: int) -> Any:
+    """The record of one JSONL line, or the Issue saying why it is not one."""
+    try:
+        value = loads(text)
+    except json.JSONDecodeError as err:
+        return Issue(file, line, None, f"invalid JSON: {_json_problem(err)}")
+    except NotFinite as err:
+        return Issue(file, line, None, str(err))
+    except RecursionError:  # the json module gives up near Python's recursion limit
+        return Issue(file, line, field_too_deep_in_text(text), TOO_DEEP)
+    if isinstance(value, dict) and (field := too_deep_field(value, text)):
+        return Issue(file, line, field, TOO_DEEP)
+    return value
+
+
+TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep; flatten it"
+
+
+class NotFinite(ValueError):
+    """NaN, Infinity, or a number beyond a float: Python's json reads them, JSON has none."""
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise NotFinite(f"invalid JSON: the number {text[:30]} is too large; write it as a string, or a smaller number")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise NotFinite(f"invalid JSON: {name} is not a JSON value; write it as a string or null")
+
+
+def loads(text: str | bytes) -> Any:
+    """json.loads, refusing what only Python's json reads (NaN, Infinity, 1e999)."""
+    return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+
+
+def _json_problem(err: json.JSONDecodeError) -> str:
+    # the json module ends some messages in "at" ("Invalid control character at")
+    return f"{err.msg.removesuffix(' at')} at column {err.colno}"
 
 
 def _not_utf8(err: UnicodeDecodeError) -> str:
@@ -210,27 +255,51 @@ def _scan_csv(path: Path, digest: Any) -> Iterator[Scanned]:
         elif len(values) > len(header):
             value = Issue(file, first, None, f"row has {len(values)} cells but the header names {len(header)} columns")
         else:
-            value = _from_csv_row(dict(zip(header, values)))
+            value = _from_csv_row(dict(zip(header, values)), file, first)
         yield Scanned(first, begin, len(raw), record_key(raw), value)
 
 
-def _from_csv_row(row: dict[str, str]) -> dict[str, Any]:
-    """CSV rows spell parameters as `parameters-<name>` columns; values are JSON where they parse."""
+JSON_COLUMNS = ("response_schema", "multimedia")  # CSV cells holding JSON, like a JSONL line's values
+
+
+class _CellProblem(ValueError):
+    pass
+
+
+def _from_csv_row(row: dict[str, str], file: str = "", line: int = 0) -> dict[str, Any] | Issue:
+    """CSV rows spell parameters as `parameters-<name>` columns, whose values are JSON where
+    they parse and text otherwise; the JSON columns must hold JSON."""
     record: dict[str, Any] = {}
     parameters: dict[str, Any] = {}
     for key, value in row.items():
         if value is None or value == "":
             continue
-        if key.startswith("parameters-"):
-            try:
-                parameters[key.removeprefix("parameters-")] = json.loads(value)
-            except json.JSONDecodeError:
-                parameters[key.removeprefix("parameters-")] = value
-        else:
-            record[key] = value
+        try:
+            if key.startswith("parameters-"):
+                parameters[key.removeprefix("parameters-")] = _cell(value, strict=False)
+            elif key in JSON_COLUMNS:
+                record[key] = _cell(value, strict=True)
+            else:
+                record[key] = value
+        except _CellProblem as problem:
+            return Issue(file, line, key, str(problem))
     if parameters:
         record["parameters"] = parameters
     return record
+
+
+def _cell(text: str, strict: bool) -> Any:
+    try:
+        value = loads(text)
+    except (json.JSONDecodeError, NotFinite) as err:
+        if strict:
+            raise _CellProblem(f"the cell must hold JSON: {_json_problem(err) if isinstance(err, json.JSONDecodeError) else err}") from None
+        return text
+    except RecursionError:
+        raise _CellProblem(TOO_DEEP) from None
+    if too_deep_field({"cell": value}, text):
+        raise _CellProblem(TOO_DEEP)
+    return value
 
 
 class RecordReader:
@@ -248,7 +317,10 @@ class RecordReader:
         if self._csv_header is None:
             return json.loads(raw)
         values = next(csv.reader(io.StringIO(raw.decode("utf-8"))))
-        return _from_csv_row(dict(zip(self._csv_header, values)))
+        record = _from_csv_row(dict(zip(self._csv_header, values)))
+        if isinstance(record, Issue):  # planned records were valid when planned
+            raise ExperimentError([record])
+        return record
 
     def close(self) -> None:
         os.close(self._fd)
@@ -276,10 +348,18 @@ def iter_valid(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def check_extension(path: Path) -> None:
+    """Refuse, in one line, a path that cannot be an experiment: its kind, its name (which
+    names its output folder), or what is there."""
     if path.suffix not in EXTENSIONS:
         raise ExperimentError([Issue(str(path), 0, None, "experiment files must end in .jsonl or .csv")])
-    if not path.is_file():
+    if problem := output_name_problem(path.stem):
+        raise ExperimentError([Issue(str(path), 0, None, problem)])
+    if path.is_dir():
+        raise ExperimentError([Issue(str(path), 0, None, "is a folder; -f names an experiment file")])
+    if not path.exists():
         raise ExperimentError([Issue(str(path), 0, None, "file not found")])
+    if not path.is_file():
+        raise ExperimentError([Issue(str(path), 0, None, "is not a regular file (a FIFO, socket or device); copy it to a file first")])
 
 
 def write_records(out: Path, records: Iterator[dict[str, Any]]) -> int:

@@ -43,18 +43,27 @@ class MediaFolder:
 
     def resolve(self, ref: str) -> Path:
         """The real path of `ref`, refused when it leaves the folder or is not a file."""
+        if "\x00" in ref:
+            raise MediaError(f"media file {ref!r}: a file name cannot hold a NUL character")
         root = self.root.resolve()
         path = (root / ref).resolve()
         if not path.is_relative_to(root):
             raise MediaError(f"media file {ref!r} is outside the media folder {self.root}")
-        if not path.is_file():
-            raise MediaError(f"media file {ref!r} not found in {self.root}")
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            raise MediaError(f"media file {ref!r} not found in {self.root}") from None
+        if not stat.S_ISREG(mode):  # a FIFO would block the read, a folder or device has no bytes to send
+            raise MediaError(f"media file {ref!r} in {self.root} is {_kind(mode)}, not a regular file; put the file itself there")
+        if not os.access(path, os.R_OK):
+            raise MediaError(f"media file {ref!r} in {self.root} cannot be read (permission denied); make it readable")
         return path
 
     def read(self, media: LocalMedia) -> MediaFile:
         path = self.resolve(media.ref)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            # O_NONBLOCK: a file swapped for a FIFO after the check must not hang the read
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
         except OSError as err:  # ELOOP: the checked file became a symlink
             raise MediaError(f"media file {media.ref!r} cannot be opened safely: {err.strerror}") from None
         with os.fdopen(fd, "rb") as fh:
@@ -65,6 +74,12 @@ class MediaFolder:
             data = fh.read()
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         return MediaFile(mime, data)
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a file")
 
 
 def decode_data_url(url: str) -> MediaFile:

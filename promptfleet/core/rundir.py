@@ -8,6 +8,7 @@ which resuming sets aside.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -25,6 +26,73 @@ TIMESTAMP_FORMAT = "%d-%m-%Y-%H-%M-%S"  # prompto's, so output names sort and re
 
 def now_stamp() -> str:
     return datetime.now().strftime(TIMESTAMP_FORMAT)
+
+
+MAX_NAME_BYTES = 180  # the longest output file name adds ~50 bytes; file systems stop at 255
+
+
+def output_name_problem(name: str) -> str | None:
+    """Why an experiment's name (its file name less .jsonl/.csv) cannot name its output
+    folder `output/<name>/` and the files in it, if it cannot. Every other name, spaces
+    and accents included, is used as it is."""
+    if not name.strip("."):  # "", ".", "..": the output would land in output/ or data/ itself
+        return f"the name {name!r} cannot name an output folder; rename the file (e.g. to experiment.jsonl)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "the file name holds control characters (a newline, a tab...); rename the file"
+    if any(c in name for c in "*?[]"):  # the result tables are read back by pattern: "a?b" would match "a*b"
+        return "the file name holds one of * ? [ ], which would be read as a pattern; rename the file"
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "the file name is not valid UTF-8; rename the file"
+    if size > MAX_NAME_BYTES:
+        return f"the file name is {size} bytes long; output file names add ~50 to it, and file systems stop at 255: rename it to at most {MAX_NAME_BYTES} bytes"
+    return None
+
+
+def write_problem(out_dir: Path, need: int = 0) -> str | None:
+    """Why a run could not write under `out_dir`, if it could not: a read-only folder or
+    disk, a folder of someone else's, or less than `need` bytes free. Probed by writing
+    (and removing) a small file in the nearest folder that exists, so `check` says what
+    `run` would meet; nothing is left behind."""
+    import tempfile
+
+    probe = out_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe}: is not a folder; the run writes its output under {out_dir}"
+    try:
+        fd, name = tempfile.mkstemp(prefix=".promptfleet-write-probe-", dir=probe)
+        try:
+            os.write(fd, b"\n" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)
+        stat = os.statvfs(probe)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{probe}: its disk is full ({err.strerror}); free space, or choose another data folder with -d"
+        return f"{probe}: cannot write there ({err.strerror}); make it writable, or choose another data folder with -d"
+    free = stat.f_bavail * stat.f_frsize
+    if free < need:
+        return (
+            f"{probe}: {_size(free)} free on its disk, this run needs at least {_size(need)} (a copy of the input and the answers); "
+            "free space, or choose another data folder with -d"
+        )
+    return None
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{value:.1f} {unit}"
 
 
 @dataclass(frozen=True)
@@ -78,13 +146,14 @@ class RunPaths:
 def unfinished_runs(out_dir: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
     """(stamp, state) of the interrupted runs of this experiment, newest first."""
     found = []
-    for state_file in out_dir.glob(f"*-run-{name}.json") if out_dir.is_dir() else []:
+    suffix = f"-run-{name}.json"  # matched as text: a name may hold glob characters ("a[1]")
+    for state_file in (f for f in out_dir.iterdir() if f.name.endswith(suffix)) if out_dir.is_dir() else []:
         try:
             state = json.loads(state_file.read_text())
         except (OSError, json.JSONDecodeError):
             continue
         if not state.get("finished"):
-            found.append((state_file.name.removesuffix(f"-run-{name}.json"), state))
+            found.append((state_file.name.removesuffix(suffix), state))
     return sorted(found, key=lambda item: item[1].get("started", ""), reverse=True)
 
 

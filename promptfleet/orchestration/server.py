@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -39,6 +40,7 @@ LOCK_FILE = "promptfleet-server.lock"
 EPHEMERAL_ENV = "PROMPTFLEET_EPHEMERAL"
 CA_FILE = "promptfleet-loopback-ca.pem"
 START_TIMEOUT = 120.0
+DRAIN_TIMEOUT = 10.0  # seconds a temporary server waits for the logs and events still on their way
 
 
 class ServerError(RuntimeError):
@@ -208,18 +210,50 @@ def _server_command(port: int) -> list[str]:
     return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
 
 
+# What a Prefect server process needs from the launching shell, and nothing else: it lives
+# for days, and the shell (with the .env file loaded into it) holds provider keys, tokens,
+# and URLs with passwords that the server has no use for.
+_PROCESS_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+    "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE", "PYTHONNOUSERSITE", "PYTHONUTF8", "PYTHONIOENCODING",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "DO_NOT_TRACK",
+)  # fmt: skip
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+# The server's own settings: its database (which may need a password) and its API's auth.
+_SERVER_OWN = ("PREFECT_SERVER_", "PREFECT_API_DATABASE_")
+
+
 def _server_env(home: Path) -> dict[str, str]:
-    """This process's environment less the providers' credentials (the .env file was loaded
-    into it): a server that lives for days has no use for them. Prefect's own settings stay."""
-    secret = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
-    env = {
-        name: value for name, value in os.environ.items()
-        if name.startswith("PREFECT_") or not any(word in name.upper() for word in secret)
-    }  # fmt: skip
+    """An allowlist: the process basics, and Prefect's settings less the clients'
+    credentials (PREFECT_API_KEY, auth strings, URLs with a user or password) — except the
+    server's own database and auth settings, which it needs to run."""
+    env = {}
+    for name, value in os.environ.items():
+        if name in _PROCESS_ENV or name.startswith("LC_"):
+            env[name] = value
+        elif name.startswith(_SERVER_OWN) or (
+            name.startswith("PREFECT_") and not any(word in name for word in _SECRET_WORDS) and not _has_credentials(value)
+        ):
+            env[name] = value
     env["PREFECT_HOME"] = str(home)
     env.pop("PREFECT_API_URL", None)
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline by design
     return env
+
+
+def _has_credentials(value: str) -> bool:
+    """Whether a value holds a URL with a user or password (scheme://user:pass@host)."""
+    from urllib.parse import urlsplit
+
+    for word in value.split():
+        if "://" in word and "@" in word:
+            try:
+                parts = urlsplit(word)
+            except ValueError:
+                return True
+            if parts.username or parts.password:
+                return True
+    return False
 
 
 def _wait_healthy(proc: subprocess.Popen, info: ServerInfo, log: Path, timeout: float) -> None:
@@ -345,6 +379,15 @@ def use_api(url: str, extra_env: dict[str, str] | None = None) -> Iterator[None]
         prefect.context.GLOBAL_SETTINGS_CONTEXT = saved_context  # as it was, without re-reading every source
 
 
+def console_handlers() -> list[logging.Handler]:
+    """The handlers through which Prefect prints to the terminal, its logging set up now
+    if it was not yet (the first flow import would do it, replacing nothing later)."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+    return [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.StreamHandler)]
+
+
 # --- a temporary server, tied to this process -------------------------------------------
 
 
@@ -378,5 +421,20 @@ def temporary(home: Path, timeout: float = START_TIMEOUT) -> Iterator[ServerInfo
         _wait_healthy(proc, info, log, timeout)
         yield info
     finally:
+        _deliver_pending(DRAIN_TIMEOUT)
         _terminate(proc.pid)
         proc.wait()
+
+
+def _deliver_pending(timeout: float) -> None:
+    """Send the logs and events Prefect still holds to the server before it stops, as
+    Prefect's own test harness does: left for interpreter exit they would meet a stopped
+    server ("Error logging to API", retried for minutes). Bounded: a hung server cannot
+    hold the command."""
+    if "prefect.logging.handlers" not in sys.modules:  # nothing was logged to the API
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
