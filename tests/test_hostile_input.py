@@ -255,9 +255,12 @@ def test_a_fifo_in_media_is_not_a_regular_file_and_never_blocks(tmp_path: Path):
         folder.read(LocalMedia("image", "late.png"))
 
 
-def test_env_file_and_experiment_file_that_are_folders_are_one_line(tmp_path: Path):
+def test_env_file_and_experiment_file_that_are_folders_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     path = write_jsonl(tmp_path / "exp.jsonl", [{"api": "test", "model_name": "m", "prompt": "hi"}])
     (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").mkdir()  # a virtualenv named .env: the default env file is skipped, as before
+    assert runner.invoke(app, ["check", "-f", str(path), "-d", str(tmp_path / "data")]).exit_code == 0
     for command in ("check", "run"):
         result = runner.invoke(app, [command, "-f", str(path), "-d", str(tmp_path / "data"), "-e", str(tmp_path / "data")])
         assert result.exit_code == 1

@@ -32,6 +32,7 @@ Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.
 
 File = Annotated[Path, typer.Option("--file", "-f", help="Experiment file (.jsonl or .csv).")]
 DataFolder = Annotated[Path, typer.Option("--data-folder", "-d", help="Folder with input/, output/, media/.")]
+DEFAULT_ENV_FILE = Path(".env")
 EnvFile = Annotated[Path, typer.Option("--env-file", "-e", help="Env file with API keys (prompto's .env).")]
 MoveToInput = Annotated[bool, typer.Option("--move-to-input", "-m", help="Move the file into input/ instead of copying it.")]
 MaxQueries = Annotated[
@@ -71,9 +72,9 @@ def load_env(env_file: Path) -> None:
     """Read the .env file and route our log lines to Prefect before Prefect is imported."""
     from dotenv import load_dotenv
 
-    if env_file.is_dir():
+    if env_file.is_dir() and env_file != DEFAULT_ENV_FILE:  # `.env/` is also a common name for a virtualenv
         fail(f"{env_file}: -e/--env-file names a folder; give the .env file in it (e.g. -e {env_file / '.env'})")
-    if env_file.exists():
+    if env_file.exists() and not env_file.is_dir():
         if not env_file.is_file():  # a FIFO would hang the command
             fail(f"{env_file}: -e/--env-file is not a regular file; give a .env file")
         try:

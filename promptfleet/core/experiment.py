@@ -198,9 +198,12 @@ def _no_constant(name: str) -> Any:
     raise NotFinite(f"invalid JSON: {name} is not a JSON value; write it as a string or null")
 
 
-def loads(text: str | bytes) -> Any:
+_DECODER = json.JSONDecoder(parse_float=_finite, parse_constant=_no_constant)  # stateless; built once, not per line
+
+
+def loads(text: str) -> Any:
     """json.loads, refusing what only Python's json reads (NaN, Infinity, 1e999)."""
-    return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+    return _DECODER.decode(text)
 
 
 def _json_problem(err: json.JSONDecodeError) -> str:
