@@ -92,7 +92,7 @@ def _walk_problem(schema: dict[str, Any]) -> str | None:
         if parts > MAX_SCHEMA_PARTS:
             return f"has more than {MAX_SCHEMA_PARTS} parts; split it or use $defs for repeated shapes"
         if depth > MAX_DEPTH:
-            return f"nests more than {MAX_DEPTH} levels deep (at {where[:200]}); flatten it or use $defs"
+            return f"nests more than {MAX_DEPTH} levels deep (at {where[:60]}...); flatten it or use $defs"
         if isinstance(value, list):
             stack.extend((item, depth + 1, f"{where}/{i}") for i, item in enumerate(value))
             continue
