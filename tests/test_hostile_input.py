@@ -302,7 +302,7 @@ def test_a_read_only_or_full_data_folder_fails_check_and_run_in_one_line(tmp_pat
     read_only = "ro/data: cannot write there (Read-only file system); make it writable, or choose another data folder with -d"
     full = "full/data: its disk is full (No space left on device); free space, or choose another data folder with -d"
     nearly = (
-        "nearly/data: 8.0 KiB free on its disk, this run needs at least 1.0 MiB (a copy of the input and the answers); "
+        "nearly/data: 8.0 KiB free on its disk, this run needs at least 64.0 KiB (a copy of the input and the answers); "
         "free space, or choose another data folder with -d"
     )
     expected = []

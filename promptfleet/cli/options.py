@@ -104,7 +104,7 @@ def require_data_folder(folder: Path, create: bool) -> None:
     folder.mkdir(parents=True)
 
 
-MIN_FREE_BYTES = 1 << 20  # besides the input's copy: the run's state, journal and tables start small
+MIN_FREE_BYTES = 64 << 10  # besides the input's copy: the lock, the state file and the first answers
 
 
 def require_writable(out_dir: Path, input_size: int, code: int = EXIT_WRITE_FAILED) -> None:
