@@ -313,3 +313,15 @@ def test_quart_model_specific_endpoint_wins(tmp_path: Path):
     environ = {"QUART_API_ENDPOINT": "http://127.0.0.1:1", "QUART_API_ENDPOINT_vicgalle_gpt2_open_instruct_v1": "http://127.0.0.1:2"}
     clients = Clients(ProviderOptions(media_dir=tmp_path), environ=environ)
     assert clients.get("quart", "vicgalle/gpt2-open-instruct-v1") is not clients.get("quart", "other-model")
+
+
+def test_parameters_an_sdk_refuses_fail_in_one_line_naming_the_field():
+    from google.genai import types
+
+    from promptfleet.providers.errors import ErrorKind, classify
+
+    with pytest.raises(Exception) as refused:
+        types.GenerateContentConfig(temperature="hot", top_k="many")
+    error = classify(refused.value)
+    assert error.kind is ErrorKind.BAD_REQUEST and "\n" not in error.message
+    assert error.message.startswith("invalid parameters: temperature:") and "(and 1 more)" in error.message

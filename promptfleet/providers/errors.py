@@ -142,7 +142,7 @@ def classify(err: BaseException) -> ProviderError:
         return ProviderError(f"connection error: {err}", kind=ErrorKind.CONNECTION)
     pydantic = sys.modules.get("pydantic")
     if pydantic is not None and isinstance(err, pydantic.ValidationError):  # parameters the SDK refused
-        return ProviderError(f"invalid parameters: {err}", kind=ErrorKind.BAD_REQUEST)
+        return ProviderError(f"invalid parameters: {_first_problem(err)}", kind=ErrorKind.BAD_REQUEST)
     if isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)) or type(err).__name__ == "JSONDecodeError":
         return ProviderError(f"malformed response: {err}", kind=ErrorKind.INVALID_RESPONSE)
     return ProviderError(f"{type(err).__name__}: {err}", kind=ErrorKind.UNEXPECTED)
@@ -158,3 +158,14 @@ def _from_stainless(err: Exception, sdk) -> ProviderError:  # noqa: ANN001
     if isinstance(err, sdk.APIStatusError):
         return error_for_status(err.status_code, err.message, err.response.headers)
     return ProviderError(f"malformed response: {type(err).__name__}: {err}", kind=ErrorKind.INVALID_RESPONSE)
+
+
+def _first_problem(err) -> str:  # noqa: ANN001 - a pydantic ValidationError
+    """pydantic's own message is a paragraph; a failed line gets one line: the first field and why."""
+    problems = err.errors()
+    if not problems:
+        return str(err).splitlines()[0]
+    first = problems[0]
+    where = ".".join(str(part) for part in first.get("loc", ())) or "value"
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{where}: {first.get('msg', 'invalid')}{more}"
