@@ -4,11 +4,19 @@
 - Anthropic `/v1/messages/batches` (+ `/results`),
 - Gemini `/v1beta/models/{model}:batchGenerateContent` and `/v1beta/batches`.
 
-Each batch walks its provider's states, one step per poll (`polls_to_finish`), unless
-`hold` keeps it running. Per prompt text, `script` plays outcomes in the batches the prompt
-is in: an HTTP status (that line errors), or "expired". `expire` makes batches expire with
-only their first `keep` lines answered. `submissions` counts how often each prompt was in a
-created batch, `answered` how often it was answered: duplicates and losses are visible.
+Each batch walks its provider's states, one step per look at it (a retrieve, or a listing),
+`polls_to_finish` steps, unless `hold` keeps it running. Per prompt text, `script` plays
+outcomes in the batches the prompt is in: an HTTP status (that line errors), or "expired".
+`expire` makes batches expire with only their first `keep` lines answered. `submissions`
+counts how often each prompt was in a created batch, `answered` how often it was answered
+(what is paid): duplicates and losses are visible.
+
+Faults, per route (`upload`, `files`, `delete`, `create`, `status`, `list`, `download`,
+`cancel`), optionally for one protocol (`"gemini:status"`): `faults` answers the next calls
+with these statuses before doing anything; `faults_after` does the work, then answers the
+status (a create whose answer is lost); `stall = (route, "before" | "after")` holds the next
+call (`stalled` is set) until `release`, for a kill -9 at that very point. `calls` counts
+each route's calls.
 
 Serve it for the offline example:  python -m tests.fake_batches --port 8765
 """
@@ -44,7 +52,15 @@ class Job:
     polls: int = 0
     state: str = "running"  # running | completed | expired | cancelled
     cancel_requested: bool = False
+    held: bool = False  # this batch alone keeps running
     results: list[tuple[str, Any]] | None = None  # (custom id, ("ok", body) | ("error", status, message) | ("expired",) | ("cancelled",))
+
+
+@dataclass
+class FakeFile:
+    name: str
+    data: bytes
+    created: int = field(default_factory=lambda: int(time.time()))
 
 
 @dataclass
@@ -53,10 +69,16 @@ class FakeBatchState:
     hold: bool = False
     expire: bool = False
     keep: int = 0  # lines answered in an expired or cancelled batch
-    fail_create: list[int] = field(default_factory=list)  # statuses for the next batch creations
+    faults: dict[str, list[int]] = field(default_factory=dict)  # route -> statuses answered instead of doing the work
+    faults_after: dict[str, list[int]] = field(default_factory=dict)  # route -> statuses answered after doing it
+    stall: tuple[str, str] | None = None  # (route, "before" | "after"): hold that call until `release`
+    stalled: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
     script: dict[str, list[int | str]] = field(default_factory=dict)
     jobs: dict[str, Job] = field(default_factory=dict)
-    files: dict[str, bytes] = field(default_factory=dict)
+    files: dict[str, FakeFile] = field(default_factory=dict)
+    deleted: set[str] = field(default_factory=set)
+    calls: Counter = field(default_factory=Counter)  # per route, and per protocol:route
     submissions: Counter = field(default_factory=Counter)
     answered: Counter = field(default_factory=Counter)
     online: Counter = field(default_factory=Counter)  # prompts answered by the online chat route
@@ -68,6 +90,19 @@ class FakeBatchState:
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}{next(self.ids):06d}"
+
+    @property
+    def live_files(self) -> dict[str, FakeFile]:
+        return {k: f for k, f in self.files.items() if k not in self.deleted}
+
+
+class _Stall(Exception):
+    """The call is held before it does anything."""
+
+
+def _error(status: int) -> tuple[int, dict[str, Any]]:
+    """An error body every SDK reads: OpenAI's and Anthropic's `error.message`, Google's `error.code`."""
+    return status, {"type": "error", "error": {"code": status, "message": f"fake error {status}", "type": "api_error", "status": "UNAVAILABLE"}}
 
 
 def _text_of(protocol: str, body: dict[str, Any]) -> str:
@@ -101,7 +136,7 @@ def _advance(state: FakeBatchState, job: Job) -> None:
     job.polls += 1
     if job.cancel_requested:
         _finish(state, job, "cancelled")
-    elif not state.hold and job.polls > state.polls_to_finish:
+    elif not (state.hold or job.held) and job.polls > state.polls_to_finish:
         _finish(state, job, "expired" if state.expire else "completed")
 
 
@@ -149,14 +184,19 @@ def _openai_file(job: Job, errors: bool) -> bytes:
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
-def _multipart_file(content_type: str, body: bytes) -> bytes:
+def _multipart_file(content_type: str, body: bytes) -> tuple[str, bytes]:
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         f"Content-Type: {content_type}\r\n\r\n".encode() + body
     )
     for part in message.iter_parts():
         if part.get_param("name", header="content-disposition") == "file":
-            return part.get_payload(decode=True)
+            return part.get_filename() or "upload.jsonl", part.get_payload(decode=True)
     raise ValueError("no file part")
+
+
+def _openai_file_object(file_id: str, file: FakeFile) -> dict[str, Any]:
+    return {"id": file_id, "object": "file", "bytes": len(file.data), "created_at": file.created, "filename": file.name,
+            "purpose": "batch", "status": "processed"}  # fmt: skip
 
 
 # -- Anthropic --------------------------------------------------------------------------------------
@@ -247,46 +287,102 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._route("POST")
 
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._route("DELETE")
+
     def _route(self, method: str) -> None:
         path = urlsplit(self.path).path
         body = self._body() if method == "POST" else b""
         state = self.state
+        self._stall_after, self._status_after = False, None
         with state.lock:
             try:
                 reply = self._dispatch(method, path, body)
+            except _Stall:
+                reply = None
             except KeyError as err:
-                reply = (404, {"error": {"code": 404, "message": f"not found: {err}", "type": "not_found_error"}})
+                reply = (404, {"error": {"code": 404, "message": f"not found: {err}", "type": "not_found_error", "status": "NOT_FOUND"}})
+        if reply is None or self._stall_after:
+            state.stalled.set()
+            state.release.wait(30)
+            reply = reply or _error(502)
+        if self._status_after:
+            reply = _error(self._status_after)
         self._send(*reply)
+
+    def _gate(self, protocol: str, route: str) -> tuple | None:
+        """Count the call; play the fault or stall set for it (see the module docstring)."""
+        state = self.state
+        state.calls[route] += 1
+        state.calls[f"{protocol}:{route}"] += 1
+        for key in (f"{protocol}:{route}", route):
+            if state.stall and state.stall[0] == key:
+                phase, state.stall = state.stall[1], None
+                if phase == "before":
+                    raise _Stall
+                self._stall_after = True
+                return None
+            if state.faults.get(key):
+                return _error(state.faults[key].pop(0))
+            if state.faults_after.get(key):
+                self._status_after = state.faults_after[key].pop(0)
+                return None
+        return None
+
+    def _looked_at(self, protocol: str) -> list[Job]:
+        """A listing is a look at every batch of the protocol: each takes its step."""
+        jobs = [j for j in reversed(self.state.jobs.values()) if j.protocol == protocol]
+        for job in jobs:
+            _advance(self.state, job)
+        return jobs
 
     def _dispatch(self, method: str, path: str, body: bytes) -> tuple:
         state = self.state
         if "x-goog-api-key" in self.headers:  # Gemini's paths overlap OpenAI's
             return self._gemini(method, path, body)
         # OpenAI and Azure
-        if m := re.fullmatch(r"/(?:v1|openai)/files", path):
-            data = _multipart_file(self.headers["content-type"], body)
+        if re.fullmatch(r"/(?:v1|openai)/files", path):
+            if method == "GET":
+                if fault := self._gate("openai", "files"):
+                    return fault
+                files = sorted(state.live_files.items(), key=lambda kv: (kv[1].created, kv[0]), reverse=True)
+                return 200, {"object": "list", "data": [_openai_file_object(k, f) for k, f in files], "has_more": False}
+            if fault := self._gate("openai", "upload"):
+                return fault
+            name, data = _multipart_file(self.headers["content-type"], body)
             file_id = state.new_id("file-")
-            state.files[file_id] = data
-            return 200, {"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-                         "filename": "batch.jsonl", "purpose": "batch", "status": "processed"}  # fmt: skip
+            state.files[file_id] = FakeFile(name, data)
+            return 200, _openai_file_object(file_id, state.files[file_id])
+        if (m := re.fullmatch(r"/(?:v1|openai)/files/([^/]+)", path)) and method == "DELETE":
+            if fault := self._gate("openai", "delete"):
+                return fault
+            if m.group(1) not in state.live_files:
+                raise KeyError(m.group(1))
+            state.deleted.add(m.group(1))
+            return 200, {"id": m.group(1), "object": "file", "deleted": True}
         if m := re.fullmatch(r"/(?:v1|openai)/files/(out|err)-([^/]+)/content", path):
+            if fault := self._gate("openai", "download"):
+                return fault
             if state.corrupt_results:
                 state.corrupt_results -= 1
                 return 200, b'{"custom_id": "line-1", "respo\n<html>502 Bad Gateway</html>\n', "application/octet-stream"
             return 200, _openai_file(state.jobs[m.group(2)], errors=m.group(1) == "err"), "application/octet-stream"
         if re.fullmatch(r"/(?:v1|openai)/batches", path):
             if method == "GET":
-                jobs = [_openai_batch(j) for j in reversed(state.jobs.values()) if j.protocol == "openai"]
+                if fault := self._gate("openai", "list"):
+                    return fault
+                jobs = [_openai_batch(j) for j in self._looked_at("openai")]
                 return 200, {"object": "list", "data": jobs, "has_more": False,
                              "first_id": jobs[0]["id"] if jobs else None, "last_id": jobs[-1]["id"] if jobs else None}  # fmt: skip
-            if state.fail_create:
-                status = state.fail_create.pop(0)
-                return status, {"error": {"message": f"fake create error {status}", "type": "server_error"}}
+            if fault := self._gate("openai", "create"):
+                return fault
             spec = json.loads(body)
-            lines = [json.loads(t) for t in state.files[spec["input_file_id"]].decode().splitlines() if t.strip()]
+            lines = [json.loads(t) for t in state.live_files[spec["input_file_id"]].data.decode().splitlines() if t.strip()]
             requests = [(line["custom_id"], line["body"]) for line in lines]
             return 200, _openai_batch(self._create("openai", lines[0]["body"]["model"], requests, (spec.get("metadata") or {}).get("promptfleet")))
         if m := re.fullmatch(r"/(?:v1|openai)/batches/([^/]+)(/cancel)?", path):
+            if fault := self._gate("openai", "cancel" if m.group(2) else "status"):
+                return fault
             job = state.jobs[m.group(1)]
             if m.group(2):
                 job.cancel_requested = job.state == "running"
@@ -301,22 +397,26 @@ class _Handler(BaseHTTPRequestHandler):
         # Anthropic
         if path == "/v1/messages/batches":
             if method == "GET":
-                jobs = [_anthropic_batch(j, self._base) for j in reversed(state.jobs.values()) if j.protocol == "anthropic"]
+                if fault := self._gate("anthropic", "list"):
+                    return fault
+                jobs = [_anthropic_batch(j, self._base) for j in self._looked_at("anthropic")]
                 return 200, {"data": jobs, "has_more": False, "first_id": jobs[0]["id"] if jobs else None,
                              "last_id": jobs[-1]["id"] if jobs else None}  # fmt: skip
-            if state.fail_create:
-                status = state.fail_create.pop(0)
-                return status, {"type": "error", "error": {"type": "api_error", "message": f"fake create error {status}"}}
+            if fault := self._gate("anthropic", "create"):
+                return fault
             requests = [(r["custom_id"], r["params"]) for r in json.loads(body)["requests"]]
             return 200, _anthropic_batch(self._create("anthropic", requests[0][1]["model"], requests, None), self._base)
         if m := re.fullmatch(r"/v1/messages/batches/([^/]+)(/cancel|/results)?", path):
+            route = {"/results": "download", "/cancel": "cancel"}.get(m.group(2) or "", "status")
+            if fault := self._gate("anthropic", route):
+                return fault
             job = state.jobs[m.group(1)]
-            if m.group(2) == "/results":
+            if route == "download":
                 if state.corrupt_results:
                     state.corrupt_results -= 1
                     return 200, b"<html>502 Bad Gateway</html>\n", "application/binary"
                 return 200, _anthropic_results(job), "application/binary"
-            if m.group(2) == "/cancel":
+            if route == "cancel":
                 job.cancel_requested = job.state == "running"
             else:
                 _advance(state, job)
@@ -326,16 +426,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _gemini(self, method: str, path: str, body: bytes) -> tuple:
         state = self.state
         if m := re.fullmatch(r"/v1(?:beta)?/models/([^/:]+):batchGenerateContent", path):
-            if state.fail_create:
-                status = state.fail_create.pop(0)
-                return status, {"error": {"code": status, "message": f"fake create error {status}", "status": "INTERNAL"}}
+            if fault := self._gate("gemini", "create"):
+                return fault
             batch = json.loads(body)["batch"]
             items = batch["inputConfig"]["requests"]["requests"]
             requests = [(item.get("metadata", {}).get("key", str(n)), item["request"]) for n, item in enumerate(items)]
             return 200, _gemini_operation(self._create("gemini", m.group(1), requests, batch.get("displayName")))
         if path in ("/v1/batches", "/v1beta/batches"):
-            return 200, {"operations": [_gemini_operation(j) for j in reversed(state.jobs.values()) if j.protocol == "gemini"]}
+            if fault := self._gate("gemini", "list"):
+                return fault
+            return 200, {"operations": [_gemini_operation(j) for j in self._looked_at("gemini")]}
         if m := re.fullmatch(r"/v1(?:beta)?/(batches/[^/:]+)(:cancel)?", path):
+            if fault := self._gate("gemini", "cancel" if m.group(2) else "status"):
+                return fault
             job = state.jobs[m.group(1)]
             if m.group(2):
                 job.cancel_requested = job.state == "running"

@@ -17,4 +17,5 @@ async def send_batches(run: Run) -> QueueStats:
     runner = BatchRunner(ctx)
     run.batches = await runner.run()
     run.live_batches = runner.live
+    run.stopped_by = run.stopped_by or runner.halted  # a batch the provider cannot answer for: said, never resent
     return stats

@@ -12,15 +12,15 @@ Vertex AI batch prediction needs a GCS bucket or BigQuery table (see docs/batch.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
 
 from google.genai import types
 
-from promptfleet.batch.jobs import BatchState, BatchStatus, LineResult, label_of
+from promptfleet.batch.jobs import BatchState, BatchStatus, Found, InlineBatches, Intent, LineResult, classified
 from promptfleet.batch.split import Limits
 from promptfleet.core.messages import Message
-from promptfleet.providers.errors import ErrorKind, ProviderError, classify
+from promptfleet.providers.errors import ErrorKind, ProviderError
 from promptfleet.providers.gemini import GeminiProvider, reply_of
 
 # The request count has no documented cap; the 20 MB applies to the whole create request.
@@ -38,42 +38,34 @@ _STATES = {
 _RETRYABLE_CODES = {1, 2, 4, 8, 10, 13, 14}
 
 
-class GeminiBatches:
+class GeminiBatches(InlineBatches):
     limits = LIMITS
+    window = timedelta(hours=48)  # a job pending or running longer expires
 
     def __init__(self, provider: GeminiProvider):
         self._provider = provider
         self._client = provider.client
 
     def encode(self, custom_id: str, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> tuple[types.InlinedRequest, int]:
-        try:
+        with classified():  # an invalid parameter or media file is this line's error, as online
             contents, config = self._provider.request(model, messages, parameters)
-        except Exception as err:  # noqa: BLE001 - an invalid parameter or media file is this line's error, as online
-            raise classify(err) from None
         item = types.InlinedRequest(contents=contents, config=config, metadata={_KEY: custom_id})
         return item, len(item.model_dump_json(exclude_none=True))
 
-    async def submit(self, model: str, items: list[types.InlinedRequest], token: str) -> str:
-        try:
-            job = await self._client.aio.batches.create(model=model, src=items, config={"display_name": label_of(token)})
-        except Exception as err:  # noqa: BLE001
-            raise classify(err) from None
+    async def create(self, intent: Intent, items: list[types.InlinedRequest], file_id: str | None) -> str:
+        with classified():
+            job = await self._client.aio.batches.create(model=intent.model, src=items, config={"display_name": intent.label})
         if not job.name:
             raise ProviderError("batch created without a name", kind=ErrorKind.INVALID_RESPONSE)
         return job.name
 
     async def status(self, batch_id: str) -> BatchStatus:
-        try:
-            job = await self._client.aio.batches.get(name=batch_id)
-        except Exception as err:  # noqa: BLE001
-            raise classify(err) from None
-        return _status(job)
+        with classified():
+            return _status(await self._client.aio.batches.get(name=batch_id))
 
     async def results(self, batch_id: str, custom_ids: list[str]) -> AsyncIterator[LineResult]:
-        try:
+        with classified():
             job = await self._client.aio.batches.get(name=batch_id)
-        except Exception as err:  # noqa: BLE001
-            raise classify(err) from None
         responses = (job.dest.inlined_responses if job.dest else None) or []
         for n, item in enumerate(responses):
             key = (item.metadata or {}).get(_KEY) or (custom_ids[n] if n < len(custom_ids) else "")
@@ -88,24 +80,20 @@ class GeminiBatches:
                     yield LineResult(key, error=err)
 
     async def cancel(self, batch_id: str) -> None:
-        try:
+        with classified():
             await self._client.aio.batches.cancel(name=batch_id)
-        except Exception as err:  # noqa: BLE001
-            raise classify(err) from None
 
-    async def find(self, token: str, since: datetime, count: int) -> list[str]:
-        """Batches labelled with the token among the most recent FIND_LIMIT (the listing order is not documented)."""
-        label, found, seen = label_of(token), [], 0
-        try:
+    async def find(self, intent: Intent) -> Found:
+        """The job whose display name is the intent's label, among the most recent FIND_LIMIT (the listing order is not documented)."""
+        with classified():
+            seen = 0
             async for job in await self._client.aio.batches.list(config={"page_size": 100}):
+                if job.display_name == intent.label and job.name:
+                    return Found(job.name)
                 seen += 1
-                if job.display_name == label and job.name:
-                    found.append(job.name)
                 if seen >= FIND_LIMIT:
                     break
-        except Exception as err:  # noqa: BLE001
-            raise classify(err) from None
-        return found
+        return Found()
 
 
 def _status(job: types.BatchJob) -> BatchStatus:

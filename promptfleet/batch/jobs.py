@@ -1,36 +1,25 @@
-"""Typed batch records, the protocol every provider's batch API is reached through, and
-the batch journal that makes a batch run resumable without a second submission.
+"""Typed batch records and the protocol every provider's batch API is reached through.
 
-The journal (`<stamp>-batches-<name>.jsonl` beside the completed file) is append-only, one
-write per record, fsynced. Submitting a batch writes three facts in order:
-
-    intent     token, api, model and the input lines, before the provider hears of it
-    submitted  token -> the provider's batch id, as soon as the provider answered
-    ended      batch id, once every line of it is in the completed or failed file
-
-A crash between `intent` and `submitted` leaves an unresolved intent. The provider is then
-asked whether a batch carrying that token exists (OpenAI metadata, Gemini display name,
-Anthropic by creation time and size): found, it is adopted; not found, the intent is
-`abandoned` and its lines are free to go again. So no line is ever in two live batches.
+A batch belongs to its run by an identity chosen before the provider hears of it (the
+`Intent`): the run's id and a token of its own, carried in the batch's label (OpenAI
+metadata, Gemini display name, the name of an uploaded file) and in every request's key
+(`custom_id`, Gemini metadata `key`). Anthropic batches carry no label: there the keys
+are the identity, read back from a batch's results.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import re
-from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from enum import Enum
-from pathlib import Path
 from typing import Any, Protocol
 
 from promptfleet.batch.split import Limits
 from promptfleet.core.messages import Message
 from promptfleet.providers.base import Reply
-from promptfleet.providers.errors import ProviderError
+from promptfleet.providers.errors import ProviderError, classify
 
 
 class BatchState(str, Enum):
@@ -40,7 +29,7 @@ class BatchState(str, Enum):
     COMPLETED = "completed"
     EXPIRED = "expired"  # not done within the provider's window; finished lines are kept
     CANCELLED = "cancelled"
-    FAILED = "failed"  # the whole batch was refused (e.g. validation); no line ran
+    FAILED = "failed"  # the provider refused the whole batch (e.g. validation); no line ran
 
     @property
     def ended(self) -> bool:
@@ -56,8 +45,14 @@ class BatchStatus:
     succeeded: int | None = None
     failed: int | None = None
     message: str | None = None  # why a whole batch failed
-    label: str | None = None  # our token, where the provider keeps one (OpenAI metadata, Gemini display name)
+    label: str | None = None  # our label, where the provider keeps one (OpenAI metadata, Gemini display name)
     created: datetime | None = None
+
+    @property
+    def counts(self) -> str | None:
+        if not self.total:
+            return None
+        return f"{self.succeeded or 0}/{self.total}" + (f", {self.failed} failed" if self.failed else "")
 
 
 @dataclass(frozen=True)
@@ -69,53 +64,39 @@ class LineResult:
     error: ProviderError | None = None
 
 
-class BatchAPI(Protocol):
-    """One provider's batch protocol, bound to one provider instance (one set of credentials)."""
-
-    limits: Limits
-
-    def encode(self, custom_id: str, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> tuple[Any, int]:
-        """The request as the batch carries it, built by the provider's own `request()`, and its size in bytes."""
-        ...
-
-    async def submit(self, model: str, items: list[Any], token: str) -> str: ...
-
-    async def status(self, batch_id: str) -> BatchStatus: ...
-
-    def results(self, batch_id: str, custom_ids: list[str]) -> AsyncIterator[LineResult]: ...
-
-    async def cancel(self, batch_id: str) -> None: ...
-
-    async def find(self, token: str, since: datetime, count: int) -> list[str]:
-        """Ids of batches that may have been created for this token before a crash lost the answer."""
-        ...
-
-
-_CUSTOM_ID = re.compile(r"^line-(\d+)$")
-
-
-def custom_id(line: int) -> str:
-    """A request's key inside a batch: its input line (Anthropic allows [A-Za-z0-9_-]{1,64})."""
-    return f"line-{line}"
-
-
-def line_of(custom: str) -> int | None:
-    match = _CUSTOM_ID.match(custom)
-    return int(match.group(1)) if match else None
-
-
-def label_of(token: str) -> str:
-    return f"promptfleet-{token}"
+def key_prefix(run: str, token: str) -> str:
+    """What every request key of a batch begins with: its run's id and its own token."""
+    return f"{run}-{token}-" if run else "line-"
 
 
 @dataclass(frozen=True)
 class Intent:
+    """A batch as journaled before the provider is called: whose it is and what it holds."""
+
     token: str
     api: str
     model: str
     lines: tuple[int, ...]
     at: datetime
     keys: tuple[str, ...] = ()  # each line's record key: an answer is kept only for the record it was asked for
+    run: str = ""  # the run's id; empty in journals written before runs had one (their keys were `line-N`)
+    before: tuple[str, ...] = ()  # batches the provider listed just before the create: not ours (Anthropic)
+    worst_usd: float = 0.0  # every answer at its token cap, batch prices
+
+    @property
+    def label(self) -> str:
+        return f"promptfleet-{self.run}-{self.token}" if self.run else f"promptfleet-{self.token}"
+
+    @property
+    def key_prefix(self) -> str:
+        return key_prefix(self.run, self.token)
+
+    def custom_id(self, line: int) -> str:
+        """A request's key in the batch; Anthropic allows [A-Za-z0-9_-]{1,64} (this is at most 36)."""
+        return f"{self.key_prefix}{line}"
+
+    def custom_ids(self) -> dict[str, int]:
+        return {self.custom_id(line): line for line in self.lines}
 
 
 @dataclass(frozen=True)
@@ -124,108 +105,80 @@ class LiveBatch:
     intent: Intent
 
 
-@dataclass
-class Ledger:
-    """What the batch journal says: intents, their batch ids, which ended, which were abandoned."""
+@dataclass(frozen=True)
+class Found:
+    """What the provider holds for an intent whose create went unanswered."""
 
-    intents: dict[str, Intent] = field(default_factory=dict)
-    submitted: dict[str, str] = field(default_factory=dict)  # token -> batch id
-    ended: dict[str, str] = field(default_factory=dict)  # batch id -> final state
-    abandoned: set[str] = field(default_factory=set)
-    torn: int = 0  # unreadable lines set aside (a crash mid-write)
-
-    def batches(self) -> Iterator[LiveBatch]:
-        for token, batch_id in self.submitted.items():
-            yield LiveBatch(batch_id, self.intents[token])
-
-    def live(self) -> list[LiveBatch]:
-        return [b for b in self.batches() if b.batch_id not in self.ended]
-
-    def unresolved(self) -> list[Intent]:
-        return [i for t, i in self.intents.items() if t not in self.submitted and t not in self.abandoned]
-
-    def held_lines(self) -> set[int]:
-        """Lines a live batch (or a batch that may exist) holds: never submitted again meanwhile."""
-        held = {line for b in self.live() for line in b.intent.lines}
-        return held.union(*(i.lines for i in self.unresolved()))
-
-    def attempts(self) -> Counter[int]:
-        """How many submitted batches each line was in."""
-        return Counter(line for b in self.batches() for line in b.intent.lines)
+    batch_id: str | None = None  # the batch carrying the intent's identity
+    unverified: tuple[str, ...] = ()  # batches that may be ours but cannot tell until they end (Anthropic)
 
 
-class BatchJournal:
-    """The append-only batch journal of one run (see the module docstring)."""
+class BatchAPI(Protocol):
+    """One provider's batch protocol, bound to one provider instance (one set of credentials)."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    limits: Limits
+    window: timedelta  # how long the provider may take before the batch expires
+    uses_files: bool  # requests go in an uploaded file (OpenAI): files to list and delete
 
-    def load(self) -> Ledger:
-        ledger = Ledger()
-        if not self.path.exists():
-            return ledger
-        with self.path.open(encoding="utf-8") as fh:
-            for text in fh:
-                try:
-                    record = json.loads(text)
-                    _apply(ledger, record)
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    ledger.torn += 1
-        return ledger
+    def encode(self, custom_id: str, model: str, messages: Sequence[Message], parameters: dict[str, Any]) -> tuple[Any, int]:
+        """The request as the batch carries it, built by the provider's own `request()`, and its size in bytes."""
+        ...
 
-    def intent(self, ledger: Ledger, intent: Intent) -> None:
-        self._write({"event": "intent", "token": intent.token, "api": intent.api, "model": intent.model,
-                     "lines": list(intent.lines), "keys": list(intent.keys), "at": intent.at.isoformat()})  # fmt: skip
-        ledger.intents[intent.token] = intent
+    async def before(self) -> tuple[str, ...]:
+        """Ids of the batches created lately, read before a create: none of them can be the new one."""
+        ...
 
-    def submitted(self, ledger: Ledger, token: str, batch_id: str) -> None:
-        self._write({"event": "submitted", "token": token, "batch": batch_id})
-        ledger.submitted[token] = batch_id
+    async def upload(self, intent: Intent, items: list[Any]) -> str | None:
+        """The uploaded file of the requests, named for the intent's label (None: requests go inline)."""
+        ...
 
-    def abandoned(self, ledger: Ledger, token: str, reason: str) -> None:
-        self._write({"event": "abandoned", "token": token, "reason": reason})
-        ledger.abandoned.add(token)
+    async def create(self, intent: Intent, items: list[Any], file_id: str | None) -> str: ...
 
-    def ended(self, ledger: Ledger, batch_id: str, state: BatchState) -> None:
-        self._write({"event": "ended", "batch": batch_id, "state": state.value})
-        ledger.ended[batch_id] = state.value
+    async def find(self, intent: Intent) -> Found:
+        """The batch created for this intent, if any, matched by its identity alone."""
+        ...
 
-    def _write(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if os.fstat(fd).st_size and not _ends_in_newline(self.path):
-                data = b"\n" + data  # after a torn record, begin on a fresh line
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)  # a handful of records per batch: each one is worth a sync
-        finally:
-            os.close(fd)
+    async def status(self, batch_id: str) -> BatchStatus: ...
+
+    def results(self, batch_id: str, custom_ids: list[str]) -> AsyncIterator[LineResult]: ...
+
+    async def cancel(self, batch_id: str) -> None: ...
+
+    async def files_named(self, labels: set[str], since: datetime) -> dict[str, list[str]]:
+        """Uploaded files named for these labels since then, by label."""
+        ...
+
+    async def delete_file(self, file_id: str) -> None: ...
 
 
-def _ends_in_newline(path: Path) -> bool:
-    with path.open("rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) == b"\n"
+class InlineBatches:
+    """What the protocols whose requests go inline (Anthropic, Gemini) do about files: nothing."""
+
+    uses_files = False
+
+    async def before(self) -> tuple[str, ...]:
+        return ()
+
+    async def upload(self, intent: Intent, items: list[Any]) -> str | None:
+        return None
+
+    async def files_named(self, labels: set[str], since: datetime) -> dict[str, list[str]]:
+        return {}
+
+    async def delete_file(self, file_id: str) -> None:
+        return None
 
 
-def _apply(ledger: Ledger, record: dict[str, Any]) -> None:
-    event = record["event"]
-    if event == "intent":
-        at = datetime.fromisoformat(record["at"])
-        ledger.intents[record["token"]] = Intent(record["token"], record["api"], record["model"], tuple(record["lines"]), at,
-                                                 tuple(record.get("keys", ())))  # fmt: skip
-    elif event == "submitted":
-        if record["token"] not in ledger.intents:
-            raise KeyError(record["token"])
-        ledger.submitted[record["token"]] = record["batch"]
-    elif event == "abandoned":
-        ledger.abandoned.add(record["token"])
-    elif event == "ended":
-        ledger.ended[record["batch"]] = record["state"]
-    else:
-        raise ValueError(event)
+@contextmanager
+def classified() -> Iterator[None]:
+    """Whatever an SDK raises leaves as a ProviderError, classified as online."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - classified, not swallowed
+        raise classify(err) from None
+
+
+CLOCK_SKEW = timedelta(minutes=5)  # between our clock and a provider's, when comparing creation times
 
 
 def utcnow() -> datetime:

@@ -9,21 +9,17 @@ requests, 200 MB. Azure's line `url` is `/chat/completions` and `model` is the d
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from openai.types.chat import ChatCompletion
 
-from promptfleet.batch.jobs import BatchState, BatchStatus, LineResult, label_of
+from promptfleet.batch.jobs import CLOCK_SKEW, BatchState, BatchStatus, Found, Intent, LineResult, classified
 from promptfleet.batch.split import Limits
 from promptfleet.core.messages import Message
-from promptfleet.providers.errors import (
-    ErrorKind,
-    ProviderError,
-    classify,
-    error_for_status,
-)
+from promptfleet.providers.errors import ErrorKind, ProviderError, error_for_status
 from promptfleet.providers.openai import OpenAIProvider, reply_of
 
 OPENAI_LIMITS = Limits(max_requests=50_000, max_bytes=200 * 1024 * 1024)
@@ -36,10 +32,12 @@ _STATES = {
     "failed": BatchState.FAILED,
 }
 _LABEL_KEY = "promptfleet"
-CLOCK_SKEW = timedelta(minutes=5)
 
 
 class OpenAIBatches:
+    window = timedelta(hours=24)
+    uses_files = True
+
     def __init__(self, provider: OpenAIProvider, azure: bool = False):
         self._provider = provider
         self._client = provider.client
@@ -52,26 +50,39 @@ class OpenAIBatches:
         data = json.dumps(line, ensure_ascii=False).encode() + b"\n"
         return data, len(data)
 
-    async def submit(self, model: str, items: list[bytes], token: str) -> str:
-        try:
-            upload = await self._client.files.create(file=(f"{label_of(token)}.jsonl", b"".join(items)), purpose="batch")
+    async def before(self) -> tuple[str, ...]:
+        return ()  # a batch carries its label in its metadata
+
+    async def upload(self, intent: Intent, items: list[bytes]) -> str:
+        with classified():
+            upload = await self._client.files.create(file=(f"{intent.label}.jsonl", b"".join(items)), purpose="batch")
+        return upload.id
+
+    async def create(self, intent: Intent, items: list[bytes], file_id: str | None) -> str:
+        with classified():
             batch = await self._client.batches.create(
-                input_file_id=upload.id, endpoint=self._endpoint, completion_window="24h",  # type: ignore[arg-type]
-                metadata={_LABEL_KEY: token},
+                input_file_id=file_id or "", endpoint=self._endpoint, completion_window="24h",  # type: ignore[arg-type]
+                metadata={_LABEL_KEY: intent.label},
             )  # fmt: skip
-        except Exception as err:  # noqa: BLE001 - classified, as online
-            raise classify(err) from None
         return batch.id
 
+    async def find(self, intent: Intent) -> Found:
+        """The batch labelled for the intent, from the newest back to the intent's time."""
+        with classified():
+            async for batch in self._client.batches.list(limit=100):
+                status = _status(batch)
+                if status.created and status.created < intent.at - CLOCK_SKEW:
+                    break  # listed newest first: nothing older can be ours
+                if status.label == intent.label:
+                    return Found(status.batch_id)
+        return Found()
+
     async def status(self, batch_id: str) -> BatchStatus:
-        try:
-            batch = await self._client.batches.retrieve(batch_id)
-        except Exception as err:  # noqa: BLE001 - classified, as online
-            raise classify(err) from None
-        return _status(batch)
+        with classified():
+            return _status(await self._client.batches.retrieve(batch_id))
 
     async def results(self, batch_id: str, custom_ids: list[str]) -> AsyncIterator[LineResult]:
-        try:
+        with classified():
             batch = await self._client.batches.retrieve(batch_id)
             for file_id in (batch.output_file_id, batch.error_file_id):
                 if not file_id:
@@ -80,28 +91,28 @@ class OpenAIBatches:
                     async for text in response.iter_lines():
                         if text.strip():
                             yield _line_result(json.loads(text))
-        except Exception as err:  # noqa: BLE001 - classified, as online
-            raise classify(err) from None
 
     async def cancel(self, batch_id: str) -> None:
-        try:
+        with classified():
             await self._client.batches.cancel(batch_id)
-        except Exception as err:  # noqa: BLE001 - classified, as online
-            raise classify(err) from None
 
-    async def find(self, token: str, since: datetime, count: int) -> list[str]:
-        """Batches labelled with the token, from the newest back to the intent's time."""
-        found = []
-        try:
-            async for batch in self._client.batches.list(limit=100):
-                status = _status(batch)
-                if status.created and status.created < since - CLOCK_SKEW:
-                    break  # listed newest first: nothing older can be ours
-                if status.label == token:
-                    found.append(status.batch_id)
-        except Exception as err:  # noqa: BLE001 - classified, as online
-            raise classify(err) from None
+    async def files_named(self, labels: set[str], since: datetime) -> dict[str, list[str]]:
+        found: dict[str, list[str]] = defaultdict(list)
+        with classified():
+            async for file in self._client.files.list(purpose="batch", order="desc", limit=100):
+                if datetime.fromtimestamp(file.created_at, timezone.utc) < since - CLOCK_SKEW:
+                    break
+                if (label := file.filename.removesuffix(".jsonl")) in labels:
+                    found[label].append(file.id)
         return found
+
+    async def delete_file(self, file_id: str) -> None:
+        try:
+            with classified():
+                await self._client.files.delete(file_id)
+        except ProviderError as err:
+            if err.kind is not ErrorKind.NOT_FOUND:  # already gone is as good as deleted
+                raise
 
 
 def _status(batch: Any) -> BatchStatus:

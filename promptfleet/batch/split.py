@@ -7,6 +7,7 @@ enqueued-token quota, or in a test.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -26,26 +27,28 @@ class Limits:
 
 
 class Chunker(Generic[T]):
-    """Fills one batch at a time; `add` hands back the full batch when the next item would
-    not fit. An item larger than a whole batch is the caller's to refuse (see `fits`)."""
+    """Fills one batch at a time. Each batch has its token from the start, since the requests'
+    keys carry it; the caller asks `has_room` before `add` and flushes when there is none.
+    An item larger than a whole batch is the caller's to refuse (see `fits`)."""
 
     def __init__(self, limits: Limits):
         self.limits = limits
         self.items: list[T] = []
         self.size = 0
+        self.token = secrets.token_hex(4)
 
     def fits(self, size: int) -> bool:
         return size <= self.limits.max_bytes
 
-    def add(self, item: T, size: int) -> list[T] | None:
-        full = None
-        if self.items and (len(self.items) >= self.limits.max_requests or self.size + size > self.limits.max_bytes):
-            full = self.flush()
+    def has_room(self, size: int) -> bool:
+        return not self.items or (len(self.items) < self.limits.max_requests and self.size + size <= self.limits.max_bytes)
+
+    def add(self, item: T, size: int) -> None:
         self.items.append(item)
         self.size += size
-        return full
 
-    def flush(self) -> list[T]:
-        items, self.items, self.size = self.items, [], 0
-        return items
-
+    def flush(self) -> tuple[str, list[T]]:
+        """The batch so far and its token; the next batch gets a token of its own."""
+        token, items = self.token, self.items
+        self.items, self.size, self.token = [], 0, secrets.token_hex(4)
+        return token, items

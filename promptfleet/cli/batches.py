@@ -21,17 +21,18 @@ def batches_list(
     env_file: EnvFile = Path(".env"),
     offline: Annotated[bool, typer.Option("--offline", help="Only what the journals say; do not ask the providers.")] = False,
 ) -> None:
-    """Every batch the runs under DATA/output/ submitted, with its state at the provider."""
+    """Every batch the runs under DATA/output/ submitted: its state as last read (the live ones
+    are asked now), its age and its cost (the worst case at batch prices until collected)."""
     load_env(env_file)
-    from promptfleet.batch.admin import list_batches
+    from promptfleet.batch.admin import age_text, list_batches
 
     rows = asyncio.run(list_batches(data_folder, ask=not offline))
     from rich.table import Table
 
-    table = Table("experiment", "run", "batch", "api/model", "prompts", "journal", "provider", "done")
+    table = Table("experiment", "run", "batch", "api/model", "prompts", "state", "age", "cost (USD)")
     for row in rows:
-        table.add_row(row.experiment, row.stamp, row.batch_id, f"{row.api}/{row.model}", str(row.prompts), row.journal,
-                      row.provider_state or "-", row.counts or "-")  # fmt: skip
+        table.add_row(row.experiment, row.stamp, row.batch_id, f"{row.api}/{row.model}", str(row.prompts), row.state,
+                      age_text(row.age), row.cost)  # fmt: skip
     Console(width=max(Console().width, 160)).print(table if rows else f"no batches under {data_folder / 'output'}")
 
 

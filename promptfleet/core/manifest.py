@@ -2,8 +2,9 @@
 
 It records the software (promptfleet, Python, Prefect, each provider SDK used), the
 effective settings with their limits and prices, the input's SHA-256, when the run
-started and ended, the Prefect flow run when there is one, and, per model, the model
-versions and fingerprints the providers reported in the answers. Keys are never in it:
+started and ended, the Prefect flow run when there is one, per model, the model
+versions and fingerprints the providers reported in the answers, and in batch mode every
+provider batch and uploaded file the run created. Keys are never in it:
 settings hold none, and nothing is read from the environment.
 """
 
@@ -133,6 +134,7 @@ def build(
         "settings": effective_settings(settings, models),
         "prefect": orchestration,
         "models": models,
+        "batches": summary.batches,  # batch mode: every provider batch and uploaded file the run created, and what became of it
     }
 
 
