@@ -9,7 +9,7 @@ from pathlib import Path
 
 from promptfleet.batch.jobs import Intent, LiveBatch, utcnow
 from promptfleet.batch.journal import BatchJournal, Ledger
-from promptfleet.batch.runner import batch_api
+from promptfleet.batch.state import batch_api
 from promptfleet.providers import Clients
 from promptfleet.providers.base import ProviderError, ProviderOptions
 

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from promptfleet.batch import jobs
+import promptfleet.batch.jobs as jobs  # the clock, read through the module: the tests' fake clock
 from promptfleet.batch.jobs import BatchState, BatchStatus, LiveBatch
 from promptfleet.batch.journal import ReadNote
 from promptfleet.core.engine import Prompt
 from promptfleet.providers.errors import ErrorKind, ProviderError
 
 if TYPE_CHECKING:
-    from promptfleet.batch.runner import BatchRunner
+    from promptfleet.batch.state import BatchRun
 
 log = logging.getLogger("promptfleet.batch")
 
@@ -37,13 +37,13 @@ class Unreadable:
 
 
 class Collector:
-    def __init__(self, runner: BatchRunner):
-        self.runner = runner
+    def __init__(self, run: BatchRun):
+        self.run = run
         self.unreadable: dict[str, Unreadable] = {}
         self.cost: Counter[str] = Counter()  # batch -> what its answers collected in this run cost
 
     async def collect(self) -> None:
-        r = self.runner
+        r = self.run
         ended: list[tuple[LiveBatch, BatchStatus]] = []
         for batch in r.ledger.live():
             try:
@@ -71,7 +71,7 @@ class Collector:
             r.committed.pop(batch.batch_id, None)
 
     async def _collect_one(self, batch: LiveBatch, status: BatchStatus, prompts: dict[int, Prompt], attempts: Counter) -> None:
-        r = self.runner
+        r = self.run
         intent = batch.intent
         keys = intent.custom_ids()
         asked = {line: intent.keys[n] if intent.keys else None for n, line in enumerate(intent.lines)}
@@ -105,7 +105,7 @@ class Collector:
             r.errored(prompts[line], missing, batch, attempts[line])
 
     def _readable(self, batch: LiveBatch, status: BatchStatus) -> None:
-        r = self.runner
+        r = self.run
         if self.unreadable.pop(batch.batch_id, None):
             log.info("batch %s: readable again", batch.batch_id)
         note = r.ledger.reads.get(batch.batch_id)
@@ -115,7 +115,7 @@ class Collector:
             r.journal.read(r.ledger, batch.batch_id, ReadNote(jobs.utcnow(), status.provider_state, status.counts))
 
     def _unreadable(self, batch: LiveBatch, err: ProviderError, what: str) -> None:
-        r = self.runner
+        r = self.run
         now = jobs.utcnow()
         message = f"{what}: {r.redact(err)}"
         note = r.ledger.reads.get(batch.batch_id)

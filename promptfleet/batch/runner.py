@@ -17,240 +17,86 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from promptfleet.batch.collect import Collector
-from promptfleet.batch.jobs import BatchAPI, LiveBatch, utcnow
-from promptfleet.batch.journal import BatchJournal
+from promptfleet.batch.state import BatchContext, BatchRun
 from promptfleet.batch.submit import Submitter
-from promptfleet.core import scorers
-from promptfleet.core.config import Settings
-from promptfleet.core.costs import Budget, Spend, cost_of, estimate_tokens, price_of
-from promptfleet.core.engine import OUTPUT_KEYS, Prompt, QueueContext, QueueStats, RetryPolicy, output_of, run_queue
-from promptfleet.core.experiment import RecordReader
+from promptfleet.core.engine import Prompt, QueueContext, RetryPolicy, run_queue
 from promptfleet.core.limiter import Pacer
-from promptfleet.core.plan import QueuePlan
-from promptfleet.core.rundir import TIMESTAMP_FORMAT, Journal, RunPaths
-from promptfleet.core.scorers import Scorer
-from promptfleet.providers import Clients, provider_class
-from promptfleet.providers.base import Provider, Reply
-from promptfleet.providers.errors import ProviderError
+from promptfleet.providers import provider_class
 
 log = logging.getLogger("promptfleet.batch")
 
 FIRST_POLL_S = 5.0
 POLL_GROWTH = 1.5
 
-
-def batch_api(api: str, provider: Provider) -> BatchAPI:
-    if api in ("openai", "azure-openai"):
-        from promptfleet.batch.openai import OpenAIBatches
-
-        return OpenAIBatches(provider, azure=api == "azure-openai")  # type: ignore[arg-type]
-    if api == "anthropic":
-        from promptfleet.batch.anthropic import AnthropicBatches
-
-        return AnthropicBatches(provider)  # type: ignore[arg-type]
-    if api == "gemini":
-        from promptfleet.batch.gemini import GeminiBatches
-
-        return GeminiBatches(provider)  # type: ignore[arg-type]
-    raise KeyError(f"no batch API for {api!r}")
-
-
-@dataclass
-class BatchContext:
-    """What the batch part of a run shares with its online queues."""
-
-    paths: RunPaths
-    settings: Settings
-    queue: QueuePlan  # the plan's batchable records, by place in the working copy
-    reader: RecordReader
-    clients: Clients
-    journal: Journal
-    stats: QueueStats
-    skip: bytearray | None = None  # records a previous session already journaled
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    spend: Spend | None = None
-    budget: Budget | None = None
-    scorers: list[Scorer] = field(default_factory=list)
+__all__ = ["BatchContext", "BatchRunner"]
 
 
 class BatchRunner:
     def __init__(self, ctx: BatchContext):
-        self.ctx = ctx
-        self.settings = ctx.settings
-        self.journal = BatchJournal(ctx.paths.batches)
-        self.ledger = self.journal.load()
-        self.run_id = self.ledger.run or secrets.token_hex(5)  # in every batch's label and request keys
-        if self.ledger.torn:
-            log.warning("%s: %d unreadable record(s) set aside", ctx.paths.batches, self.ledger.torn)
-        queue = ctx.queue
-        self.index = {line: i for i, line in enumerate(queue.lines)}
-        self.done = {queue.lines[i] for i in range(queue.prompts) if ctx.skip and ctx.skip[i]}
-        self.online: dict[int, int] = {}  # line -> batch attempts, for --batch-fallback online
-        self.may_have_pending = True  # lines no batch holds may exist: worth a scan of the input
-        self.committed: dict[str, tuple[float, int]] = {}  # live batch -> worst-case (cost, tokens)
-        self.held_back: str | None = None  # why the budget kept a batch back this pass
-        self.halted: str | None = None  # why this run stops short: the same command goes on from the journal
-        self._apis: dict[tuple[str, str], BatchAPI] = {}
-        self.submitter = Submitter(self)
-        self.collector = Collector(self)
-
-    def api_for(self, api: str, model: str) -> BatchAPI:
-        if (api, model) not in self._apis:
-            self._apis[(api, model)] = batch_api(api, self.ctx.clients.get(api, model))
-        return self._apis[(api, model)]
-
-    def redact(self, err: ProviderError) -> str:
-        return self.ctx.clients.redact(err.message)
-
-    def halt(self, reason: str) -> None:
-        """Stop this run after the pass, with one line that says why; nothing is lost or resent."""
-        if self.halted is None:
-            self.halted = reason
-            log.warning("%s", reason)
+        self.batch = BatchRun(ctx)
+        self.submitter = Submitter(self.batch)
+        self.collector = Collector(self.batch)
 
     @property
-    def stopping(self) -> bool:
-        return self.ctx.stop.is_set() or self.halted is not None
+    def live(self) -> int:
+        return self.batch.live
+
+    @property
+    def halted(self) -> str | None:
+        return self.batch.halted
 
     async def run(self) -> list[dict[str, Any]]:
         """Passes until no batch is live (one pass when detached or stopped); the batches table."""
-        stats = self.ctx.stats
-        self._commit_live()
-        interval = min(FIRST_POLL_S, self.settings.batch_poll)
+        b = self.batch
+        stats = b.ctx.stats
+        b.commit_live()
+        interval = min(FIRST_POLL_S, b.settings.batch_poll)
         try:
             await self.submitter.sweep()  # what earlier runs of this experiment uploaded and no batch needs
             while True:
                 await self.submitter.reconcile()
                 await self.collector.collect()
-                if self.may_have_pending and not self.stopping:
+                if b.may_have_pending and not b.stopping:
                     await self.submitter.submit()
-                if self.online and not self.ctx.stop.is_set():
+                if b.online and not b.ctx.stop.is_set():
                     await self._send_online()
-                waiting = self.ledger.live() or self.ledger.unresolved()
-                if not waiting or self.settings.batch_detach or self.stopping:
+                if not b.live or b.settings.batch_detach or b.stopping:
                     break
                 try:
-                    await asyncio.wait_for(self.ctx.stop.wait(), timeout=interval)
+                    await asyncio.wait_for(b.ctx.stop.wait(), timeout=interval)
                 except asyncio.TimeoutError:
                     pass
-                interval = min(interval * POLL_GROWTH, self.settings.batch_poll)
+                interval = min(interval * POLL_GROWTH, b.settings.batch_poll)
             await self.submitter.sweep()
-            if self.held_back and not stats.budget_stop:
-                stats.budget_stop = self.held_back
+            if b.held_back and not stats.budget_stop:
+                stats.budget_stop = b.held_back
         finally:
-            stats.stopped = self.ctx.stop.is_set()
+            stats.stopped = b.ctx.stop.is_set()
             stats.finished = time.monotonic()
-        if self.live:
-            log.info("%d batch(es) still ours with %d prompt(s); run the same command again to collect them", self.live,
-                     sum(len(b.intent.lines) for b in self.ledger.live()) + sum(len(i.lines) for i in self.ledger.unresolved()))  # fmt: skip
-        return self.ledger.rows()
-
-    @property
-    def live(self) -> int:
-        """Batches still ours at the provider, counting those whose create may have made one."""
-        return len(self.ledger.live()) + len(self.ledger.unresolved())
-
-    def _commit_live(self) -> None:
-        """The worst case of the batches a previous session left running, for the budget."""
-        live = {line: batch.batch_id for batch in self.ledger.live() for line in batch.intent.lines}
-        for prompt in self.prompts(set(live) - self.done):
-            cost, tokens = self.committed.get(live[prompt.line], (0.0, 0))
-            worst = self.worst(prompt.record)
-            self.committed[live[prompt.line]] = (cost + worst[0], tokens + worst[1])
-
-    def worst(self, record: dict[str, Any]) -> tuple[float, int]:
-        """Worst-case (cost at batch prices, tokens) of a prompt; an unpriced model costs nothing here."""
-        ins, outs = estimate_tokens(record)
-        price = price_of(record["model_name"], self.ctx.spend.prices) if self.ctx.spend else None
-        return (cost_of(price, ins, outs, batch=True) if price else 0.0), ins + outs
-
-    # -- where each line ends ---------------------------------------------------------------
-
-    def answered(self, prompt: Prompt, reply: Reply, batch: LiveBatch, attempts: int) -> float:
-        """Journal the answer; what it cost at batch prices."""
-        record = prompt.record
-        output = output_of(record, [reply])
-        done = {**_base(record), **output, **_sent(batch), "attempts": attempts, "input_line": prompt.line, "input_key": prompt.key,
-                "batch": batch.batch_id}  # fmt: skip
-        if self.ctx.scorers:
-            scores = scorers.apply(self.ctx.scorers, done)
-            done.update(scores)
-            self.ctx.stats.score_keys.update(scores)
-        self.ctx.journal.write("completed", done)
-        self.done.add(prompt.line)
-        self.ctx.stats.answered += 1
-        usage = output.get("usage") or {}
-        spend = self.ctx.spend
-        if spend is None or not usage:
-            return 0.0
-        ins, outs = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
-        spend.add(record["model_name"], ins, outs, batch=True)
-        if self.ctx.budget and (reason := self.ctx.budget.exceeded_by(spend)) and not self.ctx.stats.budget_stop:
-            log.warning("budget reached: %s; no new batches are submitted", reason)
-            self.ctx.stats.budget_stop = reason
-        price = price_of(record["model_name"], spend.prices)
-        return cost_of(price, ins, outs, batch=True) if price else 0.0
-
-    def errored(self, prompt: Prompt, error: ProviderError, batch: LiveBatch | None, attempts: int) -> None:
-        record = prompt.record
-        if error.retryable and attempts < self.settings.max_attempts:
-            self.ctx.stats.retries += 1
-            self.may_have_pending = True
-            if self.settings.batch_fallback == "online":
-                self.online[prompt.line] = attempts
-            return  # not journaled: the next submission (or the online fallback) takes it
-        message = self.redact(error)
-        where = f"batch {batch.batch_id}" if batch else "batch submission"
-        log.warning("line %d (%s/%s) failed in %s after %d attempt(s): %s", prompt.line, record["api"], record["model_name"], where,
-                    attempts, message)  # fmt: skip
-        self.ctx.journal.write("failed", {
-            **_base(record), "error": {"type": str(error.kind), "status": error.status, "message": message, "attempts": attempts},
-            **({"timestamp_sent": _sent(batch)["timestamp_sent"], "batch": batch.batch_id} if batch else {}),
-            "input_line": prompt.line, "input_key": prompt.key,
-        })  # fmt: skip
-        self.done.add(prompt.line)
-        self.ctx.stats.failed += 1
-
-    # -- online fallback ----------------------------------------------------------------------
+        if b.live:
+            log.info("%d batch(es) still ours with %d prompt(s); run the same command again to collect them", b.live,
+                     sum(len(x.intent.lines) for x in b.ledger.live()) + sum(len(i.lines) for i in b.ledger.unresolved()))  # fmt: skip
+        return b.ledger.rows()
 
     async def _send_online(self) -> None:
         """Lines whose batch attempts ended in a retryable error, sent online (`--batch-fallback online`)."""
-        pending, self.online = self.online, {}
+        b = self.batch
+        pending, b.online = b.online, {}
         by_api: dict[str, list[Prompt]] = defaultdict(list)
-        for prompt in self.prompts(set(pending) - self.done):
+        for prompt in b.prompts(set(pending) - b.done):
             by_api[prompt.record["api"]].append(prompt)
         for api, group in by_api.items():
             log.info("sending %d prompt(s) of %s online after a failed batch line", len(group), api)
-            rate = self.settings.max_queries or provider_class(api).default_rate_per_minute
-            left = max(1, self.settings.max_attempts - max(pending[p.line] for p in group))
+            rate = b.settings.max_queries or provider_class(api).default_rate_per_minute
+            left = max(1, b.settings.max_attempts - max(pending[p.line] for p in group))
             ctx = QueueContext(
-                self.ctx.clients, Pacer(rate, self.settings.max_in_flight), self.ctx.journal, self.ctx.stats,
-                RetryPolicy(max_attempts=left), self.ctx.stop, self.ctx.spend, self.ctx.budget, self.ctx.scorers,
-                grace=self.settings.timeout,
+                b.ctx.clients, Pacer(rate, b.settings.max_in_flight), b.ctx.journal, b.ctx.stats, RetryPolicy(max_attempts=left),
+                b.ctx.stop, b.ctx.spend, b.ctx.budget, b.ctx.scorers, grace=b.settings.timeout,
             )  # fmt: skip
             await run_queue(group, ctx)
-            self.done.update(p.line for p in group)  # answered or failed; a stopped one is picked up on resume
-
-    def prompts(self, lines: set[int] | None) -> Iterator[Prompt]:
-        """The batchable records (only those of `lines`, when given), read back by their planned place."""
-        queue = self.ctx.queue
-        indexes = range(queue.prompts) if lines is None else sorted(self.index[line] for line in lines if line in self.index)
-        for i in indexes:
-            yield Prompt(queue.lines[i], queue.key(i), self.ctx.reader.read(queue.offsets[i], queue.lengths[i]))
-
-
-def _base(record: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k not in OUTPUT_KEYS}
-
-
-def _sent(batch: LiveBatch) -> dict[str, Any]:
-    at = batch.intent.at
-    return {"timestamp_sent": at.astimezone().strftime(TIMESTAMP_FORMAT), "latency_s": round((utcnow() - at).total_seconds(), 3)}
+            b.done.update(p.line for p in group)  # answered or failed; a stopped one is picked up on resume

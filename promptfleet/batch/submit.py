@@ -27,7 +27,7 @@ from promptfleet.core.messages import parse_conversation
 from promptfleet.providers.errors import ErrorKind, ProviderError, classify
 
 if TYPE_CHECKING:
-    from promptfleet.batch.runner import BatchRunner
+    from promptfleet.batch.state import BatchRun
 
 log = logging.getLogger("promptfleet.batch")
 
@@ -41,15 +41,15 @@ Chunk = list[tuple[Prompt, Any, tuple[float, int]]]  # (prompt, encoded request,
 
 
 class Submitter:
-    def __init__(self, runner: BatchRunner):
-        self.runner = runner
+    def __init__(self, run: BatchRun):
+        self.run = run
         self.lookups_failed: Counter[str] = Counter()  # token -> failed lookups in this run
         self.waiting: dict[str, tuple[str, ...]] = {}  # token -> batches that may be its own, as last said
 
     # -- intents whose create went unanswered -----------------------------------------------
 
     async def reconcile(self) -> None:
-        r = self.runner
+        r = self.run
         for intent in r.ledger.unresolved():
             try:
                 found = await r.api_for(intent.api, intent.model).find(intent)
@@ -64,7 +64,7 @@ class Submitter:
             self.settle(intent, found)
 
     def settle(self, intent: Intent, found: Found) -> None:
-        r = self.runner
+        r = self.run
         if found.batch_id:
             log.info("found batch %s, created for %d prompt(s) of %s/%s before its answer was lost", found.batch_id, len(intent.lines),
                      intent.api, intent.model)  # fmt: skip
@@ -82,7 +82,7 @@ class Submitter:
     # -- submit what no batch holds ---------------------------------------------------------
 
     async def submit(self) -> None:
-        r = self.runner
+        r = self.run
         r.held_back = None
         if r.ctx.stats.budget_stop:
             return
@@ -90,7 +90,7 @@ class Submitter:
 
     async def _submit_all(self) -> bool:
         """One scan of the input; True when every line no batch holds was submitted (or failed)."""
-        r = self.runner
+        r = self.run
         held = r.ledger.held_lines()
         attempts = r.ledger.attempts()
         chunkers: dict[tuple[str, str], Chunker] = {}
@@ -134,7 +134,7 @@ class Submitter:
 
     async def _submit_chunk(self, key: tuple[str, str], chunker: Chunker) -> bool:
         """Journal the intent, upload, create, journal the batch id. False: stop submitting this pass."""
-        r = self.runner
+        r = self.run
         if r.ctx.stop.is_set():  # Ctrl-C while submitting: what is not submitted waits for the rerun
             return False
         token, chunk = chunker.flush()
@@ -165,7 +165,7 @@ class Submitter:
 
     async def _create(self, api: BatchAPI, intent: Intent, items: list[Any], file_id: str | None, chunk: Chunk,
                       worst: tuple[float, int]) -> bool:  # fmt: skip
-        r = self.runner
+        r = self.run
         last: ProviderError | None = None
         for attempt in range(TRIES):
             if last is not None and not await self._pause(attempt - 1, last):
@@ -199,7 +199,7 @@ class Submitter:
 
     async def _look_up(self, api: BatchAPI, intent: Intent, create_error: ProviderError) -> Found | None:
         """What the provider holds for an unanswered create; None when it cannot be asked (the run stops)."""
-        r = self.runner
+        r = self.run
         err = create_error
         for attempt in range(TRIES):
             if not await self._pause(attempt, err):  # a listing may lag the create it would show
@@ -217,7 +217,7 @@ class Submitter:
     def _not_submitted(self, key: tuple[str, str], chunk: Chunk, err: ProviderError, what: str) -> bool:
         """A step of a submission failed for good: a refusal fails the lines with its message (as a
         4xx online); a provider still failing after the pauses stops the run instead of looping."""
-        r = self.runner
+        r = self.run
         if err.retryable:
             r.halt(f"{key[0]}/{key[1]}: {what} for {len(chunk)} prompt(s) failed {TRIES} times ({err.kind}: {r.redact(err)}); "
                    "nothing was submitted, nothing is paid")  # fmt: skip
@@ -240,7 +240,7 @@ class Submitter:
 
     async def _pause(self, attempt: int, err: ProviderError) -> bool:
         """Back off (Retry-After when longer, --batch-poll at most); False when the run was stopped meanwhile."""
-        r = self.runner
+        r = self.run
         delay = min(r.settings.batch_poll, max(BACKOFF_S * 2**attempt, err.retry_after or 0.0))
         try:
             await asyncio.wait_for(r.ctx.stop.wait(), timeout=delay)
@@ -251,7 +251,7 @@ class Submitter:
     def _over_budget(self, cost: float, tokens: int) -> str | None:
         """A batch cannot be stopped halfway: it goes only if its worst case, plus that of the live
         batches, plus what was spent, stays within --max-cost and --max-tokens-total."""
-        r = self.runner
+        r = self.run
         budget, spend = r.ctx.budget, r.ctx.spend
         if budget is None or spend is None:
             return None
@@ -269,7 +269,7 @@ class Submitter:
         """Delete the files uploaded for intents that never became a batch, and the extra copies
         of uploads that were tried again, in this run's journal and in those of earlier runs of
         the experiment (the experiment's lock makes them ours)."""
-        r = self.runner
+        r = self.run
         own = r.journal.path
         suffix = own.name[own.name.index("-batches-"):]
         earlier = sorted(p for p in own.parent.iterdir() if p.name.endswith(suffix) and p != own) if own.parent.is_dir() else []
@@ -277,7 +277,7 @@ class Submitter:
             await self._sweep_journal(journal, ledger)
 
     async def _sweep_journal(self, journal: BatchJournal, ledger: Ledger) -> None:
-        r = self.runner
+        r = self.run
         groups: dict[tuple[str, str], list[Intent]] = defaultdict(list)
         for token, intent in ledger.intents.items():
             due = token in ledger.abandoned or (token in ledger.submitted and token in ledger.retried_uploads)
@@ -308,7 +308,7 @@ class Submitter:
                     journal.swept(ledger, token)
 
 
-def _uses_files(r: BatchRunner, intent: Intent) -> bool:
+def _uses_files(r: BatchRun, intent: Intent) -> bool:
     try:
         return r.api_for(intent.api, intent.model).uses_files
     except Exception:  # noqa: BLE001 - an earlier run's model without credentials here: left for a run that has them
