@@ -1,7 +1,8 @@
 """Scenario 9: what batch mode saves on a 10,000-prompt mixed experiment, priced from the
-shipped price table, run through the batch APIs of the local fake (tests/fake_batches.py).
+shipped price table, run through the batch APIs of the local fake (tests/fake_batches.py);
+then 9b, what its faults cost (benchmarks/batch_faults.py).
 
-    python -m benchmarks.batch_cost        # prints the RESULTS.md section
+    python -m benchmarks.batch_cost        # prints the RESULTS.md sections
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from promptfleet.core.config import Settings
 from promptfleet.core.plan import inspect
 from promptfleet.core.run import open_run
 from promptfleet.core.session import Session
+from benchmarks.batch_faults import batch_faults
 from tests.fake_batches import FakeBatchServer
 
 N = 10_000
@@ -78,7 +80,7 @@ def batch_cost() -> list[str]:
         "batch on its second poll (real batches take minutes to 24 h).",
         "",
     ]
-    return lines
+    return lines + batch_faults()
 
 
 if __name__ == "__main__":
