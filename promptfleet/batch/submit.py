@@ -113,9 +113,7 @@ class Submitter:
 
                 item, size = encode(chunker.token)
             except Exception as err:  # noqa: BLE001 - a media file swapped after validation, a bad parameter: this line's error
-                error = classify(err)
-                r.errored(prompt, ProviderError(error.message, kind=error.kind if not error.retryable else ErrorKind.BAD_REQUEST),
-                          None, attempts[line])  # fmt: skip
+                self._unbuildable(prompt, err, attempts[line])
                 continue
             if not chunker.fits(size):
                 error = ProviderError(f"request of {size} bytes exceeds the batch limit of {chunker.limits.max_bytes} bytes",
@@ -125,12 +123,21 @@ class Submitter:
             if not chunker.has_room(size):
                 if not await self._submit_chunk(key, chunker):
                     return False
-                item, size = encode(chunker.token)  # its key carries the next batch's token
+                try:
+                    item, size = encode(chunker.token)  # its key carries the next batch's token
+                except Exception as err:  # noqa: BLE001 - as above
+                    self._unbuildable(prompt, err, attempts[line])
+                    continue
             chunker.add((prompt, item, r.worst(record)), size)
         for key, chunker in chunkers.items():
             if chunker.items and not await self._submit_chunk(key, chunker):
                 return False
         return True
+
+    def _unbuildable(self, prompt: Prompt, err: Exception, attempts: int) -> None:
+        error = classify(err)
+        kind = error.kind if not error.retryable else ErrorKind.BAD_REQUEST  # the same request would fail the same way
+        self.run.errored(prompt, ProviderError(error.message, kind=kind), None, attempts)
 
     async def _submit_chunk(self, key: tuple[str, str], chunker: Chunker) -> bool:
         """Journal the intent, upload, create, journal the batch id. False: stop submitting this pass."""
