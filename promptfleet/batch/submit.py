@@ -225,6 +225,8 @@ class Submitter:
         """A step of a submission failed for good: a refusal fails the lines with its message (as a
         4xx online); a provider still failing after the pauses stops the run instead of looping."""
         r = self.run
+        if err.retryable and r.ctx.stop.is_set():
+            return False  # Ctrl-C during a pause: nothing was submitted, the rerun goes on
         if err.retryable:
             r.halt(f"{key[0]}/{key[1]}: {what} for {len(chunk)} prompt(s) failed {TRIES} times ({err.kind}: {r.redact(err)}); "
                    "nothing was submitted, nothing is paid")  # fmt: skip
