@@ -320,7 +320,7 @@ class Submitter:
 def _uses_files(r: BatchRun, intent: Intent) -> bool:
     try:
         return r.api_for(intent.api, intent.model).uses_files
-    except Exception:  # noqa: BLE001 - an earlier run's model without credentials here: left for a run that has them
+    except (ProviderError, KeyError):  # an earlier run's model without credentials (or api) here: left for a run that has them
         return False
 
 
