@@ -158,8 +158,6 @@ def test_a_mixed_reasoning_experiment_online(tmp_path: Path, server: FakeServer,
     assert cost["by_model"]["claude-sonnet-4-5"]["reasoning_tokens"] == REASONING_TOKENS
 
 
-@pytest.mark.xfail(strict=True, reason="per-record cost_usd in batch mode needs batch/runner.py to call "
-                   "output_of(record, [reply], self.ctx.spend, batch=True) (issue 30's file)")
 def test_a_mixed_reasoning_experiment_in_batch_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with FakeBatchServer() as fake:
         for key, value in fake.env().items():

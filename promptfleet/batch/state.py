@@ -15,7 +15,7 @@ from promptfleet.batch.jobs import BatchAPI, LiveBatch, utcnow
 from promptfleet.batch.journal import BatchJournal
 from promptfleet.core import scorers
 from promptfleet.core.config import Settings
-from promptfleet.core.costs import Budget, Spend, cost_of, estimate_tokens, price_of
+from promptfleet.core.costs import Budget, Spend, estimate_tokens
 from promptfleet.core.engine import OUTPUT_KEYS, Prompt, QueueStats, output_of
 from promptfleet.core.experiment import RecordReader
 from promptfleet.core.plan import QueuePlan
@@ -115,15 +115,15 @@ class BatchRun:
     def worst(self, record: dict[str, Any]) -> tuple[float, int]:
         """Worst-case (cost at batch prices, tokens) of a prompt; an unpriced model costs nothing here."""
         ins, outs = estimate_tokens(record)
-        price = price_of(record["model_name"], self.ctx.spend.prices) if self.ctx.spend else None
-        return (cost_of(price, ins, outs, batch=True) if price else 0.0), ins + outs
+        cost = self.ctx.spend.cost_of(record["model_name"], ins, outs, batch=True, api=record["api"]) if self.ctx.spend else None
+        return cost or 0.0, ins + outs
 
     # -- where each line ends ---------------------------------------------------------------
 
     def answered(self, prompt: Prompt, reply: Reply, batch: LiveBatch, attempts: int) -> float:
         """Journal the answer; what it cost at batch prices."""
-        record = prompt.record
-        output = output_of(record, [reply])
+        record, spend = prompt.record, self.ctx.spend
+        output = output_of(record, [reply], spend, batch=True)
         done = {**_base(record), **output, **_sent(batch), "attempts": attempts, "input_line": prompt.line, "input_key": prompt.key,
                 "batch": batch.batch_id}  # fmt: skip
         if self.ctx.scorers:
@@ -134,16 +134,14 @@ class BatchRun:
         self.done.add(prompt.line)
         self.ctx.stats.answered += 1
         usage = output.get("usage") or {}
-        spend = self.ctx.spend
         if spend is None or not usage:
             return 0.0
-        ins, outs = usage.get("input_tokens") or 0, usage.get("output_tokens") or 0
-        spend.add(record["model_name"], ins, outs, batch=True)
+        spend.add(record["model_name"], usage.get("input_tokens"), usage.get("output_tokens"), batch=True, api=record["api"],
+                  reasoning_tokens=usage.get("reasoning_tokens"))  # fmt: skip
         if self.ctx.budget and (reason := self.ctx.budget.exceeded_by(spend)) and not self.ctx.stats.budget_stop:
             log.warning("budget reached: %s; no new batches are submitted", reason)
             self.ctx.stats.budget_stop = reason
-        price = price_of(record["model_name"], spend.prices)
-        return cost_of(price, ins, outs, batch=True) if price else 0.0
+        return usage.get("cost_usd") or 0.0
 
     def errored(self, prompt: Prompt, error: ProviderError, batch: LiveBatch | None, attempts: int) -> None:
         record = prompt.record
