@@ -151,7 +151,8 @@ class BatchRun:
             if self.settings.batch_fallback == "online":
                 self.online[prompt.line] = attempts
             return  # not journaled: the next submission (or the online fallback) takes it
-        message = self.redact(error)
+        lines = self.redact(error).splitlines()  # one line, even for pydantic's dump of a malformed line
+        message = "; ".join(line.strip() for line in lines if line.strip() and "errors.pydantic.dev" not in line)
         where = f"batch {batch.batch_id}" if batch else "batch submission"
         log.warning("line %d (%s/%s) failed in %s after %d attempt(s): %s", prompt.line, record["api"], record["model_name"], where,
                     attempts, message)  # fmt: skip
