@@ -180,3 +180,19 @@ def test_the_offline_test_provider_thinks_when_asked(tmp_path: Path):
     assert len(thinker["thinking_text"]) == 2 and thinker["usage"]["reasoning_tokens"] > 0
     assert "thinking_text" not in plain and "reasoning_tokens" not in plain["usage"]
     assert json.loads(json.dumps(thinker))["usage"]["cost_usd"] == 0.0  # the offline models are free
+
+
+def test_prompto_top_level_keys_reach_batch_requests_as_they_reach_online_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Gemini's `safety_filter` sits beside `parameters` in prompto's files; a batch request
+    carries the safety settings it stands for, as the online request does."""
+    with FakeBatchServer() as fake:
+        for key, value in fake.env().items():
+            monkeypatch.setenv(key, value)
+        fake.state.polls_to_finish = 1
+        row = {"id": 1, "api": "gemini", "model_name": "gemini-2.5-flash", "prompt": "hi", "safety_filter": "most"}
+        summary = run_once(write_jsonl(tmp_path / "safe.jsonl", [row]), Settings(data_folder=tmp_path / "data", batch=True, batch_poll=0.01))
+        [job] = fake.state.jobs.values()
+    assert summary["answered"] == 1
+    [(_, request)] = job.requests
+    settings = request.get("safetySettings") or request.get("generationConfig", {}).get("safetySettings") or []
+    assert settings and all(s["threshold"] == "BLOCK_LOW_AND_ABOVE" for s in settings), request

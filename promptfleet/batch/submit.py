@@ -24,6 +24,8 @@ from promptfleet.batch.journal import BatchJournal, Ledger
 from promptfleet.batch.split import Chunker
 from promptfleet.core.engine import Prompt
 from promptfleet.core.messages import parse_conversation
+from promptfleet.providers import provider_class
+from promptfleet.providers.base import parameters_of
 from promptfleet.providers.errors import ErrorKind, ProviderError, classify
 
 if TYPE_CHECKING:
@@ -106,10 +108,11 @@ class Submitter:
             try:
                 api = r.api_for(*key)
                 messages = list(parse_conversation(record["prompt"], record.get("multimedia")).messages)
+                parameters = parameters_of(provider_class(key[0]), record)  # as online: prompto's top-level keys too
                 chunker = chunkers.setdefault(key, Chunker(api.limits.capped(*limits)))
 
                 def encode(token: str) -> tuple[Any, int]:
-                    return api.encode(f"{key_prefix(r.run_id, token)}{line}", key[1], messages, record.get("parameters") or {})  # noqa: B023
+                    return api.encode(f"{key_prefix(r.run_id, token)}{line}", key[1], messages, parameters)  # noqa: B023
 
                 item, size = encode(chunker.token)
             except Exception as err:  # noqa: BLE001 - a media file swapped after validation, a bad parameter: this line's error
