@@ -65,8 +65,8 @@ def batch_cost() -> list[str]:
         "## 9. Batch mode: 10,000 prompts across OpenAI, Azure OpenAI, Anthropic and Gemini",
         "",
         f"{N:,} single-turn prompts of {WORDS} words, max {MAX_TOKENS} output tokens, 2,500 each to gpt-4o-mini, gpt-4o "
-        "(Azure deployment), claude-3-5-haiku and gemini-2.0-flash, priced from `promptfleet/data/prices.json` (batch = 50% of "
-        "list price). The worst case is `promptfleet check --batch` (every answer at its cap); the actual cost is what the run "
+        "(Azure deployment), claude-3-5-haiku and gemini-2.0-flash, priced from the genai-prices database (each "
+        "provider's batch price, or 50% of the list price where it has none). The worst case is `promptfleet check --batch` (every answer at its cap); the actual cost is what the run "
         f"spent on the usage the fake reported ({WORDS} tokens in, {WORDS + 2} out per prompt), and what the same tokens cost online.",
         "",
         "| cost (USD) | online | batch | saved |",
