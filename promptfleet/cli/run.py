@@ -148,29 +148,18 @@ def run(
     from promptfleet.core.session import Session
 
     session = Session()
-    claimed = None
-    if file.resolve().parent == settings.input_folder.resolve():  # an inbox file: claimed, like the pipeline does
-        claimed = inbox.claim(file, settings.lease_seconds)
-        if claimed is None:
-            err.print(f"{file}: another process has just claimed it")
-            raise typer.Exit(EXIT_BAD_INPUT)
-        claimed.holder.start()
-        typer.get_current_context().call_on_close(claimed.end)  # however the command ends
-        session.hold(claimed)
-        file, move_to_input = claimed.path, True
-        found = dataclasses.replace(found, file=claimed.path)
-    session.remember_plan(found)
-    from promptfleet.core.rundir import RunBusy
-
-    try:  # one owner per experiment: refuse (or wait) before Prefect starts
-        session.lock_for(settings.output_folder / found.name).acquire(
-            wait, on_wait=lambda owner: err.print(f"{found.name} is being run by {owner}; waiting for it", markup=False)
-        )
-    except RunBusy as busy:
-        err.print(f"cannot run {found.name}: it is being run by {busy} (use --wait to wait for it)", markup=False, highlight=False)
-        if claimed:
-            inbox.release(claimed)
+    try:  # the one claim (an inbox file leaves the inbox, as a poll takes it), before Prefect starts
+        work = inbox.take(file, settings, session, wait,
+                          on_wait=lambda owner: err.print(f"{found.name} is being run by {owner}; waiting for it", markup=False))  # fmt: skip
+    except inbox.Taken as taken:
+        hint = " (use --wait to wait for it)" if taken.running else ""
+        err.print(f"cannot run {taken.name}: {taken.reason}{hint}", markup=False, highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
+    if work.claim:
+        typer.get_current_context().call_on_close(work.claim.end)  # however the command ends
+        file, move_to_input = work.file, True
+        found = dataclasses.replace(found, file=work.file)
+    session.remember_plan(found)
 
     def start():
         if judge_folder or rephrase_folder:
@@ -193,8 +182,7 @@ def run(
 
             filled = asyncio.run(env_from_secret_blocks(name for names in found.missing_env.values() for name in names))
             if lines := missing_env_lines(found, set(filled), "not set in the environment, the .env file or a Prefect Secret block"):
-                if claimed:
-                    inbox.release(claimed)
+                work.settle(False, None, settings.input_folder)
                 fail("\n".join(lines))
             session.remember_plan(dataclasses.replace(found, missing_env={}))  # every key is set now
         try:
@@ -217,8 +205,6 @@ def run(
     if isinstance(result, Study):
         print_study(result, console)
     if not summary.complete:
-        if claimed and (working_copy := summary.paths.input).exists():
-            inbox.give_back_claimed(claimed, working_copy, settings.input_folder)
         if summary.journal_error:
             err.print(
                 f"{summary.journal_error}. Stopped sending: {summary.unsaved} answer(s) that landed could not be saved "

@@ -2,6 +2,11 @@
 settled waiting files, claim one atomically, place a run's working copy next to its
 outputs, put a file back for a resume, or set a bad one aside with its error report.
 
+`take` is the one claim every entry point goes through — `promptfleet run`, a
+`run-experiment` deployment run, a poll: an inbox file is claimed out of the inbox, and
+the experiment's run lock taken; whoever comes second is told who has the work, or that it
+is done, and does nothing.
+
 A claim is a rename into `input/.running/`, atomic on one filesystem, so two workers or
 two overlapping polls never take the same file. The claim holds a lease (promptfleet.core.lease)
 in `.running/.NAME.owner`, renewed for as long as the file's run goes on: a poll on any
@@ -18,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from promptfleet.core.experiment import EXTENSIONS
 from promptfleet.core.lease import (
@@ -29,6 +35,10 @@ from promptfleet.core.lease import (
     take_over,
 )
 from promptfleet.core.rundir import RunBusy, RunLock, RunPaths, now_stamp
+
+if TYPE_CHECKING:
+    from promptfleet.core.config import Settings
+    from promptfleet.core.session import Session
 
 RUNNING = ".running"
 DEFAULT_LEASE_SECONDS = 60.0
@@ -66,6 +76,99 @@ class Claim:
     def end(self) -> None:
         """The run is done with the file (finished, or given back): stop renewing."""
         self.holder.drop()
+
+
+class Taken(Exception):
+    """The work is someone else's, or done already: `reason` says which, in words."""
+
+    def __init__(self, name: str, reason: str, running: bool = False):
+        super().__init__(f"{name}: {reason}; nothing to do here")
+        self.name, self.reason, self.running = name, reason, running
+
+
+@dataclass
+class Work:
+    """An experiment this process now owns: the file to run (claimed out of the inbox when
+    it was there) and, for an inbox file, its claim. The run lock is held in the session."""
+
+    file: Path
+    claim: Claim | None
+
+    @property
+    def move(self) -> bool:
+        """A claimed file becomes its run's working copy; anything else is copied."""
+        return self.claim is not None
+
+    def settle(self, complete: bool, working_copy: Path | None, input_folder: Path) -> None:
+        """The run ended: an unfinished inbox file goes back to the inbox to resume, wherever
+        it got to; a finished one stays with its outputs."""
+        if self.claim is None:
+            return
+        if complete:
+            self.claim.end()
+        elif self.claim.path.exists():
+            release(self.claim)
+        elif working_copy is not None and working_copy.exists():
+            give_back_claimed(self.claim, working_copy, input_folder)
+        else:  # a working copy not placed yet: the next poll's requeue_stranded finds it
+            self.claim.end()
+
+    def reject(self, report: str, data_folder: Path) -> Path | None:
+        """A file that cannot run leaves the inbox for `rejected/`, as a poll does."""
+        return reject(self.claim, report, data_folder) if self.claim is not None and self.claim.path.exists() else None
+
+
+def take(file: Path, settings: Settings, session: Session, wait: bool = False, on_wait=None) -> Work:
+    """Claim the experiment in `file` for this process: the one claim of every entry point.
+
+    A file in the inbox is claimed (renamed into `.running/`, with a lease), so the next
+    poll does not run it again; the experiment's run lock is taken (or waited for). Taken
+    again by the session that holds it, it is the same work. Raises `Taken` when another
+    process has the file or the experiment, or the file was run already."""
+    file = Path(file)
+    claim = session.claim_for(file)
+    if claim is None and file.parent.resolve() == settings.input_folder.resolve():
+        claim = _claim_inbox_file(file, settings)
+        session.hold(claim)
+        file = claim.path
+    try:
+        session.lock_for(settings.output_folder / file.stem).acquire(wait, on_wait=on_wait)
+    except RunBusy as busy:
+        if claim is not None:
+            session.let_go(claim)
+            release(claim)
+        raise Taken(file.stem, f"it is being run by {busy}", running=True) from None
+    return Work(file, claim)
+
+
+def _claim_inbox_file(file: Path, settings: Settings) -> Claim:
+    if file.exists() and (claimed := claim(file, settings.lease_seconds)) is not None:
+        claimed.holder.start()
+        return claimed
+    running = running_folder(file.parent) / file.name
+    if lease := read_lease(_owner_file(running), settings.lease_seconds):
+        raise Taken(file.name, f"it was claimed by pid {lease.pid} on {lease.host}, which runs it", running=True)
+    if running.exists():
+        raise Taken(file.name, "another process has just claimed it", running=True)
+    if done := finished_run(settings.output_folder, file):
+        raise Taken(file.name, f"it was run already ({done})")
+    raise FileNotFoundError(f"{file}: file not found")
+
+
+def finished_run(output_folder: Path, file: Path) -> Path | None:
+    """The completed file of the newest finished run of an inbox file, if one ran."""
+    running = running_folder(file.parent).resolve()
+    found = []
+    for state_file in (output_folder / file.stem).glob(f"*-run-{file.stem}.json"):
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            continue
+        source = Path(str(state.get("source", "")))
+        if state.get("finished") and source.name == file.name and source.parent.resolve() == running:
+            stamp = state_file.name.removesuffix(f"-run-{file.stem}.json")
+            found.append((str(state.get("ended", "")), RunPaths(state_file.parent, stamp, file.stem).completed))
+    return max(found)[1] if found else None
 
 
 def running_folder(input_folder: Path) -> Path:

@@ -19,9 +19,10 @@ from prefect.artifacts import (
 )
 from prefect.events import emit_event
 from prefect.runtime import flow_run
-from prefect.states import Failed
+from prefect.states import Completed, Failed
 from prefect.utilities.urls import url_for
 
+from promptfleet.core import inbox
 from promptfleet.core.config import Settings
 from promptfleet.core.experiment import ExperimentError
 from promptfleet.core.run import Run, load_tables_meanwhile, run_log
@@ -73,12 +74,33 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
     stop_on_signals(session)
     if session.shared_rates is None:  # a key's rate is shared with every process on this server
         session.shared_rates = shared_rate_for
-    if not session.planned(Path(file)) and (filled := await env_from_secret_blocks()):
+    try:  # the one claim: a CLI run took it already, a poll or a deployment run takes it here
+        work = inbox.take(Path(file), settings, session, wait,
+                          on_wait=lambda owner: log.warning("%s is being run by %s; waiting for it", Path(file).stem, owner))  # fmt: skip
+    except inbox.Taken as taken:
+        log.info("%s", taken)
+        return Completed(message=str(taken))  # type: ignore[return-value]
+    summary = None
+    try:
+        summary = await _run(work, settings, session, move_to_input or work.move, wait)
+    except ExperimentError as error:  # the flow run fails in one line; its caller gets the ExperimentError
+        more = f" (and {len(error.issues) - 1} more)" if len(error.issues) > 1 else ""
+        if target := work.reject(str(error), settings.data_folder):
+            log.error("%s cannot run (%d problem(s)); moved to %s with the full report", Path(file).name, len(error.issues), target)
+        return Failed(message=f"cannot run: {error.issues[0] if error.issues else error}{more}", data=error)  # type: ignore[return-value]
+    finally:
+        if work.claim:
+            session.let_go(work.claim)
+        work.settle(summary is not None and summary.complete, summary.paths.input if summary else None, settings.input_folder)
+    return summary
+
+
+async def _run(work: inbox.Work, settings: Settings, session, move_to_input: bool, wait: bool) -> RunSummary:
+    if not session.planned(work.file) and (filled := await env_from_secret_blocks()):
         log.info("API keys from Prefect Secret blocks: %s", ", ".join(filled))
-    run = await load_and_validate(Path(file), settings, session, move_to_input, wait)
-    if isinstance(run, ExperimentError):  # the flow run fails in one line; its caller gets the ExperimentError
-        more = f" (and {len(run.issues) - 1} more)" if len(run.issues) > 1 else ""
-        return Failed(message=f"cannot run: {run.issues[0] if run.issues else run}{more}", data=run)  # type: ignore[return-value]
+    run = await load_and_validate(work.file, settings, session, move_to_input, wait)
+    if isinstance(run, ExperimentError):
+        raise run
     try:
         artifact = await acreate_progress_artifact(0.0, key=f"progress-{slug(run.name)}", description=f"{run.name}: prompts done")
         with run_log(run.paths.log):

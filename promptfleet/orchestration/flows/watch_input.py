@@ -1,8 +1,9 @@
 """Flow `watch_input`: prompto's pipeline. Runs every settled experiment file waiting in
 the input folder, oldest first, each as a `run_experiment` subflow.
 
-A bad file is moved to `rejected/` with its error report and the watcher goes on; a run
-that was stopped, or whose experiment another process is running, goes back to `input/`.
+Each file is taken through the one claim (`inbox.take`) every entry point uses. A bad file
+is moved to `rejected/` with its error report and the watcher goes on; a run that was
+stopped, or whose experiment another process is running, goes back to `input/`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 from promptfleet.core import inbox
 from promptfleet.core.config import Settings
 from promptfleet.core.experiment import ExperimentError
-from promptfleet.core.rundir import RunBusy
 from promptfleet.core.session import current_session
 from promptfleet.core.signals import stop_on_signals
 from promptfleet.core.summary import RunSummary
@@ -43,30 +43,20 @@ async def watch_input(settings: Settings | None = None) -> list[RunSummary]:
     for path in inbox.waiting_files(settings.input_folder, settings.settle_seconds):
         if session.stopping:
             break
-        claimed = inbox.claim(path, ttl)
-        if claimed is None:
+        try:  # claimed here, so no subflow run starts for a file another poll has
+            work = inbox.take(path, settings, session)
+        except inbox.Taken as taken:
+            log.info("%s", taken)
             continue
-        claimed.holder.start()
-        session.hold(claimed)
-        try:
-            summary = await run_experiment(file=str(claimed.path), settings=settings, move_to_input=True)
-        except ExperimentError as error:
-            target = inbox.reject(claimed, str(error), settings.data_folder)
-            first = f", first: {error.issues[0]}" if error.issues else ""
-            log.error("%s cannot run (%d problem(s)%s); moved to %s with the full report", path.name, len(error.issues), first, target)
-            continue
-        except RunBusy as busy:
-            inbox.release(claimed)
-            log.info("%s is being run by %s; left in the inbox", path.name, busy)
+        try:  # the run settles its claim: back to the inbox unless finished, or rejected
+            summary = await run_experiment(file=str(work.file), settings=settings, move_to_input=True)
+        except ExperimentError:
             continue
         except BaseException:
-            _give_back_whatever_is_left(claimed)
+            _give_back_whatever_is_left(work)
             raise
-        finally:
-            session.let_go(claimed)
-        if not summary.complete:
-            inbox.give_back_claimed(claimed, summary.paths.input, settings.input_folder)
-        claimed.end()
+        if summary is None:
+            continue
         summaries.append(summary)
         if summary.journal_error:  # the disk refuses writes: the next file would fail the same way
             log.error("%s; no further files are started", summary.journal_error)
@@ -74,11 +64,8 @@ async def watch_input(settings: Settings | None = None) -> list[RunSummary]:
     return summaries
 
 
-def _give_back_whatever_is_left(claimed: inbox.Claim) -> None:
-    """A crash or an abandoned run: the file goes back to the inbox wherever it got to (a
-    working copy next to its outputs, by the next poll's `requeue_stranded`, which the
-    run's released lock lets through at once once the lease record is gone)."""
-    if claimed.path.exists():
-        inbox.release(claimed)
-    else:
-        claimed.end()
+def _give_back_whatever_is_left(work: inbox.Work) -> None:
+    """The run never started (a crash in Prefect before the flow's first line): the claim
+    is still this poll's to settle."""
+    if work.claim is not None and work.claim.held() and work.claim.path.exists():
+        inbox.release(work.claim)
