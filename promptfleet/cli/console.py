@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 
 def print_summary(summary: RunSummary, console: Console) -> None:
-    for title, rows, columns in (("queues", summary.queues, QUEUE_COLUMNS), ("models", summary.models, MODEL_COLUMNS)):
+    tables = () if summary.reused else (("queues", summary.queues, QUEUE_COLUMNS), ("models", summary.models, MODEL_COLUMNS))
+    for title, rows, columns in tables:
         table = Table(title=title, title_justify="left")
         for column in columns:
             table.add_column(LABELS.get(column, column), justify="left" if column in ("queue", "api", "model_name") else "right")

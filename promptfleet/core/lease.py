@@ -189,3 +189,26 @@ class Holder:
         self.stop()
         if self.ours_on_disk():
             self.path.unlink(missing_ok=True)
+
+
+def acquire(path: Path, ttl: float, clock: Clock | None = None) -> Holder | Lease:
+    """A lease record created at `path` for this process (a Holder, not yet renewing), or
+    the live lease of whoever holds it. Created with O_EXCL; a stale record (its holder
+    dead here, or a TTL without renewal) is taken over by exactly one caller."""
+    clock = clock or SystemClock()
+    for _ in range(3):
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            seen = read_lease(path, ttl)
+            if seen is None:
+                continue  # removed meanwhile: try again
+            if not seen.stale(clock.now()) or not take_over(path, seen):
+                return seen
+            try:
+                path.unlink(missing_ok=True)
+            finally:
+                done_taking_over(path, seen)
+            continue
+        return Holder(path, path, ttl, clock)
+    return read_lease(path, ttl) or Lease("?", "?", -1, clock.now(), ttl)

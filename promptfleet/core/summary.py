@@ -43,6 +43,7 @@ class RunSummary:
     journal_error: str | None = None  # the disk refused the journal: the run stopped
     unsaved: int = 0  # outcomes that landed but could not be journaled
     flow_run_url: str | None = None  # the Prefect flow run that ran it, when one did
+    reused: bool = False  # an earlier finished run of the same input, found on disk: nothing was sent
 
     @property
     def unfinished(self) -> int:
@@ -53,6 +54,23 @@ class RunSummary:
         out["unfinished"] = self.unfinished
         out["outputs"] = {k: str(v) for k, v in self.outputs.items()}
         return out
+
+def reused_summary(paths: RunPaths) -> RunSummary:
+    """The summary of a finished run found on disk, for a study that judges it instead of
+    running it again: counts and outputs, nothing sent now."""
+    answered, failed = (_lines(p) for p in (paths.completed, paths.failed))
+    outputs = {"completed": paths.completed, "failed": paths.failed, "parquet": paths.parquet, "manifest": paths.manifest}
+    return RunSummary(paths.name, answered + failed, answered, failed, complete=True, resumed=False, retries=0, rate_limited=0,
+                      wall_s=0.0, queues=[], models=[], outputs={k: v for k, v in outputs.items() if v.exists()}, paths=paths,
+                      reused=True)  # fmt: skip
+
+
+def _lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open("rb") as fh:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
+
 
 QUEUE_COLUMNS = ("queue", "rate_per_minute", "rate_at_end", "prompts", "already_done", "answered", "failed", "retries", "rate_limited", "latency_p50_s", "latency_p95_s", "wall_s")
 BATCH_COLUMNS = ("batch", "api", "model", "prompts", "state")
@@ -85,6 +103,8 @@ def headline(summary: RunSummary) -> str:
         state += f" ({summary.budget_stop})"
     if summary.journal_error:
         state += " (the journal could not be written)"
+    if summary.reused:
+        return f"{summary.experiment}: {summary.prompts} prompts, {summary.answered} answered, {summary.failed} failed — complete already ({summary.paths.stamp}), nothing sent"
     resumed = " (resumed)" if summary.resumed else ""
     cost = summary.cost
     spent = f", {cost.input_tokens + cost.output_tokens} tokens, about ${cost.estimated_usd:.4f}" if cost else ""

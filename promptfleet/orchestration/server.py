@@ -223,6 +223,13 @@ _SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "
 _SERVER_OWN = ("PREFECT_SERVER_", "PREFECT_API_DATABASE_")
 
 
+def _served_on(port: int) -> dict[str, str]:
+    """Prefect's UI asks its API at `PREFECT_UI_API_URL`, which defaults to port 4200 whatever
+    `--port` says (`GET /ui-settings`): the UI of a server on another port would show another
+    server's runs, or none. Set for every server promptfleet starts."""
+    return {"PREFECT_SERVER_API_HOST": HOST, "PREFECT_SERVER_API_PORT": str(port), "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api"}
+
+
 def _server_env(home: Path) -> dict[str, str]:
     """An allowlist: the process basics, and Prefect's settings less the clients'
     credentials (PREFECT_API_KEY, auth strings, URLs with a user or password) — except the
@@ -315,7 +322,7 @@ def start(home: Path, port: int | None = None, announce: Callable[[str], None] |
             )
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                _server_command(chosen), env=_server_env(home), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                _server_command(chosen), env={**_server_env(home), **_served_on(chosen)}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True,
             )  # fmt: skip
         info = ServerInfo(proc.pid, chosen, datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -413,7 +420,7 @@ def temporary(home: Path, timeout: float = START_TIMEOUT) -> Iterator[ServerInfo
     log = home / "promptfleet-temporary-server.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            _server_command(port), env=_server_env(home), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            _server_command(port), env={**_server_env(home), **_served_on(port)}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=_parent_death_signal(),
         )  # fmt: skip
     info = ServerInfo(proc.pid, port, datetime.now(timezone.utc).isoformat(timespec="seconds"))

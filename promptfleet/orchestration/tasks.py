@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -19,6 +18,7 @@ from promptfleet.core.plan import QueuePlan
 from promptfleet.core.run import Run, open_run
 from promptfleet.core.session import Session
 from promptfleet.core.summary import RunSummary
+from promptfleet.orchestration.links import this_flow_run
 
 
 @task(name="load_and_validate", cache_policy=NO_CACHE)
@@ -47,13 +47,4 @@ async def run_batches(run: Run) -> QueueStats:
 @task(name="write_results", cache_policy=NO_CACHE)
 async def write_results(run: Run) -> RunSummary:
     """Async with the writing in a thread, for the reason load_and_validate is async."""
-    return await asyncio.to_thread(run.finish, orchestration=_flow_run())
-
-
-def _flow_run() -> dict[str, Any] | None:
-    """The flow run this task belongs to, for the run manifest."""
-    from prefect.runtime import flow_run
-
-    if not flow_run.id:
-        return None
-    return {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name, "flow_name": flow_run.flow_name, "flow_run_url": flow_run.ui_url}
+    return await asyncio.to_thread(run.finish, orchestration=this_flow_run())

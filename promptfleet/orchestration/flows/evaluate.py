@@ -3,29 +3,32 @@ study table) and `rephrase_experiment` (prompto's rephrase, then the rephrased r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from prefect import task
 from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 
 from promptfleet.core.config import Settings
 from promptfleet.core.experiment import write_records
+from promptfleet.core.inbox import Taken
+from promptfleet.core.plan import inspect
 from promptfleet.core.rundir import RunPaths
+from promptfleet.core.session import current_session
 from promptfleet.core.signals import stop_on_signals
 from promptfleet.core.slug import slug
-from promptfleet.core.summary import table_markdown
+from promptfleet.core.summary import reused_summary, table_markdown
 from promptfleet.evaluation import judge as judging
 from promptfleet.evaluation.outcomes import Judged, Rephrased, Study
+from promptfleet.evaluation.judged import Judging, finished_run_of, flow_run_of, run_paths_of, take_judging
 from promptfleet.evaluation.study import StudyTable, write_study
+from promptfleet.orchestration.links import link_judging, this_flow_run
 from promptfleet.orchestration.flows.lean import flow
 from promptfleet.orchestration.flows.run_experiment import run_experiment
 
-
-def run_paths_of(completed: Path) -> RunPaths:
-    """The RunPaths of a `<stamp>-completed-<name>.jsonl` file."""
-    stamp, _, name = completed.name.removesuffix(".jsonl").partition("-completed-")
-    return RunPaths(completed.parent, stamp, name)
+log = logging.getLogger("promptfleet")
 
 
 @task(name="create_judge_file", cache_policy=NO_CACHE)
@@ -42,31 +45,48 @@ def write_study_table(original: RunPaths, judge_run: RunPaths, judges: list[str]
 def _judge_flow_name() -> str:
     from prefect.runtime import flow_run
 
-    return "judge-" + run_paths_of(Path(str(flow_run.parameters["completed"]))).name
+    original = run_paths_of(Path(str(flow_run.parameters["completed"])))
+    return f"judging-{original.name}-{original.stamp}"  # its judge run is `judge-<name>-<key>`
 
 
 @flow(name="judge_experiment", flow_run_name=_judge_flow_name, log_prints=True)
 async def judge_experiment(
     completed: str, judge_folder: str, judges: list[str], templates: list[str] | None = None, settings: Settings | None = None
-) -> Judged:
-    """Judge every answer of a finished run, then join answers and verdicts in one table."""
+) -> Judged | None:
+    """Judge every answer of a finished run, then join answers and verdicts in one table;
+    once per run and judge setting, whoever asks (None when it was, or is being, judged)."""
     stop_on_signals()
     settings = settings or Settings()
     templates = templates or ["template.txt"]
-    original = run_paths_of(Path(completed))
-    judge_file = original.out_dir / f"judge-{original.name}.jsonl"  # beside its source, never in the inbox
-    created = create_judge_file(Path(completed), Path(judge_folder), templates, judges, judge_file)
+    try:
+        claim = take_judging(Path(completed), Path(judge_folder), judges, templates, settings.lease_seconds)
+    except Taken as taken:
+        log.info("%s", taken)
+        return Completed(message=str(taken))  # type: ignore[return-value]
+    try:
+        judged = await _judge(claim, Path(judge_folder), judges, templates, settings)
+    finally:
+        claim.end()  # after `done`, a no-op
+    return judged
+
+
+async def _judge(claim: Judging, judge_folder: Path, judges: list[str], templates: list[str], settings: Settings) -> Judged | None:
+    original = claim.original
+    created = create_judge_file(original.completed, judge_folder, templates, judges, claim.file)
     if created.skipped_failed:
         print(f"{created.skipped_failed} failed prompt(s) not judged: failed prompts have no response to judge")
-    summary = await run_experiment(file=str(judge_file), settings=settings)
-    judge_run = summary.paths
+    await link_judging(original.name, flow_run_of(original))
+    summary = await run_experiment(file=str(claim.file), settings=settings)
+    if summary is None or not summary.complete:
+        return None
     names = [t.removesuffix(".txt") for t in templates]
-    study = write_study_table(original, judge_run, judges, names)
+    study = write_study_table(original, summary.paths, judges, names)
     await acreate_markdown_artifact(
         key=f"study-{slug(original.name)}",
         markdown=f"# Study: {original.name}\n\n{table_markdown(study.summary)}\n\n- table: `{study.parquet}`\n",
         description=f"answers and verdicts of {original.name}",
     )
+    claim.done(summary.paths.completed, claim.study, this_flow_run())
     return Judged(created, summary, study)
 
 
@@ -131,9 +151,21 @@ async def run_study(
             file, rephrase_folder, rephrase_models or [], rephrase_templates, remove_original, only_rephrase, settings
         )
         run = rephrased.post_rephrase_run or rephrased.rephrase_run
+    elif judge_folder and (done := _finished_run(Path(file), settings)):
+        log.info("%s: already complete with this input in %s; judging it without sending its prompts again", done.name, done.completed)
+        run = reused_summary(done)
     else:
         run = await run_experiment(file=file, settings=settings, move_to_input=move_to_input)
     study = Study(run, rephrased)
-    if judge_folder and run.complete and not only_rephrase:
+    if judge_folder and run is not None and run.complete and not only_rephrase:
         study.judge = await judge_experiment(str(run.paths.completed), judge_folder, judges or [], judge_templates, settings)
     return study
+
+
+def _finished_run(file: Path, settings: Settings) -> RunPaths | None:
+    """A finished run of the same input, unless the file came from the inbox (a file
+    dropped there asks for a run)."""
+    if current_session().claim_for(file) is not None:
+        return None
+    plan = inspect(file, settings)
+    return finished_run_of(settings.output_folder / plan.name, plan.name, plan.digest) if plan.ok else None
