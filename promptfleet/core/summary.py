@@ -73,6 +73,10 @@ def _lines(path: Path) -> int:
 
 
 QUEUE_COLUMNS = ("queue", "rate_per_minute", "rate_at_end", "prompts", "already_done", "answered", "failed", "retries", "rate_limited", "latency_p50_s", "latency_p95_s", "wall_s")
+# the artifact splits the queue table in two, so that each reads whole in a 1400 px window
+QUEUE_COUNT_COLUMNS = ("queue", "prompts", "already_done", "answered", "failed", "retries", "rate_limited")
+QUEUE_SPEED_COLUMNS = ("queue", "rate_per_minute", "rate_at_end", "latency_p50_s", "latency_p95_s", "wall_s")
+PROGRESS_COLUMNS = ("queue", "done", "answered", "failed", "retries", "rate_limited", "in_flight", "rate_now")
 BATCH_COLUMNS = ("batch", "api", "model", "prompts", "state")
 MODEL_COLUMNS = ("api", "model_name", "prompts", "answered", "failed", "latency_p50_s", "latency_p95_s", "input_tokens", "output_tokens")
 LABELS = {
@@ -86,6 +90,8 @@ LABELS = {
     "model_name": "model",
     "input_tokens": "tok in",
     "output_tokens": "tok out",
+    "in_flight": "in flight",
+    "rate_now": "now/min",
 }
 
 
@@ -122,7 +128,7 @@ def table_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] | None =
     columns = columns or (tuple(rows[0]) if rows else ())
     if not columns:
         return "(nothing)"
-    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    head = "| " + " | ".join(LABELS.get(c, c) for c in columns) + " |\n|" + "---|" * len(columns) + "\n"
     return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
 
 
@@ -130,6 +136,16 @@ def summary_markdown(summary: RunSummary) -> str:
     outputs = "".join(f"- {kind}: `{path}`\n" for kind, path in summary.outputs.items())
     batches = f"\n## Batches\n\n{table_markdown(summary.batches, BATCH_COLUMNS)}" if summary.batches else ""
     return (
-        f"# {summary.experiment}\n\n{headline(summary)}\n\n## Queues\n\n{table_markdown(summary.queues, QUEUE_COLUMNS)}"
+        f"# {summary.experiment}\n\n{headline(summary)}\n\n## Queues\n\n{table_markdown(summary.queues, QUEUE_COUNT_COLUMNS)}"
+        f"\n## Speed\n\n{table_markdown(summary.queues, QUEUE_SPEED_COLUMNS)}"
         f"\n## Models\n\n{table_markdown(summary.models, MODEL_COLUMNS)}{batches}\n## Outputs\n\n{outputs}"
     )
+
+
+def progress_markdown(name: str, stats: list[Any], done: bool = False) -> str:
+    """Each queue of a run as it goes (QueueStats), for an artifact updated in place."""
+    rows = [{"queue": s.name, "done": f"{s.done + s.skipped}/{s.total}", "answered": s.answered, "failed": s.failed,
+             "retries": s.retries, "rate_limited": s.rate_limited, "in_flight": s.in_flight,
+             "rate_now": round(s.rate_now or s.rate, 1)} for s in stats]  # fmt: skip
+    state = "finished" if done else "running"
+    return f"# {name}: {state}\n\n{table_markdown(rows, PROGRESS_COLUMNS)}"

@@ -60,10 +60,11 @@ class Judging:
     def study(self) -> Path:
         return self.original.out_dir / f"{self.original.stamp}-study-{self.original.name}"
 
-    def done(self, judge_run: Path, study: Path, flow_run: dict[str, Any] | None = None) -> None:
+    def done(self, judge_run: RunPaths, judges: list[str], templates: list[str], flow_run: dict[str, Any] | None = None) -> None:
         """Record the finished judging, then let go of the claim."""
-        record = {"completed": str(self.original.completed), "judge_run": str(judge_run), "study": str(study),
-                  "ended": datetime.now(timezone.utc).isoformat(timespec="seconds"), "prefect": flow_run}  # fmt: skip
+        record = {"completed": str(self.original.completed), "judge_run": str(judge_run.completed), "judges": judges,
+                  "templates": templates, "study": str(self.study), "prefect": flow_run,
+                  "ended": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
         path = _done_file(self.original, self.key)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record, indent=2))
@@ -95,6 +96,19 @@ def take_judging(completed: Path, folder: Path, judges: list[str], templates: li
         raise Taken(completed.name, f"it was judged with this setting already (study table: {record['study']}.parquet)")
     held.start()
     return Judging(original, key, held)
+
+
+def earlier_judgings(original: RunPaths) -> list[dict[str, Any]]:
+    """The finished judgings of a run (every setting), for a study table that joins them all."""
+    records = []
+    for path in sorted(original.out_dir.glob(".judge-*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("completed") == str(original.completed):
+            records.append(record)
+    return records
 
 
 def judged(original: RunPaths, key: str) -> dict[str, Any] | None:

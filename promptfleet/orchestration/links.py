@@ -12,10 +12,12 @@ log = logging.getLogger("promptfleet")
 def this_flow_run() -> dict[str, Any] | None:
     """The flow run the caller runs in (id, name, flow, URL), for manifests and links."""
     from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
 
     if not flow_run.id:
         return None
-    return {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name, "flow_name": flow_run.flow_name, "flow_run_url": flow_run.ui_url}
+    url = url_for("flow-run", obj_id=flow_run.id)  # the UI's route (`runtime.flow_run.ui_url` names another)
+    return {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name, "flow_name": flow_run.flow_name, "flow_run_url": url}
 
 
 async def link_judging(name: str, judged: dict[str, Any] | None) -> None:

@@ -17,14 +17,14 @@ from promptfleet.core.inbox import Taken
 from promptfleet.core.plan import inspect
 from promptfleet.core.rundir import RunPaths
 from promptfleet.core.session import current_session
-from promptfleet.core.signals import stop_on_signals
 from promptfleet.core.slug import slug
 from promptfleet.core.summary import reused_summary, table_markdown
 from promptfleet.evaluation import judge as judging
 from promptfleet.evaluation.outcomes import Judged, Rephrased, Study
-from promptfleet.evaluation.judged import Judging, finished_run_of, flow_run_of, run_paths_of, take_judging
+from promptfleet.evaluation.judged import Judging, earlier_judgings, finished_run_of, flow_run_of, run_paths_of, take_judging
 from promptfleet.evaluation.study import StudyTable, write_study
 from promptfleet.orchestration.links import link_judging, this_flow_run
+from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.flows.lean import flow
 from promptfleet.orchestration.flows.run_experiment import run_experiment
 
@@ -38,8 +38,16 @@ def create_judge_file(completed: Path, folder: Path, templates: list[str], judge
 
 @task(name="write_study_table", cache_policy=NO_CACHE)
 def write_study_table(original: RunPaths, judge_run: RunPaths, judges: list[str], templates: list[str]) -> StudyTable:
+    """The run's answers with the verdicts of this judging and of every earlier one (other
+    judge settings) side by side."""
+    files, judges, templates = [judge_run.completed, judge_run.failed], list(judges), list(templates)
+    for record in earlier_judgings(original):
+        earlier = run_paths_of(Path(record["judge_run"]))
+        files += [earlier.completed, earlier.failed]
+        judges += [j for j in record.get("judges", []) if j not in judges]
+        templates += [t for t in record.get("templates", []) if t not in templates]
     out = original.out_dir / f"{original.stamp}-study-{original.name}"
-    return write_study(original.parquet, [judge_run.completed, judge_run.failed], judges, templates, out)
+    return write_study(original.parquet, files, judges, templates, out)
 
 
 def _judge_flow_name() -> str:
@@ -55,7 +63,7 @@ async def judge_experiment(
 ) -> Judged | None:
     """Judge every answer of a finished run, then join answers and verdicts in one table;
     once per run and judge setting, whoever asks (None when it was, or is being, judged)."""
-    stop_on_signals()
+    begin_flow()
     settings = settings or Settings()
     templates = templates or ["template.txt"]
     try:
@@ -86,7 +94,7 @@ async def _judge(claim: Judging, judge_folder: Path, judges: list[str], template
         markdown=f"# Study: {original.name}\n\n{table_markdown(study.summary)}\n\n- table: `{study.parquet}`\n",
         description=f"answers and verdicts of {original.name}",
     )
-    claim.done(summary.paths.completed, claim.study, this_flow_run())
+    claim.done(summary.paths, judges, names, this_flow_run())
     return Judged(created, summary, study)
 
 
@@ -107,7 +115,7 @@ async def rephrase_experiment(
     settings: Settings | None = None,
 ) -> Rephrased:
     """Rephrase every prompt, then run the rephrased prompts (and the originals) on their models."""
-    stop_on_signals()
+    begin_flow()
     settings = settings or Settings()
     source = Path(file)
     lines, models_settings = judging.load_rephrase_folder(Path(rephrase_folder), templates or ["template.txt"], models)
@@ -143,7 +151,7 @@ async def run_study(
     only_rephrase: bool = False,
 ) -> Study:
     """An experiment with its evaluation chained: rephrase first (if asked), run, then judge."""
-    stop_on_signals()
+    begin_flow()
     settings = settings or Settings()
     rephrased = None
     if rephrase_folder:

@@ -12,11 +12,13 @@ import logging
 from pathlib import Path
 from uuid import UUID
 
+from prefect import get_client
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
     aupdate_progress_artifact,
 )
+from prefect.client.schemas.actions import ArtifactUpdate
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
@@ -27,9 +29,9 @@ from promptfleet.core.config import Settings
 from promptfleet.core.experiment import ExperimentError
 from promptfleet.core.run import Run, load_tables_meanwhile, run_log
 from promptfleet.core.session import current_session
-from promptfleet.core.signals import stop_on_signals
 from promptfleet.core.slug import slug
-from promptfleet.core.summary import RunSummary, summary_markdown
+from promptfleet.core.summary import RunSummary, progress_markdown, summary_markdown
+from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.flows.lean import flow
 from promptfleet.orchestration.secrets import env_from_secret_blocks
 from promptfleet.orchestration.shared_rate import shared_rate_for
@@ -53,15 +55,20 @@ def _percent(done: int, prompts: int) -> float:
     return round(100.0 * done / max(prompts, 1), 1)
 
 
-async def _follow_progress(run: Run, artifact: UUID, interval: float = 2.0) -> None:
-    last = 0.0
+async def _follow_progress(run: Run, artifact: UUID, queues: UUID, interval: float = 2.0) -> None:
+    """The percentage and the queue table, updated in place while the queues run."""
+    last, table = 0.0, ""
     try:
-        while True:
-            await asyncio.sleep(interval)
-            percent = _percent(sum(s.done + s.skipped for s in run.stats.values()), run.plan.prompts)
-            if percent != last:
-                await aupdate_progress_artifact(artifact, percent)
-                last = percent
+        async with get_client() as client:
+            while True:
+                await asyncio.sleep(interval)
+                percent = _percent(sum(s.done + s.skipped for s in run.stats.values()), run.plan.prompts)
+                if percent != last:
+                    await aupdate_progress_artifact(artifact, percent, client=client)
+                    last = percent
+                if (now := progress_markdown(run.name, list(run.stats.values()))) != table:
+                    await client.update_artifact(queues, ArtifactUpdate(data=now))
+                    table = now
     except asyncio.CancelledError:
         pass
 
@@ -71,7 +78,7 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
     """Run one prompto-format experiment file; every queue is a task in one event loop."""
     settings = settings or Settings()
     session = current_session()
-    stop_on_signals(session)
+    begin_flow(session)
     if session.shared_rates is None:  # a key's rate is shared with every process on this server
         session.shared_rates = shared_rate_for
     try:  # the one claim: a CLI run took it already, a poll or a deployment run takes it here
@@ -103,8 +110,10 @@ async def _run(work: inbox.Work, settings: Settings, session, move_to_input: boo
         raise run
     try:
         artifact = await acreate_progress_artifact(0.0, key=f"progress-{slug(run.name)}", description=f"{run.name}: prompts done")
+        queues = await acreate_markdown_artifact(key=f"queues-{slug(run.name)}", markdown=progress_markdown(run.name, list(run.stats.values())),
+                                                 description=f"{run.name}: each queue as it runs")  # fmt: skip
         with run_log(run.paths.log):
-            progress = asyncio.create_task(_follow_progress(run, artifact))
+            progress = asyncio.create_task(_follow_progress(run, artifact, queues))
             tables = asyncio.create_task(load_tables_meanwhile())
             try:
                 batches = [run_batches(run)] if run.plan.batch else []
@@ -118,6 +127,8 @@ async def _run(work: inbox.Work, settings: Settings, session, move_to_input: boo
         await run.aclose()
     # the last word on progress: what landed, so a finished run reads 100%
     await aupdate_progress_artifact(artifact, _percent(summary.answered + summary.failed, summary.prompts))
+    async with get_client() as client:
+        await client.update_artifact(queues, ArtifactUpdate(data=progress_markdown(run.name, list(run.stats.values()), done=True)))
     if flow_run.id and (url := url_for("flow-run", obj_id=flow_run.id)):
         summary.flow_run_url = url
     await acreate_markdown_artifact(

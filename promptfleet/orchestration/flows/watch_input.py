@@ -15,8 +15,8 @@ from promptfleet.core import inbox
 from promptfleet.core.config import Settings
 from promptfleet.core.experiment import ExperimentError
 from promptfleet.core.session import current_session
-from promptfleet.core.signals import stop_on_signals
 from promptfleet.core.summary import RunSummary
+from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.flows.lean import flow
 from promptfleet.orchestration.flows.run_experiment import run_experiment
 
@@ -35,7 +35,7 @@ def _poll_name() -> str:
 async def watch_input(settings: Settings | None = None) -> list[RunSummary]:
     settings = settings or Settings()
     session = current_session()
-    stop_on_signals(session)
+    begin_flow(session)
     ttl = settings.lease_seconds
     for path in inbox.requeue_orphans(settings.input_folder, lease_seconds=ttl) + inbox.requeue_stranded(settings.input_folder, settings.output_folder, lease_seconds=ttl):
         log.info("put back %s, left running by a process that is gone (its claim's lease expired)", path.name)
