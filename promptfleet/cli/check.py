@@ -56,7 +56,7 @@ def check(
         data_folder=data_folder, max_queries=max_queries, parallel=parallel, max_queries_json=max_queries_json, prices=prices,
         batch=batch,
     )  # fmt: skip
-    if move_to_input:
+    if move_to_input or data_folder.is_dir():  # a data folder found gets its inbox, input/
         require_data_folder(data_folder, create=False)
     try:
         found = inspect(file, settings)

@@ -37,6 +37,8 @@ async def watch_input(settings: Settings | None = None) -> list[RunSummary]:
     session = current_session()
     begin_flow(session)
     ttl = settings.lease_seconds
+    if settings.data_folder.is_dir():  # a fresh clone has no inbox yet
+        settings.input_folder.mkdir(exist_ok=True)
     for path in inbox.requeue_orphans(settings.input_folder, lease_seconds=ttl) + inbox.requeue_stranded(settings.input_folder, settings.output_folder, lease_seconds=ttl):
         log.info("put back %s, left running by a process that is gone (its claim's lease expired)", path.name)
     summaries = []
