@@ -115,7 +115,7 @@ def test_judge_and_rephrase_files_are_written_beside_their_source(tmp_path: Path
                                       "--create-data-folder", "--judge-folder", str(repo / "data/judge"), "--judge", "test-judge"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert not (data / "input").exists() or not list((data / "input").iterdir())
-    assert (data / "output" / "quickstart" / "judge-quickstart.jsonl").exists()
+    assert len(list((data / "output" / "quickstart").glob("judge-quickstart-*.jsonl"))) == 1
 
 
 def test_only_complete_files_are_claimed(tmp_path: Path):

@@ -17,6 +17,7 @@ from promptfleet.cli.options import (
     Debug,
     EnvFile,
     Ephemeral,
+    MaxQueries,
     err,
     fail,
     load_env,
@@ -38,6 +39,7 @@ def judge(
     output_folder: Annotated[Path, typer.Option("--output-folder", "-o", help="Folder to write judge-<input name>.jsonl in (prompto's).")] = Path("."),
     data_folder: DataFolder = Path("data"),
     env_file: EnvFile = Path(".env"),
+    max_queries: MaxQueries = None,
     ephemeral: Ephemeral = False,
     _debug: Debug = False,
 ) -> None:
@@ -46,7 +48,8 @@ def judge(
     if (input_file is None) == (run is None):
         fail("give one of --input-file (write the judge file) or --run (judge the run)")
     if run is not None:
-        _judge_run(run, judge_folder, split_list(judge), split_list(judge_templates), data_folder, env_file, ephemeral)
+        settings = make_settings(data_folder=data_folder, max_queries=max_queries)
+        _judge_run(run, judge_folder, split_list(judge), split_list(judge_templates), settings, env_file, ephemeral)
         return
     from promptfleet.evaluation import judge as judging
     from promptfleet.evaluation.judged import run_paths_of
@@ -71,7 +74,7 @@ def judge(
         err.print(f"{made.skipped_failed} failed prompt(s) not judged: failed prompts have no response to judge")
 
 
-def _judge_run(completed: Path, folder: Path, judges: list[str], templates: list[str], data_folder: Path, env_file: Path, ephemeral: bool) -> None:
+def _judge_run(completed: Path, folder: Path, judges: list[str], templates: list[str], settings, env_file: Path, ephemeral: bool) -> None:
     load_env(env_file)
     from promptfleet.evaluation import judge as judging
 
@@ -88,7 +91,6 @@ def _judge_run(completed: Path, folder: Path, judges: list[str], templates: list
     from promptfleet.evaluation.outcomes import Study
     from promptfleet.orchestration.flows.evaluate import judge_experiment
 
-    settings = make_settings(data_folder=data_folder)
     with prefect_api(ephemeral):
         judged = asyncio.run(in_flow(lambda: judge_experiment(str(completed), str(folder), judges, templates, settings)))
     if judged is None:  # judged already, being judged elsewhere (the line above says which), or stopped

@@ -69,7 +69,7 @@ def split_list(value: str | None) -> list[str]:
 
 
 def load_env(env_file: Path) -> None:
-    """Read the .env file and route our log lines to Prefect before Prefect is imported."""
+    """Read the .env file (before Prefect is imported: it reads its settings then)."""
     from dotenv import load_dotenv
 
     if env_file.is_dir() and env_file != DEFAULT_ENV_FILE:  # `.env/` is also a common name for a virtualenv
@@ -81,7 +81,6 @@ def load_env(env_file: Path) -> None:
             load_dotenv(env_file, override=False)
         except (OSError, UnicodeDecodeError) as error:
             fail(f"{env_file}: cannot read the env file ({getattr(error, 'strerror', None) or error.__class__.__name__}); make it a readable UTF-8 file")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "promptfleet")
     # Offline by design: the temporary server's telemetry only fails noisily here.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from promptfleet.core.experiment import EXTENSIONS
 from promptfleet.core.lease import (
@@ -38,7 +38,6 @@ from promptfleet.core.rundir import RunBusy, RunLock, RunPaths, now_stamp
 
 if TYPE_CHECKING:
     from promptfleet.core.config import Settings
-    from promptfleet.core.session import Session
 
 RUNNING = ".running"
 DEFAULT_LEASE_SECONDS = 60.0
@@ -118,7 +117,16 @@ class Work:
         return reject(self.claim, report, data_folder) if self.claim is not None and self.claim.path.exists() else None
 
 
-def take(file: Path, settings: Settings, session: Session, wait: bool = False, on_wait=None) -> Work:
+class Owner(Protocol):
+    """What `take` needs of the caller's session: the claims and run locks it holds."""
+
+    def claim_for(self, file: Path) -> Claim | None: ...
+    def hold(self, claim: Claim) -> None: ...
+    def let_go(self, claim: Claim) -> None: ...
+    def lock_for(self, out_dir: Path) -> RunLock: ...
+
+
+def take(file: Path, settings: Settings, session: Owner, wait: bool = False, on_wait=None) -> Work:
     """Claim the experiment in `file` for this process: the one claim of every entry point.
 
     A file in the inbox is claimed (renamed into `.running/`, with a lease), so the next
