@@ -6,6 +6,7 @@ fake OpenAI API: each paid once. One server and one worker serve the whole modul
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -39,6 +40,47 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def prefect_server_process(tmp_path: Path, extra_env: dict[str, str] | None = None, timeout: float = 90) -> Iterator[tuple[str, dict[str, str]]]:
+    """`prefect server start` on a free port with a PREFECT_HOME of its own; yields the API
+    URL and an environment pointing at it, and stops the server after."""
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(extra_env or {})}
+    env.pop("PREFECT_API_URL", None)
+    log = (tmp_path / "server.log").open("wb")
+    server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"prefect server did not start in {timeout:g} s")
+        yield api, {**env, "PREFECT_API_URL": api}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path):
+    """A server of its own for a test that needs a fresh one (tests/test_signals.py)."""
+    with prefect_server_process(tmp_path) as (api, env):
+        yield api, env
 
 
 def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 180) -> str:
