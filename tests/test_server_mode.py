@@ -93,8 +93,8 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 180) -> str:
 class Service:
     """The recipe's server, pool, deployments and worker, and what to ask them."""
 
-    def __init__(self, work: Path, env: dict[str, str], api: str, fake: FakeServer, worker_log: Path):
-        self.work, self.env, self.api, self.fake, self.worker_log = work, env, api, fake, worker_log
+    def __init__(self, work: Path, env: dict[str, str], api: str, fake: FakeServer, worker: subprocess.Popen, worker_log: Path):
+        self.work, self.env, self.api, self.fake, self.worker, self.worker_log = work, env, api, fake, worker, worker_log
 
     def post(self, path: str, body: dict[str, Any]) -> Any:
         response = httpx.post(f"{self.api}{path}", json=body, timeout=10)
@@ -125,9 +125,9 @@ def _final(runs: list[dict[str, Any]], prefix: str) -> int:
     return len([r for r in runs if r["name"].startswith(prefix) and r["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")])
 
 
-def _openai_experiment(path: Path, tag: str) -> Path:
+def _openai_experiment(path: Path, tag: str, n: int = PROMPTS) -> Path:
     return write_jsonl(path, [{"id": f"{tag}-{i}", "prompt": f"{tag} question {i}", "api": "openai", "model_name": "gpt-fake"}
-                              for i in range(PROMPTS)])  # fmt: skip
+                              for i in range(n)])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +155,9 @@ def service() -> Iterator[Service]:
             run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
             run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
             with (root / "worker.log").open("wb") as log:
-                worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "promptfleet"], env=env, cwd=work,
+                worker = subprocess.Popen([PROMPTFLEET, "worker", "--pool", "promptfleet", "--grace", "20"], env=env, cwd=work,
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-            yield Service(work, env, api, fake, root / "worker.log")
+            yield Service(work, env, api, fake, worker, root / "worker.log")
         finally:
             if worker is not None and worker.poll() is None:
                 os.killpg(worker.pid, signal.SIGKILL)  # its flow runs too: the module is over
@@ -258,3 +258,29 @@ def test_the_ui_talks_to_the_server_it_is_served_by(service: Service):
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     assert run_["name"] in done.stdout, done.stdout[-2000:]
+
+
+def test_one_sigterm_stops_the_worker_once_its_run_stopped_keeping_what_landed(service: Service):
+    """Last in the module: it stops the module's worker."""
+    work, env, fake = service.work, service.env, service.fake
+    fake.state.latency = 1.0
+    path = _openai_experiment(work / "data" / "input" / "slow.jsonl", "slow", n=40)
+    slow = {"file": "data/input/slow.jsonl", "settings": {"data_folder": "data", "max_queries": 120}}  # 2/s, each 1 s
+    run([PREFECT, "deployment", "run", "run_experiment/run-experiment", "--params", json.dumps(slow)], env, work)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and sum(n for p, n in fake.state.answered.items() if p.startswith("slow")) < 4:
+        time.sleep(0.2)
+    service.worker.send_signal(signal.SIGTERM)
+    stopped = time.monotonic()
+    service.worker.wait(timeout=60)
+    assert time.monotonic() - stopped < 20 + 15, "the worker outlived its runs' grace"
+    sent = {p for p in fake.state.calls if p.startswith("slow")}
+    answered = {p for p, n in fake.state.answered.items() if p.startswith("slow")}
+    assert 4 <= len(answered) < 40 and answered == sent  # what was in flight at the SIGTERM landed
+    [completed] = (work / "data" / "output" / "slow").glob("*-completed-slow.jsonl")
+    assert {r["prompt"] for r in read_jsonl(completed)} == answered  # and every answer that landed was kept
+    assert path.exists()  # back in the inbox: the next poll resumes it
+    log = service.worker_log.read_text()
+    assert "stopping: no new requests" in log and "Traceback" not in log.split("stopping the worker")[-1], log[-4000:]
+    [flow_run] = [r for r in service.flow_runs() if r["name"] == "slow"]
+    assert flow_run["state_type"] not in ("RUNNING", "PENDING", "CRASHED"), flow_run["state"]

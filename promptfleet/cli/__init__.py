@@ -15,6 +15,7 @@ from promptfleet.cli import (  # noqa: F401 - each registers its command
     run,
     server,
     upload_media,
+    worker,
 )
 from promptfleet.cli.options import DEBUG_ENV, EXIT_BAD_INPUT, err
 from promptfleet.cli.root import app

@@ -16,3 +16,19 @@ def exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux: read from /proc; elsewhere none)."""
+    found = []
+    for entry in os.scandir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
