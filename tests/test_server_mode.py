@@ -154,6 +154,8 @@ def service() -> Iterator[Service]:
             env["PREFECT_API_URL"] = api
             run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
             run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
+            # a poll every 60 s costs a flow-run process each (~10 s of CPU here): the test asks for its polls
+            run([PREFECT, "deployment", "schedule", "clear", "watch_input/pipeline", "-y"], env, work)
             with (root / "worker.log").open("wb") as log:
                 worker = subprocess.Popen([PROMPTFLEET, "worker", "--pool", "promptfleet", "--grace", "20"], env=env, cwd=work,
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -280,7 +282,7 @@ def test_one_sigterm_stops_the_worker_once_its_run_stopped_keeping_what_landed(s
     [completed] = (work / "data" / "output" / "slow").glob("*-completed-slow.jsonl")
     assert {r["prompt"] for r in read_jsonl(completed)} == answered  # and every answer that landed was kept
     assert path.exists()  # back in the inbox: the next poll resumes it
-    log = service.worker_log.read_text()
-    assert "stopping: no new requests" in log and "Traceback" not in log.split("stopping the worker")[-1], log[-4000:]
     [flow_run] = [r for r in service.flow_runs() if r["name"] == "slow"]
-    assert flow_run["state_type"] not in ("RUNNING", "PENDING", "CRASHED"), flow_run["state"]
+    assert flow_run["state_type"] == "COMPLETED", flow_run["state"]  # ended by its own hand, not killed
+    logs = service.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run["id"]]}}, "limit": 200})
+    assert any("(stopped)" in log["message"] for log in logs), [log["message"] for log in logs]

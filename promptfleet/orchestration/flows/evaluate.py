@@ -20,13 +20,20 @@ from promptfleet.core.session import current_session
 from promptfleet.core.slug import slug
 from promptfleet.core.summary import reused_summary, table_markdown
 from promptfleet.evaluation import judge as judging
+from promptfleet.evaluation.judged import (
+    Judging,
+    earlier_judgings,
+    finished_run_of,
+    flow_run_of,
+    run_paths_of,
+    take_judging,
+)
 from promptfleet.evaluation.outcomes import Judged, Rephrased, Study
-from promptfleet.evaluation.judged import Judging, earlier_judgings, finished_run_of, flow_run_of, run_paths_of, take_judging
 from promptfleet.evaluation.study import StudyTable, write_study
-from promptfleet.orchestration.links import link_judging, this_flow_run
 from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.flows.lean import flow
 from promptfleet.orchestration.flows.run_experiment import run_experiment
+from promptfleet.orchestration.links import link_judging, this_flow_run
 
 log = logging.getLogger("promptfleet")
 

@@ -74,8 +74,10 @@ async def _follow_progress(run: Run, artifact: UUID, queues: UUID, interval: flo
 
 
 @flow(name="run_experiment", flow_run_name=_run_name, log_prints=True)
-async def run_experiment(file: str, settings: Settings | None = None, move_to_input: bool = False, wait: bool = False) -> RunSummary:
-    """Run one prompto-format experiment file; every queue is a task in one event loop."""
+async def run_experiment(file: str, settings: Settings | None = None, move_to_input: bool = False, wait: bool = False) -> RunSummary | None:
+    """Run one prompto-format experiment file; every queue is a task in one event loop.
+    None (a Completed flow run saying why) when the file or the experiment is another
+    process's, or the file was run already."""
     settings = settings or Settings()
     session = current_session()
     begin_flow(session)
