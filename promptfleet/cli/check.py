@@ -56,8 +56,10 @@ def check(
         data_folder=data_folder, max_queries=max_queries, parallel=parallel, max_queries_json=max_queries_json, prices=prices,
         batch=batch,
     )  # fmt: skip
-    if move_to_input or data_folder.is_dir():  # a data folder found gets its inbox, input/
+    if move_to_input:
         require_data_folder(data_folder, create=False)
+    if data_folder.is_dir():  # a fresh clone has no inbox yet; the README drops files there
+        settings.input_folder.mkdir(exist_ok=True)
     try:
         found = inspect(file, settings)
     except ExperimentError as error:

@@ -93,16 +93,14 @@ def make_settings(**values: Any):
 
 def require_data_folder(folder: Path, create: bool) -> None:
     """Refuse a data folder that does not exist (prompto does too): a typo must not scatter
-    input/ and output/ folders around; --create-data-folder makes it. Its inbox, input/, is
-    made when missing: a fresh clone has none, and files are dropped there."""
+    input/ and output/ folders around; --create-data-folder makes it."""
     if folder.is_dir():
-        (folder / "input").mkdir(exist_ok=True)
         return
     if folder.exists():
         fail(f"{folder}: the data folder is a file, not a folder")
     if not create:
         fail(f"{folder}: data folder not found (check -d, or add --create-data-folder to create it)")
-    (folder / "input").mkdir(parents=True)
+    folder.mkdir(parents=True)
 
 
 MIN_FREE_BYTES = 64 << 10  # besides the input's copy: the lock, the state file and the first answers

@@ -185,6 +185,7 @@ def run(
                 work.settle(False, None, settings.input_folder)
                 fail("\n".join(lines))
             session.remember_plan(dataclasses.replace(found, missing_env={}))  # every key is set now
+        settings.input_folder.mkdir(exist_ok=True)  # a fresh clone's inbox, once the run is sure to start
         try:
             with write_failures_in_one_line():
                 result = asyncio.run(in_flow(start, session))

@@ -95,7 +95,8 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
     except ExperimentError as error:  # the flow run fails in one line; its caller gets the ExperimentError
         more = f" (and {len(error.issues) - 1} more)" if len(error.issues) > 1 else ""
         if target := work.reject(str(error), settings.data_folder):
-            log.error("%s cannot run (%d problem(s)); moved to %s with the full report", Path(file).name, len(error.issues), target)
+            first = f", first: {error.issues[0]}" if error.issues else ""
+            log.error("%s cannot run (%d problem(s)%s); moved to %s with the full report", Path(file).name, len(error.issues), first, target)
         return Failed(message=f"cannot run: {error.issues[0] if error.issues else error}{more}", data=error)  # type: ignore[return-value]
     finally:
         if work.claim:
