@@ -122,4 +122,10 @@ def test_judge_what_exists_once_per_setting(tmp_path: Path, prefect_api: str, op
     [study] = (data / "output" / "exp").glob("*-study-exp.parquet")
     columns = pl.read_parquet(study).columns
     assert "verdict_text_j:template" in columns and "verdict_text_j:strict" in columns
+    # the template edited under the same name: a new setting, judged; its verdicts replace the old ones
+    (folder / "template.txt").write_text("Edited: {OUTPUT_RESPONSE}\n")
+    edited = CliRunner().invoke(app, ["judge", "--run", str(completed), *judge, "-d", str(data), "-mq", "600"])
+    assert edited.exit_code == 0 and sum(openai_env.state.answered.values()) == 12, edited.output
+    table = pl.read_parquet(study)
+    assert table.height == 3 and table["verdict_text_j:template"].drop_nulls().len() == 3
     assert len(read_jsonl(completed)) == 3

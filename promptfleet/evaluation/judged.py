@@ -99,7 +99,7 @@ def take_judging(completed: Path, folder: Path, judges: list[str], templates: li
 
 
 def earlier_judgings(original: RunPaths) -> list[dict[str, Any]]:
-    """The finished judgings of a run (every setting), for a study table that joins them all."""
+    """The finished judgings of a run (every setting), oldest first, for its study table."""
     records = []
     for path in sorted(original.out_dir.glob(".judge-*.json")):
         try:
@@ -108,7 +108,7 @@ def earlier_judgings(original: RunPaths) -> list[dict[str, Any]]:
             continue
         if record.get("completed") == str(original.completed):
             records.append(record)
-    return records
+    return sorted(records, key=lambda record: str(record.get("ended", "")))
 
 
 def judged(original: RunPaths, key: str) -> dict[str, Any] | None:

@@ -45,14 +45,20 @@ def create_judge_file(completed: Path, folder: Path, templates: list[str], judge
 
 @task(name="write_study_table", cache_policy=NO_CACHE)
 def write_study_table(original: RunPaths, judge_run: RunPaths, judges: list[str], templates: list[str]) -> StudyTable:
-    """The run's answers with the verdicts of this judging and of every earlier one (other
-    judge settings) side by side."""
+    """The run's answers with the verdicts of this judging and of earlier ones side by side;
+    an earlier judging by the same judge and template name (its text since edited) is
+    superseded by this one."""
     files, judges, templates = [judge_run.completed, judge_run.failed], list(judges), list(templates)
-    for record in earlier_judgings(original):
+    pairs = {(j, t) for j in judges for t in templates}
+    for record in reversed(earlier_judgings(original)):  # newest first
+        theirs = {(j, t) for j in record.get("judges", []) for t in record.get("templates", [])}
+        if not theirs or theirs & pairs:
+            continue
         earlier = run_paths_of(Path(record["judge_run"]))
         files += [earlier.completed, earlier.failed]
-        judges += [j for j in record.get("judges", []) if j not in judges]
-        templates += [t for t in record.get("templates", []) if t not in templates]
+        judges += [j for j in record["judges"] if j not in judges]
+        templates += [t for t in record["templates"] if t not in templates]
+        pairs |= theirs
     out = original.out_dir / f"{original.stamp}-study-{original.name}"
     return write_study(original.parquet, files, judges, templates, out)
 
