@@ -20,6 +20,8 @@ from promptfleet.evaluation.judged import take_judging
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 
+pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -129,3 +131,15 @@ def test_judge_what_exists_once_per_setting(tmp_path: Path, prefect_api: str, op
     table = pl.read_parquet(study)
     assert table.height == 3 and table["verdict_text_j:template"].drop_nulls().len() == 3
     assert len(read_jsonl(completed)) == 3
+
+
+def test_promptfleet_run_of_an_inbox_file_takes_it_out_of_the_inbox_and_answers_it(tmp_path: Path):
+    """The command, as a user types it on a file waiting in data/input/: claimed as a poll
+    would claim it, run to the end, and no claim or owner record left behind."""
+    data = tmp_path / "data"
+    path = write_jsonl(data / "input" / "exp.jsonl", [{"id": i, "api": "test", "model_name": "m", "prompt": f"p{i}"} for i in range(3)])
+    result = CliRunner().invoke(app, ["run", "-f", str(path), "-d", str(data)])
+    assert result.exit_code == 0, result.output
+    assert not path.exists() and not list((data / "input").rglob("*exp.jsonl*"))
+    [completed] = (data / "output" / "exp").glob("*-completed-exp.jsonl")
+    assert sorted(r["id"] for r in read_jsonl(completed)) == [0, 1, 2]

@@ -52,6 +52,7 @@ from promptfleet.core.experiment import ExperimentError
 
 @app.command()
 def run(
+    ctx: typer.Context,
     file: File,
     data_folder: DataFolder = Path("data"),
     env_file: EnvFile = Path(".env"),
@@ -156,7 +157,7 @@ def run(
         err.print(f"cannot run {taken.name}: {taken.reason}{hint}", markup=False, highlight=False)
         raise typer.Exit(EXIT_BAD_INPUT) from None
     if work.claim:
-        typer.get_current_context().call_on_close(work.claim.end)  # however the command ends
+        ctx.call_on_close(work.claim.end)  # however the command ends
         file, move_to_input = work.file, True
         found = dataclasses.replace(found, file=work.file)
     session.remember_plan(found)
