@@ -1,40 +1,27 @@
-"""Pacing: one clock for min(rate, ceiling), even from the first send, in-flight cap, pauses,
-and the rule that tells a key over its limit from a lone 429.
+"""Pacing: one schedule for min(rate, ceiling), even from the first send; the cut to the
+room a key has left and the growth back; stated limits and Retry-After; in-flight cap.
 
-Schedules are asserted on a fake clock (sleeping advances it), never on wall time.
+Every schedule runs on a virtual clock (the loop's clock jumps to its next timer), so
+seconds of sending take milliseconds and every time in them is exact.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import random
 
 import pytest
 
-from promptfleet.core.limiter import RUN_OF_429, Pacer, PacerPool
+from promptfleet.core.limiter import Pacer, PacerPool
+from tests.virtual_loop import VirtualLoop, run_virtually
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def time(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += max(0.0, seconds)
-        await asyncio.sleep(0)
-
-
-def fake_pacer(rate: float, **kwargs) -> tuple[Pacer, FakeClock]:
-    clock = FakeClock()
-    return Pacer(rate, clock=clock.time, sleep=clock.sleep, **kwargs), clock
-
-
-async def send_times(pacer: Pacer, clock: FakeClock, n: int) -> list[float]:
+async def send_times(pacer: Pacer, n: int) -> list[float]:
     times = []
     for _ in range(n):
         await pacer.acquire()
-        times.append(clock.now)
+        times.append(asyncio.get_running_loop().time())
         pacer.release()
     return times
 
@@ -43,90 +30,211 @@ def gaps(times: list[float]) -> list[float]:
     return [round(b - a, 6) for a, b in zip(times, times[1:])]
 
 
-async def test_sends_are_spaced_evenly_from_the_start():
-    pacer, clock = fake_pacer(3000)  # one send per 20 ms
-    assert gaps(await send_times(pacer, clock, 16)) == [0.02] * 15
+def test_sends_are_spaced_evenly_from_the_start():
+    assert gaps(run_virtually(send_times(Pacer(3000), 16))) == [0.02] * 15  # one send per 20 ms
 
 
-async def test_a_stated_limit_becomes_the_pace_at_once():
-    """Once: Pacer(12000) after a header stating 500/min still sent every 4.5 ms."""
-    pacer, clock = fake_pacer(12_000)
-    await send_times(pacer, clock, 3)
-    pacer.on_success({"x-ratelimit-limit-requests": "500"})
-    assert gaps(await send_times(pacer, clock, 5)) == [0.12] * 4
+def test_a_stated_limit_becomes_the_pace_at_once_a_little_under_it():
+    async def scenario() -> list[float]:
+        pacer = Pacer(12_000)
+        await send_times(pacer, 3)
+        pacer.on_success(3, {"x-ratelimit-limit-requests": "500"})
+        return await send_times(pacer, 5)
+
+    assert gaps(run_virtually(scenario())) == [round(60 / 490, 6)] * 4  # 2% under: arrival jitter at exactly the limit draws 429s
 
 
-async def test_lowering_the_ceiling_slows_the_next_send():
-    """Once: Pacer(6000).lower_ceiling(600) still sent every 10.2 ms."""
-    pacer, clock = fake_pacer(6000)
-    pacer.lower_ceiling(600)
-    assert gaps(await send_times(pacer, clock, 5)) == [0.1] * 4
-    pacer.lower_ceiling(6000)  # a looser ceiling never raises it again
-    assert pacer.ceiling == 600
+def test_lowering_the_ceiling_slows_the_next_send_and_a_looser_one_changes_nothing():
+    async def scenario() -> list[float]:
+        pacer = Pacer(6000)
+        pacer.lower_ceiling(600)
+        pacer.lower_ceiling(6000)
+        return await send_times(pacer, 5)
+
+    assert gaps(run_virtually(scenario())) == [0.1] * 4
 
 
-async def test_the_strictest_ceiling_of_a_shared_pacer_wins():
-    pool = PacerPool()
-    clock = FakeClock()
-    async with pool.pacer(("openai", "m", "key-a"), 6000, clock=clock.time, sleep=clock.sleep) as first:
-        async with pool.pacer(("openai", "m", "key-a"), 600) as second:
-            assert first is second
-            assert gaps(await send_times(first, clock, 4)) == [0.1] * 3
-        async with pool.pacer(("openai", "m", "key-b"), 6000) as other:
-            assert other is not first
-    assert pool.size == 0
+def test_queues_on_one_model_and_key_share_a_pacer_and_the_strictest_ceiling_wins():
+    async def scenario() -> list[float]:
+        pool = PacerPool()
+        async with pool.pacer(("openai", "m", "key-a"), 6000) as first:
+            async with pool.pacer(("openai", "m", "key-a"), 600) as second, pool.pacer(("openai", "m", "key-b"), 6000) as other:
+                assert first is second and other is not first
+                times = await send_times(first, 4)
+        assert pool.size == 0
+        return times
+
+    assert gaps(run_virtually(scenario())) == [0.1] * 3
 
 
-async def test_a_lone_429_leaves_the_pace_alone():
-    pacer, clock = fake_pacer(600)
-    outcomes = ([429] * (RUN_OF_429 - 1) + [200]) * 5  # 83% 429s, but never a run: one success between
-    for seq, outcome in enumerate(outcomes, start=1):
-        pacer.on_rate_limited(1.0, seq=seq) if outcome == 429 else pacer.on_success()
-    assert pacer.rate == 600
-    assert gaps(await send_times(pacer, clock, 4)) == [0.1] * 3
+def test_429s_now_and_then_leave_the_pace_alone():
+    """A 429 on a fifth of the sends, at random (an overloaded server, not a limit): only
+    each one's own retry waits."""
+
+    async def scenario() -> tuple[float, list[float]]:
+        pacer = Pacer(600)
+        draw = random.Random(3)
+        for seq in range(1, 401):
+            await pacer.acquire()
+            pacer.release()
+            pacer.on_rate_limited(seq, 1.0) if draw.random() < 0.2 else pacer.on_success(seq)
+        return pacer.rate, await send_times(pacer, 3)
+
+    rate, times = run_virtually(scenario())
+    assert rate == 600 and gaps(times) == [0.1] * 2
 
 
-async def test_a_run_of_429s_in_send_order_slows_the_queue_and_waits_out_retry_after():
-    pacer, clock = fake_pacer(600)
-    await send_times(pacer, clock, 1)
-    for seq in (12, 10, 15, 13, 11, 14):  # answered out of order, but sent one after the other
-        pacer.on_rate_limited(2.0, seq=seq)
-    assert pacer.rate == 300
-    times = await send_times(pacer, clock, 3)
-    assert times[0] >= 2.0 and gaps(times) == [0.2, 0.2]
+def test_half_of_recent_sends_refused_cuts_to_what_the_key_accepted_and_grows_back():
+    """200/s against a key that accepts 20/s: the rate drops to 20/s at once, every send
+    waits out the Retry-After, and the rate grows back to the ceiling, ten times that, in
+    about 12 s (twice it in 7 s)."""
+
+    async def scenario() -> list[tuple[float, float]]:
+        pacer = Pacer(12_000)
+        for seq in range(1, 21):  # accepted
+            await pacer.acquire()
+            pacer.on_success(seq)
+        for seq in range(21, 33):  # refused, answered at once: 12 of the last 24
+            await pacer.acquire()
+            pacer.on_rate_limited(seq, 0.5)
+        loop = asyncio.get_running_loop()
+        cut_at = loop.time()
+        seen = [(0.0, pacer.rate)]
+        await pacer.pace()
+        seen.append((loop.time() - cut_at, pacer.rate))
+        for _ in range(14):
+            await asyncio.sleep(1.0)
+            seen.append((loop.time() - cut_at, pacer.rate))
+        return seen
+
+    seen = run_virtually(scenario())
+    assert seen[0][1] == pytest.approx(0.9 * 1200)  # a little under what the key accepted in the last second
+    assert seen[1][0] >= 0.5  # waited out the Retry-After
+    assert max(rate for t, rate in seen if t < 3) <= 1.01 * 1200  # slowly near the rate that was too much...
+    assert next(t for t, rate in seen if rate >= 2400) <= 7.5  # ...faster beyond it
+    assert next(t for t, rate in seen if rate == 12_000) <= 13  # up to the ceiling
 
 
-async def test_headers_saying_nothing_remains_slow_the_queue_on_the_first_429():
-    pacer, clock = fake_pacer(600)
-    assert pacer.on_rate_limited(1.0, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"})
-    await pacer.acquire()
-    assert clock.now >= 3.0
+def test_a_burst_of_429s_cuts_once_not_once_per_429():
+    async def scenario() -> float:
+        pacer = Pacer(6000)
+        for seq in range(1, 30):
+            await pacer.acquire()
+        for seq in range(1, 30):  # one burst, all answered at once
+            pacer.on_rate_limited(seq, None)
+        return pacer.rate
+
+    assert run_virtually(scenario()) == pytest.approx(0.9 * 6000)
 
 
-async def test_catching_up_after_a_stall_is_bounded():
-    pacer, clock = fake_pacer(60_000)  # 1 ms apart
-    await send_times(pacer, clock, 1)
-    clock.now += 5.0  # nobody sent for 5 s: no 5,000-send burst follows
-    times = await send_times(pacer, clock, 30)
-    assert sum(1 for g in gaps(times) if g == 0) <= 10
+def test_a_key_full_while_we_send_under_its_limit_is_shared_and_at_its_limit_is_ours():
+    """Headers saying nothing remains after a success: with our rate well under the stated
+    limit, another client takes the rest (cut); at the stated limit, it is our own pace."""
+    full = {"x-ratelimit-limit-requests": "600", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "90ms"}
+
+    async def scenario(ceiling: float) -> float:
+        pacer = Pacer(ceiling)
+        for seq in range(1, 6):
+            await pacer.acquire()
+            pacer.on_success(seq, full)
+        return pacer.rate
+
+    assert run_virtually(scenario(300)) < 300
+    assert run_virtually(scenario(6000)) == 588
 
 
-async def test_in_flight_cap_blocks_until_release():
-    pacer = Pacer(rate_per_minute=600_000, max_in_flight=2)
-    await pacer.acquire()
-    await pacer.acquire()
-    third = asyncio.create_task(pacer.acquire())
-    await asyncio.sleep(0.05)
-    assert not third.done()
-    pacer.release()
-    await asyncio.wait_for(third, 1)
+@pytest.mark.parametrize("headers", [
+    {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1.5s"},
+    {"anthropic-ratelimit-requests-remaining": "0", "anthropic-ratelimit-requests-reset": "__IN_1.5_S__"},
+    {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1s500ms"},
+])  # fmt: skip
+def test_a_429_saying_nothing_remains_holds_every_send_until_the_reset(headers: dict[str, str]):
+    from datetime import datetime, timedelta, timezone
+
+    async def scenario() -> float:
+        pacer = Pacer(6000)
+        await pacer.acquire()
+        stated = {k: (datetime.now(timezone.utc) + timedelta(seconds=1.5)).isoformat() if v == "__IN_1.5_S__" else v for k, v in headers.items()}
+        pacer.on_rate_limited(1, None, stated)
+        await pacer.acquire()
+        return asyncio.get_running_loop().time()
+
+    assert 1.4 <= run_virtually(scenario()) <= 1.6
 
 
-async def test_pause_holds_every_send():
-    pacer, clock = fake_pacer(600_000)
-    pacer.pause(0.3)
-    await pacer.acquire()
-    assert clock.now >= 0.3
+def test_a_retry_after_of_a_429_saying_nothing_remains_wins_over_the_reset():
+    async def scenario() -> float:
+        pacer = Pacer(6000)
+        await pacer.acquire()
+        pacer.on_rate_limited(1, 3.0, {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"})
+        await pacer.acquire()
+        return asyncio.get_running_loop().time()
+
+    assert run_virtually(scenario()) == pytest.approx(3.0, abs=0.01)
+
+
+def test_catching_up_after_a_stall_is_bounded():
+    async def scenario() -> list[float]:
+        pacer = Pacer(60_000)  # 1 ms apart
+        await send_times(pacer, 1)
+        await asyncio.sleep(5.0)  # nobody sent for 5 s: no 5,000-send burst follows
+        return await send_times(pacer, 30)
+
+    assert sum(1 for g in gaps(run_virtually(scenario())) if g == 0) <= 11
+
+
+class CountingLoop(VirtualLoop):
+    """Counts the loop's waits for a timer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def _run_once(self) -> None:
+        if self._scheduled and not self._ready:
+            self.waits += 1
+        super()._run_once()
+
+
+def test_a_fast_key_costs_one_wait_per_timer_tick_not_one_per_send():
+    loop = CountingLoop()
+    times = loop.run(send_times(Pacer(600_000), 10_000))  # 10,000/s
+    assert times[-1] == pytest.approx(1.0, abs=0.002)
+    assert loop.waits <= 1_100  # ~1,000 ticks of a millisecond
+
+
+def test_in_flight_cap_blocks_until_release():
+    async def scenario() -> None:
+        pacer = Pacer(600_000, max_in_flight=2)
+        await pacer.acquire()
+        await pacer.acquire()
+        third = asyncio.create_task(pacer.acquire())
+        await asyncio.sleep(1.0)
+        assert not third.done()
+        pacer.release()
+        await asyncio.wait_for(third, 1)
+
+    run_virtually(scenario())
+
+
+def test_pause_holds_every_send():
+    async def scenario() -> float:
+        pacer = Pacer(600_000)
+        pacer.pause(0.3)
+        await pacer.acquire()
+        return asyncio.get_running_loop().time()
+
+    assert run_virtually(scenario()) >= 0.3
+
+
+def test_tokens_per_minute_space_long_prompts():
+    async def scenario() -> float:
+        pacer = Pacer(60_000, tokens_per_minute=6_000)  # 100 tokens/s, a 1,000-token bucket
+        for _ in range(6):
+            await pacer.acquire(500)
+        return asyncio.get_running_loop().time()
+
+    assert run_virtually(scenario()) == pytest.approx(20.0, abs=0.5)  # 3,000 tokens, 1,000 at once, then 100/s
 
 
 def test_rate_must_be_positive():
@@ -134,16 +242,78 @@ def test_rate_must_be_positive():
         Pacer(0)
 
 
-async def test_over_the_limit_the_rate_drops_to_what_was_accepted():
-    pacer, clock = fake_pacer(12_000)  # 200/s against a key that accepts 20/s
-    for _ in range(20):
-        clock.now += 0.005
-        pacer.on_success()
-    for seq in range(21, 21 + RUN_OF_429):
-        pacer.on_rate_limited(0.5, seq=seq)
-    assert pacer.rate == pacer.limit == 20 * 60
-    for _ in range(250):
-        pacer.on_success()
-    assert pacer.rate == 12_000 and pacer.limit == 1200  # the learned limit governs, not the recovered rate
-    clock.now += 120
-    assert 3700 < pacer.limit < 3850  # half way back to the ceiling in log space after one half-life
+# -- a key shared with another client ---------------------------------------------------
+
+
+class SlidingKey:
+    """A key allowing `limit` requests in any second, stating it in OpenAI's headers; refusals
+    answer at once, answers after `latency`."""
+
+    def __init__(self, limit: int = 10, latency: float = 0.3):
+        self.limit, self.latency = limit, latency
+        self.arrivals: list[float] = []
+        self.refused: dict[str, int] = {"us": 0, "colleague": 0}
+        self.sent: dict[str, int] = {"us": 0, "colleague": 0}
+        self.accepted_us: list[float] = []
+        self.jitter = random.Random(5)
+
+    async def call(self, who: str) -> tuple[int, float | None, dict[str, str]]:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.001 + self.jitter.uniform(0, 0.002))
+        now = loop.time()
+        self.sent[who] += 1
+        recent = self.arrivals[bisect.bisect_right(self.arrivals, now - 1.0):]
+        headers = {"x-ratelimit-limit-requests": str(self.limit * 60), "x-ratelimit-reset-requests": "1s"}
+        if len(recent) >= self.limit:
+            self.refused[who] += 1
+            return 429, recent[0] + 1.0 - now, {**headers, "x-ratelimit-remaining-requests": "0"}
+        self.arrivals.append(now)
+        if who == "us":
+            self.accepted_us.append(now)
+        await asyncio.sleep(self.latency)
+        return 200, None, {**headers, "x-ratelimit-remaining-requests": str(self.limit - len(recent) - 1)}
+
+
+async def colleague(key: SlidingKey, per_second: float, until: float) -> None:
+    loop = asyncio.get_running_loop()
+    while loop.time() < until:
+        asyncio.ensure_future(key.call("colleague"))
+        await asyncio.sleep(1 / per_second)
+
+
+async def our_run(key: SlidingKey, prompts: int, per_minute: float) -> float:
+    """Prompts sent as the engine sends them: paced, each retried after its Retry-After."""
+    pacer = Pacer(per_minute)
+
+    async def prompt(seq: int) -> None:
+        while True:
+            status, retry_after, headers = await key.call("us")
+            pacer.release()
+            if status == 200:
+                return pacer.on_success(seq, headers)
+            pacer.on_rate_limited(seq, retry_after, headers)
+            await asyncio.sleep(retry_after + 0.05)
+            seq = await pacer.acquire()
+
+    tasks = [asyncio.ensure_future(prompt(await pacer.acquire())) for _ in range(prompts)]
+    await asyncio.gather(*tasks)
+    return asyncio.get_running_loop().time()
+
+
+def test_a_colleague_on_the_key_keeps_its_share_and_we_take_ours_back_when_it_stops():
+    """The key allows 10/s; a colleague's script sends 5/s for 30 s; we run 300 prompts at
+    the key's full rate. We keep under what the colleague leaves (few 429s for either),
+    and climb back to the full rate within ~10 s of its stopping."""
+    key = SlidingKey()
+
+    async def scenario() -> float:
+        asyncio.ensure_future(colleague(key, 5.0, until=30.0))
+        return await our_run(key, 300, 600)
+
+    took = VirtualLoop().run(scenario())
+    assert key.refused["us"] <= 10
+    assert key.refused["colleague"] <= 0.05 * key.sent["colleague"]
+    while_shared = [t for t in key.accepted_us if 5 <= t < 30]
+    assert len(while_shared) >= 0.7 * 5 * 25  # at least 3.5/s of the 5/s left
+    back = [t for t in key.accepted_us if 40 <= t < 45]
+    assert len(back) >= 0.9 * 10 * 5 and took < 60

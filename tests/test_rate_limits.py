@@ -1,5 +1,6 @@
-"""The closed loop against a server that enforces its own limit, tokens per minute,
-shared limiters, header parsing, and the budget stop."""
+"""The closed loop against a server that enforces its own limit (through the real OpenAI
+SDK), tokens per minute, queues sharing a pacer, and the budget stop. The pacer's own
+rules are tested on a virtual clock in test_limiter.py."""
 
 from __future__ import annotations
 
@@ -11,10 +12,8 @@ from pathlib import Path
 import pytest
 
 from promptfleet import Experiment, Session, Settings
-from promptfleet.core.limiter import RUN_OF_429, Pacer, _seconds_until
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
-from tests.test_limiter import FakeClock
 
 N = 60
 SERVER_LIMIT = 20  # requests per second at the fake: 1,200/min
@@ -46,8 +45,9 @@ async def test_ceiling_far_above_the_real_limit_finds_it(tmp_path: Path, limited
     summary, elapsed = await run(tmp_path, "exp", rows(), max_queries=12_000, max_attempts=10)
     assert summary.complete and summary.answered == N and summary.failed == 0
     ideal = N / SERVER_LIMIT  # 3 s
-    # Bounds stated in docs/rate-limits.md: 429s at most a third of the prompts, time within 2.5x of the limit.
-    assert limited.state.rejected <= N // 3, limited.state.rejected
+    # Bounds stated in docs/rate-limits.md: at most 30 429s (half the prompts: the cut waits for
+    # 12 of the last 24 sends), time within 2.5x of the limit.
+    assert limited.state.rejected <= 30, limited.state.rejected
     assert elapsed <= 2.5 * ideal + 1, elapsed
     assert summary.rate_limited == limited.state.rejected
     assert max(limited.state.calls.values()) <= 10
@@ -57,7 +57,7 @@ async def test_rate_limit_headers_keep_it_under_the_wall(tmp_path: Path, limited
     limited.state.limit_headers = True
     summary, elapsed = await run(tmp_path, "exp", rows(), max_queries=12_000, max_attempts=10)
     assert summary.complete and summary.answered == N
-    assert limited.state.rejected <= 6, limited.state.rejected  # the stated limit replaces the guess
+    assert limited.state.rejected <= 5, limited.state.rejected  # the stated limit replaces the guess from the first answers
     assert elapsed <= 2 * N / SERVER_LIMIT + 1
 
 
@@ -104,30 +104,3 @@ async def test_budget_stops_sending_and_the_rest_resumes(tmp_path: Path):
 async def test_unpriced_models_are_unknown_not_free(tmp_path: Path):
     summary, _ = await run(tmp_path, "exp", [{"api": "test", "model_name": "mystery", "prompt": "hi"}], max_queries=600)
     assert summary.cost.unpriced_models == ["mystery"] and summary.cost.by_model["mystery"]["cost"] is None
-
-
-async def test_a_run_of_429s_halves_and_success_recovers():
-    pacer = Pacer(6000)
-    assert [pacer.on_rate_limited(None, seq=n) for n in range(1, RUN_OF_429 + 1)] == [False] * (RUN_OF_429 - 1) + [True]
-    assert pacer.rate == 3000
-    for _ in range(4):
-        pacer.on_rate_limited(None)  # same burst (cooldown): counted, not halved again
-    assert pacer.rate == 3000
-    for _ in range(70):
-        pacer.on_success()
-    assert pacer.rate == 6000
-
-
-async def test_headers_lower_the_ceiling_and_pause_at_zero():
-    clock = FakeClock()
-    pacer = Pacer(6000, clock=clock.time, sleep=clock.sleep)
-    pacer.on_success({"x-ratelimit-limit-requests": "500", "x-ratelimit-remaining-requests": "400", "x-ratelimit-reset-requests": "6m0s"})
-    assert pacer.ceiling == 500 and pacer.rate <= 500
-    pacer.on_success({"anthropic-ratelimit-tokens-remaining": "0", "anthropic-ratelimit-tokens-reset": "2099-01-01T00:00:00Z"})
-    await pacer.acquire()
-    assert clock.now > 3600
-
-
-def test_reset_formats():
-    assert _seconds_until("6m0s") == 360 and _seconds_until("20ms") == 0.02 and _seconds_until("1.5s") == 1.5
-    assert _seconds_until("2000-01-01T00:00:00Z") == 0.0 and _seconds_until(None) is None

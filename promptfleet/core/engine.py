@@ -163,7 +163,7 @@ class _Conversation:
             sent_now += 1
             stats.sent += 1
             reply = await provider.chat(model, self.messages, params, **asked)
-            pacer.on_success(reply.rate_limits)
+            pacer.on_success(self.seq, reply.rate_limits)
             if self.schema is not None:
                 try:
                     self.parsed.append(parse_reply(reply.text, self.schema))
@@ -342,7 +342,7 @@ async def attempt_until_done(prompt: Prompt, estimate: int, seq: int, ctx: Queue
             _account(record_, {"input_tokens": rejected.input_tokens, "output_tokens": rejected.output_tokens}, estimate, ctx)
         if error.kind is ErrorKind.RATE_LIMIT:
             stats.rate_limited += 1
-            pacer.on_rate_limited(error.retry_after, error.rate_limits, conversation.seq)
+            pacer.on_rate_limited(conversation.seq, error.retry_after, error.rate_limits)
         message = ctx.clients.redact(error.message)
         if not error.retryable or n >= ctx.policy.max_attempts:
             return Failed(error, message, n, first_sent)

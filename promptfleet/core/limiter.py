@@ -1,111 +1,119 @@
-"""Pacing for one queue (or one model and key shared by several queues).
+"""Pacing for one queue, or for every queue of this process on one model and key.
 
-- One clock: the next send time is the previous one plus 60 / min(rate, ceiling) s, so the
-  ceiling (the `-mq`/`-mqj` value, or the limit the provider states in its headers) and the
-  adaptive rate below it are one schedule, and lowering either takes effect at the next send.
-  A queue starts at its rate instead of bursting a minute's quota (providers enforce limits
-  per second); after a stall it may catch up at most `CATCH_UP_S` of sends at once.
-- A closed loop under the ceiling that tells a key over its limit from a lone 429. A 429 on
-  one request (overload, a hiccup) only delays that request's retry. When `RUN_OF_429`
-  requests sent one after the other all get 429s, or headers say nothing remains, the key
-  is over its limit: the rate drops to what the provider accepted in the last second (at
-  most once per `COOLDOWN_S`), the queue waits out the Retry-After, and that rate becomes a
-  learned limit relaxing back toward the ceiling. Runs are counted in send order, not
-  answer order, because a failure often answers faster than a success sent before it.
-  docs/rate-limits.md has the numbers.
-- Optional tokens per minute: each send takes its estimated tokens from an aiolimiter bucket,
-  and the usage the API reports corrects the estimate.
+- One schedule decides every send time: the next send is the previous one plus 60/r
+  seconds, r the lowest of the adaptive rate, the ceiling (`-mq`/`-mqj`, or a limit the
+  provider states) and, with a Prefect server, the key's rate shared with other processes.
+  Lowering any of them takes effect at the next send. A queue starts at its rate instead of
+  bursting a minute's quota (providers enforce limits per second); after a stall it catches
+  up at most CATCH_UP_S of sends; sends due within one timer tick leave together, so a fast
+  key costs one sleep per tick, not one per send.
+- A shared rate (orchestration) hands out blocks of time this process holds alone on the
+  key; the schedule asks it for the next block when a send falls past the one it holds.
+- The adaptive rate follows what the key has room for, which other clients of the key
+  share: it is cut to what the key accepted from us over the last second when 429s make up
+  a large share of our recent sends, or when the provider's headers say the key is full
+  while we send below its stated limit; then it grows back along a cubic curve, slowly near
+  the rate it was cut from and faster beyond, up to the ceiling (docs/rate-limits.md).
+- A stated limit (`x-ratelimit-limit-requests`, `anthropic-ratelimit-requests-limit`)
+  becomes the ceiling at once; a 429 with headers saying nothing remains holds every send
+  for its Retry-After; every 429's own retry waits for its Retry-After (engine).
+- Optional tokens per minute: each send takes its estimated tokens from an aiolimiter
+  bucket, and the usage the API reports corrects the estimate.
 - A cap on requests in flight, so a stalled server cannot pile up unbounded work.
-- Optionally a rate shared with other processes on the same key (shared_rate.py): each
-  send also waits for the shared bucket, and a lowered ceiling lowers it for everyone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Callable, Hashable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
+CATCH_UP_S = 0.01  # how far behind schedule sends may go back to back
+TICK_S = 0.001  # the event loop's timer granularity (epoll waits in whole milliseconds)
+MIN_FRACTION = 0.02  # never slower than 2% of the ceiling
+SHARE_WINDOW = 24  # 429s are counted over this many sends, in send order
+OVER_SHARE = 0.5  # half of them answered 429: the key is over its limit (random 429s on a fifth of sends: 0.09% of windows)
+DECREASE = 0.9  # a cut restarts at this share of what the key accepted
+GROWTH = 0.01  # cubic growth: back at the cut-from rate after cbrt(0.1/GROWTH) = 2.2 s, twice it 4.6 s later
+COOLDOWN_S = 1.0  # one cut per second at most, and only for sends made after the last cut
+STATED_MARGIN = 0.02  # a stated limit is paced this much under it: arrival jitter at exactly the limit draws 429s
+FULL_BELOW = 0.9  # the key full while we send under this share of its stated limit: someone else uses it
+
 
 class SharedRate(Protocol):
-    """What the Pacer needs from a rate shared with other processes."""
+    """A key's rate shared with other processes: blocks of send times this process holds
+    alone, at the lowest of the rates the runs sending on the key were given."""
 
-    async def take(self) -> None:
-        """Wait until this process may send one more request."""
+    per_minute: float
 
-    def set_rate(self, per_minute: float) -> None:
-        """The key's rate as this process learned it (a provider's stated limit); shared
-        with the next block it asks for."""
+    def admit(self, turn: float) -> float | None:
+        """The send time of a send due at `turn` in the block this process holds; None when
+        `turn` is past it (or before one is held)."""
 
-    async def give_back(self) -> None:
-        """This process sends nothing more on the key: free what it will not use."""
+    def holds(self, moment: float) -> bool:
+        """Whether a send leaving at `moment` is still inside our block (a busy event loop
+        may wake a send after it)."""
+
+    async def next_block(self, turn: float) -> None:
+        """Wait for the key's next block for a send due at `turn`."""
+
+    def state(self, per_minute: float) -> None:
+        """This process's limit for the key, lowered (a provider's stated limit)."""
+
+    async def close(self) -> None:
+        """Nothing more is sent on the key from here: free what will not be used."""
 
 
 # How the session makes a key's shared rate: (api, model, credentials, requests per minute) -> a
 # SharedRate, or None when nothing is shared (no server). The orchestration layer provides it.
 SharedRateFactory = Callable[[str, str, Mapping[str, str], float], "SharedRate | None"]
 
-MIN_FRACTION = 0.02  # never slower than 2% of the ceiling
-DECREASE = 0.5
-COOLDOWN_S = 1.0
-RUN_OF_429 = 6  # consecutive sends answered 429: over the limit (random 20% 429s: 0.0064% of sends)
-INCREASE = 1.01
-RELEARN_HALF_LIFE_S = 120.0  # a learned limit relaxes toward the ceiling (in log space) this slowly
-CATCH_UP_S = 0.01  # how far behind schedule sends may run back to back (timer granularity)
-
 
 class Pacer:
-    def __init__(
-        self,
-        rate_per_minute: float,
-        max_in_flight: int = 512,
-        tokens_per_minute: float | None = None,
-        clock: Callable[[], float] | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        shared: SharedRate | None = None,
-    ):
+    def __init__(self, rate_per_minute: float, max_in_flight: int = 512, tokens_per_minute: float | None = None,
+                 shared: SharedRate | None = None):  # fmt: skip
         if rate_per_minute <= 0:
             raise ValueError("rate must be positive")
         self.ceiling = float(rate_per_minute)
-        self.rate = self.ceiling
-        self._clock = clock
-        self._sleep = sleep
+        self.shared = shared
         self._token_bucket = max(1.0, tokens_per_minute / 6) if tokens_per_minute else 0.0
         self._tokens = AsyncLimiter(self._token_bucket, 10) if tokens_per_minute else None  # 10 s worth
         self._slots = asyncio.Semaphore(max_in_flight)
         self._next_at = float("-inf")
-        self._resume_at = 0.0
-        self._last_decrease = float("-inf")
+        self._resume_at = float("-inf")
         self._sent = 0  # sequence number of the last send
-        self._limited: deque[int] = deque(maxlen=64)  # sequence numbers of recent sends answered 429
-        self._learned: tuple[float, float] | None = None  # (rate per minute, when) the key accepted when over
-        self._accepted: deque[float] = deque()  # times of answers in the last second
-        self.shared = shared
+        self._limited: deque[int] = deque(maxlen=2 * SHARE_WINDOW)  # sends answered 429, by sequence number
+        self._accepted: deque[float] = deque()  # when our answers of the last second came
+        self._stated: float | None = None  # the provider's stated request limit per minute
+        self._cut: tuple[float, float, float] | None = None  # (rate cut from, when, cubic offset) while growing back
+        self._cut_at = float("-inf")
+        self._cut_seq = 0
 
-    def _now(self) -> float:
-        return self._clock() if self._clock else asyncio.get_running_loop().time()
-
-    @property
-    def limit(self) -> float:
-        """The ceiling, or lower: what the key accepted when it was over its limit, relaxing
-        back toward the ceiling so a limit that was raised is found again."""
-        if self._learned is None:
-            return self.ceiling
-        learned, since = self._learned
-        if learned >= self.ceiling:
-            return self.ceiling
-        relaxed = 1 - 0.5 ** ((self._now() - since) / RELEARN_HALF_LIFE_S)
-        return min(self.ceiling, learned * (self.ceiling / learned) ** relaxed)
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
 
     @property
-    def interval(self) -> float:
-        return 60.0 / min(self.rate, self.limit)
+    def rate(self) -> float:
+        """The rate in force, per minute."""
+        rate = self.ceiling
+        if self._cut is not None:
+            top, since, offset = self._cut
+            grown = top * (1 + GROWTH * (self._now() - since - offset) ** 3)
+            if grown >= self.ceiling:
+                self._cut = None
+            else:
+                rate = max(grown, self.ceiling * MIN_FRACTION)
+        if self.shared is not None:
+            rate = min(rate, self.shared.per_minute)
+        return rate
 
     async def acquire(self, tokens: int = 0) -> int:
         """Wait for a free in-flight slot, then for this send's turn; returns its sequence number."""
@@ -118,21 +126,28 @@ class Pacer:
 
     async def pace(self, tokens: int = 0) -> int:
         """Wait for the send time of one more request (a later turn of a conversation holds its
-        slot); returns its sequence number, which `on_rate_limited` wants back."""
-        while (delay := self._resume_at - self._now()) > 0:
-            await self._sleep(delay)
-        now = self._now()
-        # Behind schedule by more than CATCH_UP_S (a busy loop), the schedule restarts that far back.
-        turn = max(self._next_at, now - CATCH_UP_S if self._sent else now, self._resume_at)
-        self._next_at = turn + self.interval
-        if turn > now:
-            await self._sleep(turn - now)
-        if self._tokens is not None and tokens:
+        slot); returns its sequence number, which the answer's report wants back."""
+        if self._tokens is not None and tokens:  # before the turn: the schedule has the last word
             await self._tokens.acquire(min(float(tokens), self._token_bucket))
-        if self.shared is not None:
-            await self.shared.take()
-        self._sent += 1
-        return self._sent
+        catch_up = CATCH_UP_S if self._sent else 0.0
+        while True:
+            now = self._now()
+            turn = max(self._next_at, now - catch_up, self._resume_at)
+            if self.shared is not None:
+                start = self.shared.admit(turn)
+                if start is None:
+                    await self.shared.next_block(turn)
+                    catch_up = 0.0  # a late grant must not bunch the block's first sends
+                    continue
+                turn = start
+            self._next_at = turn + 60.0 / self.rate
+            if turn - now > TICK_S:
+                await asyncio.sleep(turn - now)
+                now = self._now()
+                if now < self._resume_at or (self.shared is not None and not self.shared.holds(now)):
+                    continue  # paused meanwhile, or woken past our block: a new turn
+            self._sent += 1
+            return self._sent
 
     def release(self) -> None:
         self._slots.release()
@@ -141,43 +156,41 @@ class Pacer:
         """Hold every send for `seconds`."""
         self._resume_at = max(self._resume_at, self._now() + seconds)
 
-    def on_success(self, headers: Mapping[str, str] | None = None) -> None:
+    def on_success(self, seq: int, headers: Mapping[str, str] | None = None) -> None:
         now = self._now()
         self._accepted.append(now)
-        while self._accepted and self._accepted[0] < now - 1.0:
+        while self._accepted[0] < now - 1.0:
             self._accepted.popleft()
-        self.rate = min(self.ceiling, self.rate * INCREASE)
-        if headers:
-            self._follow_headers(headers)
+        if headers and self._follow_headers(headers) is not None and self.rate < FULL_BELOW * (self._stated or math.inf):
+            # The key full after our request while we send well under its limit: another
+            # client takes the rest. (At its limit, a full key is just our own pace.)
+            self._cut_to_room(seq)
 
-    def on_rate_limited(self, retry_after: float | None, headers: Mapping[str, str] | None = None, seq: int | None = None) -> bool:
-        """Record a 429 on send `seq`; True when it says the key is over its limit (the queue
-        slowed down). Without a sequence number, sends are taken to follow each other."""
-        seq = seq if seq is not None else (self._limited[-1] + 1 if self._limited else self._sent)
+    def on_rate_limited(self, seq: int, retry_after: float | None, headers: Mapping[str, str] | None = None) -> None:
+        """A 429 on send `seq`. With headers saying the key is full, it is over its limit:
+        hold every send for the Retry-After. Without, only a large share of 429s among our
+        recent sends says so; a 429 now and then (an overloaded server) only delays its own
+        retry."""
         self._limited.append(seq)
-        exhausted = self._follow_headers(headers) if headers else False
-        if not exhausted and not self._in_a_run(seq):
-            return False  # a lone 429: only its own retry waits
-        now = self._now()
-        if now - self._last_decrease >= COOLDOWN_S:  # many 429s of one burst count once
-            accepted = sum(1 for t in self._accepted if t >= now - 1.0) * 60.0
-            current = min(self.rate, self.limit)
-            self.rate = max(self.ceiling * MIN_FRACTION, min(current, accepted) if accepted else current * DECREASE)
-            self._learned = (self.rate, now)
-            self._last_decrease = now
-        if retry_after:
-            self.pause(retry_after)
-        return True
+        reset = self._follow_headers(headers) if headers else None
+        recent = sum(1 for s in self._limited if max(seq - SHARE_WINDOW, self._cut_seq) < s <= seq)  # since the last cut
+        if reset is not None or recent >= OVER_SHARE * SHARE_WINDOW:
+            self._cut_to_room(seq)
+            if wait := retry_after or reset:
+                self.pause(wait)
 
-    def _in_a_run(self, seq: int) -> bool:
-        limited = set(self._limited)
-        start = seq
-        while start - 1 in limited:
-            start -= 1
-        end = seq
-        while end + 1 in limited:
-            end += 1
-        return end - start + 1 >= RUN_OF_429
+    def _cut_to_room(self, seq: int) -> None:
+        """Cut the rate to what the key accepted from us in the last second (the room other
+        clients leave), once per COOLDOWN_S and for sends after the last cut only."""
+        now = self._now()
+        if now - self._cut_at < COOLDOWN_S or seq <= self._cut_seq:
+            return
+        current = self.rate
+        accepted = sum(1 for t in self._accepted if t >= now - 1.0) * 60.0
+        # A pause in the last second held our answers back, not the key: no measure then.
+        top = min(current, accepted) if accepted and self._resume_at <= now - 1.0 else current
+        self._cut = (top, now, math.cbrt((1 - DECREASE) / GROWTH))
+        self._cut_at, self._cut_seq = now, self._sent
 
     @property
     def limits_tokens(self) -> bool:
@@ -190,30 +203,24 @@ class Pacer:
 
     def lower_ceiling(self, rate_per_minute: float) -> None:
         """Never send faster than this again: the strictest stated or configured limit wins."""
-        if self.shared is not None and rate_per_minute < self.ceiling:
-            self.shared.set_rate(rate_per_minute)  # the key's limit, for every process on it
-        self.ceiling = min(self.ceiling, float(rate_per_minute))
-        self.rate = min(self.rate, self.ceiling)
+        if rate_per_minute < self.ceiling:
+            self.ceiling = float(rate_per_minute)
+            if self.shared is not None:
+                self.shared.state(self.ceiling)  # the key's limit, for every process on it
 
-    def _follow_headers(self, headers: Mapping[str, str]) -> bool:
-        """Follow the provider's stated limits; True when one of them is exhausted."""
-        limit = _number(_first(headers, "x-ratelimit-limit-requests", "anthropic-ratelimit-requests-limit"))
-        if limit:
-            self.lower_ceiling(limit)  # the provider's stated limit is the real ceiling
-        exhausted = False
+    def _follow_headers(self, headers: Mapping[str, str]) -> float | None:
+        """Follow the provider's stated limits. When one of them has nothing left, the
+        seconds until it resets (0 when not said); else None."""
+        if limit := _number(_first(headers, "x-ratelimit-limit-requests", "anthropic-ratelimit-requests-limit")):
+            self._stated = limit
+            self.lower_ceiling(limit * (1 - STATED_MARGIN))
+        full = None
         for kind in ("requests", "tokens", "input-tokens", "output-tokens"):
             remaining = _number(_first(headers, f"x-ratelimit-remaining-{kind}", f"anthropic-ratelimit-{kind}-remaining"))
-            reset = _seconds_until(_first(headers, f"x-ratelimit-reset-{kind}", f"anthropic-ratelimit-{kind}-reset"))
-            if remaining is None or reset is None:
-                continue
-            if remaining < 1:
-                self.pause(reset)
-                exhausted = True
-            elif kind == "requests" and reset > 0:
-                # Spread what is left over the time left, so the wall is never hit; a spacing
-                # of the next sends, not a lasting cut of the rate.
-                self.pause(reset / remaining)
-        return exhausted
+            if remaining is not None and remaining < 1:
+                reset = _seconds_until(_first(headers, f"x-ratelimit-reset-{kind}", f"anthropic-ratelimit-{kind}-reset"))
+                full = max(full or 0.0, reset or 0.0)
+        return full
 
 
 def _first(headers: Mapping[str, str], *names: str) -> str | None:
@@ -261,22 +268,15 @@ class PacerPool:
         return len(self._pacers)
 
     @asynccontextmanager
-    async def pacer(
-        self,
-        key: Hashable,
-        rpm: float,
-        tpm: float | None = None,
-        max_in_flight: int = 512,
-        shared: Callable[[], SharedRate | None] | None = None,
-        **clock: Any,
-    ) -> AsyncIterator[Pacer]:
+    async def pacer(self, key: Hashable, rpm: float, tpm: float | None = None, max_in_flight: int = 512,
+                    shared: Callable[[], SharedRate | None] | None = None) -> AsyncIterator[Pacer]:  # fmt: skip
         """`shared` makes the rate shared with other processes, when a new pacer is made;
-        the last queue to leave it gives back what it did not use of the shared rate."""
+        the last queue to leave closes it."""
         if key in self._pacers:
             pacer, users = self._pacers[key]
             pacer.lower_ceiling(rpm)
         else:
-            pacer, users = Pacer(rpm, max_in_flight, tpm, shared=shared() if shared else None, **clock), 0
+            pacer, users = Pacer(rpm, max_in_flight, tpm, shared=shared() if shared else None), 0
         self._pacers[key] = (pacer, users + 1)
         try:
             yield pacer
@@ -285,6 +285,6 @@ class PacerPool:
             if users == 1:
                 del self._pacers[key]
                 if pacer.shared is not None:
-                    await pacer.shared.give_back()
+                    await pacer.shared.close()
             else:
                 self._pacers[key] = (pacer, users - 1)
