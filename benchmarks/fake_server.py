@@ -1,7 +1,8 @@
 """A fast fake LLM server for benchmarks (asyncio: starlette + uvicorn), speaking the
-OpenAI, Gemini and Ollama wire protocols, with per-model latency, per-model rate limits
-enforced with 429 + Retry-After, injected faults, a serial mode (one request at a time,
-like a local Ollama), and per-prompt request counts at GET /stats.
+OpenAI, Anthropic, Gemini and Ollama wire protocols, with per-model latency, per-model rate
+limits enforced with 429 + Retry-After (and stated in OpenAI's or Anthropic's rate-limit
+headers with `"limit_headers": true`), injected faults, a serial mode (one request at a
+time, like a local Ollama), and per-prompt request counts at GET /stats.
 
     python -m benchmarks.fake_server --port 8123 --config '{"latency": {"default": 0.3}}'
 """
@@ -14,6 +15,7 @@ import json
 import random
 import time
 from collections import Counter, defaultdict, deque
+from datetime import datetime, timedelta, timezone
 
 import uvicorn
 from starlette.applications import Starlette
@@ -27,6 +29,7 @@ class Fake:
         self.latency: dict = config.get("latency", {"default": 0.0})
         self.rpm: dict = config.get("rpm", {})  # model -> requests per window
         self.window: float = config.get("window", 60.0)
+        self.limit_headers: bool = config.get("limit_headers", False)  # state the limit in every answer
         # {"429": p, "500": p, "retry_after": s, "429_once": bool}; with 429_once a prompt's
         # first request alone may draw the 429 ("20% of prompts get one 429 each")
         self.faults: dict = config.get("faults", {})
@@ -39,18 +42,22 @@ class Fake:
         self.seen: dict[str, deque] = defaultdict(deque)
         self.random = random.Random(config.get("seed", 7))
 
-    def _limited(self, model: str) -> float | None:
+    def _limited(self, model: str) -> tuple[float | None, dict]:
+        """A sliding-window limit: seconds to wait when over it, and the headers stating it."""
         limit = self.rpm.get(model, self.rpm.get("default"))
         if not limit:
-            return None
+            return None, {}
         now = time.monotonic()
         seen = self.seen[model]
         while seen and seen[0] <= now - self.window:
             seen.popleft()
-        if len(seen) >= limit:
-            return seen[0] + self.window - now
-        seen.append(now)
-        return None
+        wait = seen[0] + self.window - now if len(seen) >= limit else None
+        if wait is None:
+            seen.append(now)
+        if not self.limit_headers:
+            return wait, {}
+        reset = seen[0] + self.window - now if seen else self.window
+        return wait, {"limit": str(round(limit * 60 / self.window)), "remaining": str(max(0, limit - len(seen))), "reset": reset}
 
     async def answer(self, model: str, text: str) -> tuple[int, dict, dict]:
         arrived = time.time()
@@ -61,9 +68,10 @@ class Fake:
     async def _answer(self, model: str, text: str) -> tuple[int, dict, dict]:
         self.calls[text] += 1
         self.stamps.append(time.time())
-        if (wait := self._limited(model)) is not None:
+        wait, stated = self._limited(model)
+        if wait is not None:
             self.rejected += 1
-            return 429, {"retry-after": f"{max(wait, 0.05):.2f}"}, {}
+            return 429, {"retry-after": f"{max(wait, 0.05):.2f}"}, {"stated": stated}
         roll = self.random.random()
         if roll < self.faults.get("429", 0):
             if self.calls[text] == 1 or not self.faults.get("429_once"):
@@ -77,7 +85,22 @@ class Fake:
         else:
             await asyncio.sleep(delay)
         self.answered[text] += 1
-        return 200, {}, {"text": f"answer to: {text}", "n": len(text.split())}
+        return 200, {}, {"text": f"answer to: {text}", "n": len(text.split()), "stated": stated}
+
+
+def openai_headers(stated: dict) -> dict:
+    if not stated:
+        return {}
+    return {"x-ratelimit-limit-requests": stated["limit"], "x-ratelimit-remaining-requests": stated["remaining"],
+            "x-ratelimit-reset-requests": f"{max(stated['reset'], 0.001) * 1000:.0f}ms"}  # fmt: skip
+
+
+def anthropic_headers(stated: dict) -> dict:
+    if not stated:
+        return {}
+    reset = datetime.now(timezone.utc) + timedelta(seconds=stated["reset"])
+    return {"anthropic-ratelimit-requests-limit": stated["limit"], "anthropic-ratelimit-requests-remaining": stated["remaining"],
+            "anthropic-ratelimit-requests-reset": reset.isoformat(timespec="milliseconds").replace("+00:00", "Z")}  # fmt: skip
 
 
 def build(fake: Fake) -> Starlette:
@@ -86,14 +109,31 @@ def build(fake: Fake) -> Starlette:
         content = body["messages"][-1]["content"]
         text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
         status, headers, out = await fake.answer(body["model"], text)
+        stated = openai_headers(out.get("stated", {}))
         if status != 200:
-            return JSONResponse({"error": {"message": f"fake {status}", "type": "fake"}}, status, headers)
+            return JSONResponse({"error": {"message": f"fake {status}", "type": "fake"}}, status, {**headers, **stated})
         n = out["n"]
         return JSONResponse({
             "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": n, "completion_tokens": n + 2, "total_tokens": 2 * n + 2},
-        })  # fmt: skip
+        }, headers=stated)  # fmt: skip
+
+    async def anthropic(request: Request) -> Response:
+        body = json.loads(await request.body())
+        content = body["messages"][-1]["content"]
+        text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+        status, headers, out = await fake.answer(body["model"], text)
+        stated = anthropic_headers(out.get("stated", {}))
+        if status != 200:
+            kind = "rate_limit_error" if status == 429 else "api_error"
+            return JSONResponse({"type": "error", "error": {"type": kind, "message": f"fake {status}"}}, status, {**headers, **stated})
+        n = out["n"]
+        return JSONResponse({
+            "id": "msg_x", "type": "message", "role": "assistant", "model": body["model"], "stop_reason": "end_turn",
+            "stop_sequence": None, "content": [{"type": "text", "text": out["text"]}],
+            "usage": {"input_tokens": n, "output_tokens": n + 2},
+        }, headers=stated)  # fmt: skip
 
     async def gemini(request: Request) -> Response:
         body = json.loads(await request.body())
@@ -143,6 +183,7 @@ def build(fake: Fake) -> Starlette:
 
     return Starlette(routes=[
         Route("/v1/chat/completions", openai, methods=["POST"]),
+        Route("/v1/messages", anthropic, methods=["POST"]),
         Route("/{version}/models/{model:path}", gemini, methods=["POST"]),
         Route("/api/chat", ollama, methods=["POST"]),
         Route("/api/generate", ollama, methods=["POST"]),

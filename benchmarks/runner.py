@@ -33,6 +33,7 @@ async def run_promptfleet(file: Path, data: Path, mq: int, ma: int, parallel: bo
         mqj.write_text(json.dumps(limits))
     summary = await Experiment(file, Settings(data_folder=data, max_queries=mq, max_attempts=ma, parallel=parallel,
                                               max_queries_json=mqj, timeout=60)).process()  # fmt: skip
+    summary = summary.to_dict()
     return {"answered": summary["answered"], "failed": summary["failed"], "queues": {q["queue"]: q["wall_s"] for q in summary["queues"]}}
 
 

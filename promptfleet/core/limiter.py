@@ -19,7 +19,9 @@
   for its Retry-After; every 429's own retry waits for its Retry-After (engine).
 - Optional tokens per minute: each send takes its estimated tokens from an aiolimiter
   bucket, and the usage the API reports corrects the estimate.
-- A cap on requests in flight, so a stalled server cannot pile up unbounded work.
+- A cap on requests in flight, so a stalled server cannot pile up unbounded work; and until
+  the provider has answered once, FIRST_WINDOW requests at most (TCP's initial window, RFC
+  6928): a `-mq` far above the key's limit costs a few 429s, not a latency's worth of them.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ TICK_S = 0.001  # the event loop's timer granularity (epoll waits in whole milli
 MIN_FRACTION = 0.02  # never slower than 2% of the ceiling
 SHARE_WINDOW = 24  # 429s are counted over this many sends, in send order
 OVER_SHARE = 0.5  # half of them answered 429: the key is over its limit (random 429s on a fifth of sends: 0.09% of windows)
-DECREASE = 0.9  # a cut restarts at this share of what the key accepted
+DECREASE = 0.8  # after a 429, the rate restarts at this share of the room the key had for us
+NEAR = 0.9  # after a full key without a 429, at this share of the rate
 GROWTH = 0.01  # cubic growth: back at the cut-from rate after cbrt(0.1/GROWTH) = 2.2 s, twice it 4.6 s later
 COOLDOWN_S = 1.0  # one cut per second at most, and only for sends made after the last cut
 STATED_MARGIN = 0.02  # a stated limit is paced this much under it: arrival jitter at exactly the limit draws 429s
 FULL_BELOW = 0.9  # the key full while we send under this share of its stated limit: someone else uses it
+FIRST_WINDOW = 10  # requests sent before the first answer
+SEND_LOG = 1 << 15  # send times kept: a second's worth up to 32,768/s
 
 
 class SharedRate(Protocol):
@@ -86,11 +91,12 @@ class Pacer:
         self._token_bucket = max(1.0, tokens_per_minute / 6) if tokens_per_minute else 0.0
         self._tokens = AsyncLimiter(self._token_bucket, 10) if tokens_per_minute else None  # 10 s worth
         self._slots = asyncio.Semaphore(max_in_flight)
+        self._answered = asyncio.Event()  # the provider answered once
         self._next_at = float("-inf")
         self._resume_at = float("-inf")
         self._sent = 0  # sequence number of the last send
         self._limited: deque[int] = deque(maxlen=2 * SHARE_WINDOW)  # sends answered 429, by sequence number
-        self._accepted: deque[float] = deque()  # when our answers of the last second came
+        self._send_times: deque[float] = deque(maxlen=SEND_LOG)  # of the last sends, the last one `_sent`
         self._stated: float | None = None  # the provider's stated request limit per minute
         self._cut: tuple[float, float, float] | None = None  # (rate cut from, when, cubic offset) while growing back
         self._cut_at = float("-inf")
@@ -119,6 +125,8 @@ class Pacer:
         """Wait for a free in-flight slot, then for this send's turn; returns its sequence number."""
         await self._slots.acquire()
         try:
+            if self._sent >= FIRST_WINDOW and not self._answered.is_set():
+                await self._answered.wait()
             return await self.pace(tokens)
         except BaseException:
             self._slots.release()
@@ -147,9 +155,12 @@ class Pacer:
                 if now < self._resume_at or (self.shared is not None and not self.shared.holds(now)):
                     continue  # paused meanwhile, or woken past our block: a new turn
             self._sent += 1
+            self._send_times.append(now)
             return self._sent
 
     def release(self) -> None:
+        """A request is over (answered, failed or given up): its slot is free."""
+        self._answered.set()
         self._slots.release()
 
     def pause(self, seconds: float) -> None:
@@ -157,39 +168,45 @@ class Pacer:
         self._resume_at = max(self._resume_at, self._now() + seconds)
 
     def on_success(self, seq: int, headers: Mapping[str, str] | None = None) -> None:
-        now = self._now()
-        self._accepted.append(now)
-        while self._accepted[0] < now - 1.0:
-            self._accepted.popleft()
+        self._answered.set()
         if headers and self._follow_headers(headers) is not None and self.rate < FULL_BELOW * (self._stated or math.inf):
             # The key full after our request while we send well under its limit: another
             # client takes the rest. (At its limit, a full key is just our own pace.)
-            self._cut_to_room(seq)
+            self._cut_to_room(seq, NEAR)
 
     def on_rate_limited(self, seq: int, retry_after: float | None, headers: Mapping[str, str] | None = None) -> None:
         """A 429 on send `seq`. With headers saying the key is full, it is over its limit:
         hold every send for the Retry-After. Without, only a large share of 429s among our
         recent sends says so; a 429 now and then (an overloaded server) only delays its own
         retry."""
+        self._answered.set()
         self._limited.append(seq)
         reset = self._follow_headers(headers) if headers else None
         recent = sum(1 for s in self._limited if max(seq - SHARE_WINDOW, self._cut_seq) < s <= seq)  # since the last cut
         if reset is not None or recent >= OVER_SHARE * SHARE_WINDOW:
-            self._cut_to_room(seq)
+            self._cut_to_room(seq, DECREASE)
             if wait := retry_after or reset:
                 self.pause(wait)
 
-    def _cut_to_room(self, seq: int) -> None:
-        """Cut the rate to what the key accepted from us in the last second (the room other
-        clients leave), once per COOLDOWN_S and for sends after the last cut only."""
+    def _cut_to_room(self, seq: int, decrease: float) -> None:
+        """Cut the rate to the room the key has for us: how many of our sends of the second
+        before send `seq` it did not refuse (those still unanswered included: refusals come
+        at once). Once per COOLDOWN_S, and only for sends made after the last cut or lowered
+        ceiling."""
         now = self._now()
         if now - self._cut_at < COOLDOWN_S or seq <= self._cut_seq:
             return
-        current = self.rate
-        accepted = sum(1 for t in self._accepted if t >= now - 1.0) * 60.0
-        # A pause in the last second held our answers back, not the key: no measure then.
-        top = min(current, accepted) if accepted and self._resume_at <= now - 1.0 else current
-        self._cut = (top, now, math.cbrt((1 - DECREASE) / GROWTH))
+        top = current = self.rate
+        times = list(self._send_times)
+        first = self._sent - len(times) + 1  # the sequence number of times[0]
+        if first <= seq <= self._sent and self._resume_at <= times[seq - first] - 1.0:  # no pause held that second back
+            sent_at, refused, room = times[seq - first], set(self._limited), 0
+            for i in range(seq - first - 1, -1, -1):
+                if times[i] <= sent_at - 1.0:
+                    break
+                room += first + i not in refused
+            top = min(current, 60.0 * room) if room else current / 2
+        self._cut = (top, now, math.cbrt((1 - decrease) / GROWTH))
         self._cut_at, self._cut_seq = now, self._sent
 
     @property
@@ -205,6 +222,7 @@ class Pacer:
         """Never send faster than this again: the strictest stated or configured limit wins."""
         if rate_per_minute < self.ceiling:
             self.ceiling = float(rate_per_minute)
+            self._cut_seq = self._sent  # 429s on sends made faster than this cut nothing more
             if self.shared is not None:
                 self.shared.state(self.ceiling)  # the key's limit, for every process on it
 
