@@ -44,7 +44,7 @@ SHARE_WINDOW = 24  # 429s are counted over this many sends, in send order
 OVER_SHARE = 0.5  # half of them answered 429: the key is over its limit (random 429s on a fifth of sends: 0.09% of windows)
 DECREASE = 0.8  # after a 429, the rate restarts at this share of the room the key had for us
 NEAR = 0.9  # after a full key without a 429, at this share of the rate
-GROWTH = 0.01  # cubic growth: back at the cut-from rate after cbrt(0.1/GROWTH) = 2.2 s, twice it 4.6 s later
+GROWTH = 0.01  # cubic growth: back at the room after cbrt((1 - DECREASE)/GROWTH) = 2.7 s (2.2 s from NEAR), twice it 4.6 s later
 COOLDOWN_S = 1.0  # one cut per second at most, and only for sends made after the last cut
 STATED_MARGIN = 0.02  # a stated limit is paced this much under it: arrival jitter at exactly the limit draws 429s
 FULL_BELOW = 0.9  # the key full while we send under this share of its stated limit: someone else uses it
@@ -98,7 +98,7 @@ class Pacer:
         self._limited: deque[int] = deque(maxlen=2 * SHARE_WINDOW)  # sends answered 429, by sequence number
         self._send_times: deque[float] = deque(maxlen=SEND_LOG)  # of the last sends, the last one `_sent`
         self._stated: float | None = None  # the provider's stated request limit per minute
-        self._cut: tuple[float, float, float] | None = None  # (rate cut from, when, cubic offset) while growing back
+        self._cut: tuple[float, float, float] | None = None  # (the room, when cut, seconds to grow back to it) while growing
         self._cut_at = float("-inf")
         self._cut_seq = 0
 

@@ -15,9 +15,9 @@ holder, if another process, starts one spacing after its grant's answer (which c
 the grant, so after the last holder's last send); after its own block, its schedule keeps
 the spacing from its own last send. So a hand-over is spaced like the sends within a block,
 whatever the server's latency. A send woken after its block (a busy event loop) waits for
-a block of its own. A process that has met others on the key lately asks for its next
-block HANDOVER_S after its own ended, so a waiting process goes first and blocks
-alternate; alone, it asks at once.
+a block of its own. Blocks alternate between processes by themselves: a waiting process
+has read the bucket and asks the moment it has decayed, while the holder starts to read
+only when its block ends.
 
 Why not `prefect.concurrency.asyncio.rate_limit()`: on a 423 it sleeps the server's
 `Retry-After`, a random interval around a whole block's decay time, so a process that
@@ -72,7 +72,6 @@ TOLERANCE = 0.02  # rates this close are the same rate
 OFFLINE_S = 30.0  # after a server error, pace in-process this long before asking again
 LATE_GRANTS = 3  # grants in a row that arrive after their block: the server is too slow to share through
 GIVE_BACK_SLACK = 0.1  # slots kept after the last send, for the time a give-back takes to reach the server
-HANDOVER_S = 0.03  # met others lately: ask for the next block this much after ours ended
 
 
 @dataclass(frozen=True)
@@ -230,7 +229,6 @@ class GlobalRate:
         self._start = self._until = float("-inf")  # the block we hold: its first send time, its end
         self._decay = 0.0  # its slots' decay per second
         self._sent_at = float("-inf")  # our last send
-        self._others_at = float("-inf")  # when we last met another process on the key (refused, or its slots seen)
         self._offline_until = float("-inf")
         self._late = 0  # grants in a row that arrived too late to use
         self._keeper: asyncio.Task | None = None
@@ -320,21 +318,16 @@ class GlobalRate:
                 await self._limits.set(self._floor, 0)
                 continue
             length = bucket.limit / bucket.per_second
-            ours = self._until > asked  # the slots read may be our own block's
-            if bucket.active and not ours:
-                self._others_at = asked
             # Counted from when we asked: a late answer must not make us late (a 423 costs
             # nothing but another read, a late take costs the key's capacity).
-            courtesy = HANDOVER_S if ours and asked - self._others_at < 3 * length else 0.0
-            wait = max(0.0, asked + bucket.active / bucket.per_second + courtesy - loop.time())
+            wait = max(0.0, asked + bucket.active / bucket.per_second - loop.time())
             if wait > RENEW_S:  # a long block of another run: look again meanwhile (it may end early, the floor may move)
                 await asyncio.sleep(RENEW_S)
                 continue
             await asyncio.sleep(wait)
             asked = loop.time()
             if not await self._limits.take(bucket.limit):
-                self._others_at = asked  # another process was granted first
-                continue
+                continue  # another process was granted first
             answered = loop.time()
             # No block of another process (at least `length` long) fits between our last one
             # and this grant: ours was the last, and our schedule keeps its spacing.
@@ -361,8 +354,9 @@ class GlobalRate:
         send is a spacing after its grant). Let our stated limit lapse, so the key's rate
         follows the runs still sending."""
         async with self._lock:
-            if self._keeper is None:
-                return  # never joined: nothing to free
+            if self._keeper is None:  # never joined: nothing to free
+                await self._limits.close()
+                return
             self._keeper.cancel()
             loop = asyncio.get_running_loop()
             keep = max(loop.time(), self._sent_at) + GIVE_BACK_SLACK  # the next holder adds a spacing after its grant
