@@ -133,19 +133,24 @@ def test_alone_on_a_key_a_run_sends_at_its_full_rate(per_minute: int):
 
 @pytest.mark.parametrize("per_second", [3, 20, 200])
 def test_two_runs_on_one_key_share_it_in_alternating_blocks(per_second: int):
-    """Two processes on one key, the server answering in 10 ms: no second ever holds more
-    than the key's limit, blocks alternate, and together they keep at least 93% of it."""
+    """Two processes on one key, the server answering in 10 ms: once they have met (the first
+    hand-over), no second ever holds more than the key's limit at the provider, even with
+    every request arriving up to 15 ms late; blocks alternate, and together they keep at
+    least 93% of it."""
     limits = FakeLimits()
     a, b = rate_on(limits, per_second * 60), rate_on(limits, per_second * 60)
     times_a: list[float] = []
     times_b: list[float] = []
+    jitter = random.Random(7)
+    late = lambda: jitter.uniform(0, 0.015)  # noqa: E731
 
     async def both() -> None:
-        await asyncio.gather(sends(a, per_second * 60, 60.0, times_a), sends(b, per_second * 60, 60.0, times_b))
+        await asyncio.gather(sends(a, per_second * 60, 60.0, times_a, late), sends(b, per_second * 60, 60.0, times_b, late))
 
     VirtualLoop().run(both())
     together = times_a + times_b
-    assert most_in_a_second(together) <= per_second
+    met = max(min(times_a), min(times_b))  # the first hand-over: the first holder met the other
+    assert most_in_a_second([t for t in together if t >= met]) <= per_second
     assert len(together) >= 0.93 * per_second * 60
     assert len(times_a) > 0.4 * len(together) and len(times_b) > 0.4 * len(together)
 

@@ -78,7 +78,7 @@ GIVE_BACK_SLACK = 0.1  # slots kept after the last send, for the time a give-bac
 # workers at exactly a 10/s key: 5-6 429s in 240 requests without it, none with it. Alone,
 # the Pacer keeps every second at the rate itself.
 SHARED_MARGIN = 0.02
-MET_S = 10.0  # another process seen on the key this recently: sharing
+MET_BLOCKS = 3  # another process seen on the key within this many blocks (10 s at least): sharing
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ class GlobalRate:
         self._floor = per_minute  # the key's lowest stated limit, as last read
         self._start = self._until = float("-inf")  # the block we hold: its first send time, its end
         self._latest_end = float("-inf")  # the latest its slots can last (counted from the grant's answer)
-        self._met_at = float("-inf")  # when we last saw another process on the key (its slots, or a take it won)
+        self._sharing_until = float("-inf")  # another process seen on the key (its slots, or a take it won): sharing until then
         self._decay = 0.0  # its slots' decay per second
         self._sent_at = float("-inf")  # our last send
         self._offline_until = float("-inf")
@@ -252,7 +252,7 @@ class GlobalRate:
         """The key's rate: the floor as last read, SHARED_MARGIN under it while another
         process sends on the key. It governs sends within a block too: the block is ours
         alone, its length set by the bucket's rate when it was granted."""
-        sharing = asyncio.get_running_loop().time() - self._met_at < MET_S
+        sharing = asyncio.get_running_loop().time() < self._sharing_until
         return self._floor * (1 - SHARED_MARGIN) if sharing else self._floor
 
     def admit(self, turn: float) -> float | None:
@@ -329,8 +329,9 @@ class GlobalRate:
                 await self._limits.set(self._floor, 0)
                 continue
             length = bucket.limit / bucket.per_second
+            met = asked + max(10.0, MET_BLOCKS * length)
             if bucket.active > max(0.0, self._latest_end - asked) * bucket.per_second + SLOTS:
-                self._met_at = asked  # more slots than ours can be
+                self._sharing_until = met  # more slots than ours can be
             # Counted from when we asked: a late answer must not make us late (a 423 costs
             # nothing but another read, a late take costs the key's capacity).
             wait = max(0.0, asked + bucket.active / bucket.per_second - loop.time())
@@ -340,7 +341,7 @@ class GlobalRate:
             await asyncio.sleep(wait)
             asked = loop.time()
             if not await self._limits.take(bucket.limit):
-                self._met_at = asked  # another process was granted first
+                self._sharing_until = met  # another process was granted first
                 continue
             answered = loop.time()
             # No block of another process (at least `length` long) fits between our last one
