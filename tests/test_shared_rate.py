@@ -121,12 +121,13 @@ def most_in_a_second(times: list[float]) -> int:
 @pytest.mark.parametrize("per_minute", [180, 2000])
 def test_alone_on_a_key_a_run_sends_at_its_full_rate(per_minute: int):
     """One run alone on its key loses only the server's round trips between its blocks (a
-    read and a take each, 20 ms every 2 s or 20 requests here): about two calls a second,
-    never one per request, and never over the rate in any second."""
+    read and a take each, 20 ms every 2 s or 20 requests here) and, in its first 10 s, the
+    2% of a run that does not know yet whether it is alone: about two calls a second, never
+    one per request, and never over the rate in any second."""
     limits = FakeLimits()
     times: list[float] = []
     VirtualLoop().run(sends(rate_on(limits, per_minute), per_minute, 60.0, times))
-    assert len(times) >= 0.985 * per_minute
+    assert len(times) >= 0.98 * per_minute
     assert most_in_a_second(times) <= math.ceil(per_minute / 60)
     assert limits.calls <= 3 * 60
 

@@ -78,7 +78,8 @@ GIVE_BACK_SLACK = 0.1  # slots kept after the last send, for the time a give-bac
 # workers at exactly a 10/s key: 5-6 429s in 240 requests without it, none with it. Alone,
 # the Pacer keeps every second at the rate itself.
 SHARED_MARGIN = 0.02
-MET_BLOCKS = 3  # another process seen on the key within this many blocks (10 s at least): sharing
+MET_BLOCKS = 3  # another process seen on the key within this many blocks (SHARING_S at least): sharing
+SHARING_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,10 @@ class GlobalRate:
                 self._go_offline(f"Prefect server unavailable ({err})")
 
     async def _join(self) -> None:
-        """Name the limits, state our limit, and keep stating it while we send."""
+        """Name the limits, state our limit, and keep stating it while we send. A run that
+        just joined counts as sharing until it has seen nobody else for a while: another
+        process between two blocks leaves no trace in the bucket."""
+        self._sharing_until = asyncio.get_running_loop().time() + SHARING_S
         await self._limits.open(*self._key)
         await self._state_limit()
         self._keeper = asyncio.create_task(self._keep_stating())
@@ -329,7 +333,7 @@ class GlobalRate:
                 await self._limits.set(self._floor, 0)
                 continue
             length = bucket.limit / bucket.per_second
-            met = asked + max(10.0, MET_BLOCKS * length)
+            met = asked + max(SHARING_S, MET_BLOCKS * length)
             if bucket.active > max(0.0, self._latest_end - asked) * bucket.per_second + SLOTS:
                 self._sharing_until = met  # more slots than ours can be
             # Counted from when we asked: a late answer must not make us late (a 423 costs
