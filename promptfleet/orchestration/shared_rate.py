@@ -75,7 +75,7 @@ GIVE_BACK_SLACK = 0.1  # slots kept after the last send, for the time a give-bac
 # Sharing with another process, sends are spaced 2% wider than the key's rate: two clocks and
 # two ways to the provider add their jitter, and a send arriving 20 ms late (2% of a second)
 # must not make a later one the second's rate+1st. Measured on a busy 2-core box with two
-# workers at exactly a 10/s key: 5-6 429s in 240 requests without it, none with it. Alone,
+# workers at exactly a 10/s key: 5-6 429s in 240 requests without it, 0-1 with it. Alone,
 # the Pacer keeps every second at the rate itself.
 SHARED_MARGIN = 0.02
 MET_BLOCKS = 3  # another process seen on the key within this many blocks (SHARING_S at least): sharing
