@@ -290,6 +290,19 @@ def test_tokens_per_minute_space_long_prompts():
     assert run_virtually(scenario()) == pytest.approx(20.0, abs=0.5)  # 3,000 tokens, 1,000 at once, then 100/s
 
 
+def test_tokens_an_estimate_missed_are_paid_by_the_next_send_not_by_the_answer():
+    async def scenario() -> tuple[float, float]:
+        pacer = Pacer(60_000, tokens_per_minute=6_000)  # 100 tokens/s, a 1,000-token bucket
+        await pacer.acquire(1_000)
+        pacer.owe_tokens(500)  # the answer reported 500 more than estimated: nothing waits here
+        owed_at = asyncio.get_running_loop().time()
+        await pacer.acquire(100)  # this send pays 600
+        return owed_at, asyncio.get_running_loop().time()
+
+    owed_at, sent_at = run_virtually(scenario())
+    assert owed_at == pytest.approx(0.0, abs=0.01) and sent_at == pytest.approx(6.0, abs=0.3)
+
+
 def test_rate_must_be_positive():
     with pytest.raises(ValueError):
         Pacer(0)

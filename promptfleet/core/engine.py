@@ -392,7 +392,7 @@ def _account(record: dict[str, Any], usage: dict[str, Any] | None, estimate: int
         return
     used = (usage.get("input_tokens") or 0) + (usage.get("output_tokens") or 0)
     if ctx.pacer.limits_tokens and used > estimate:
-        asyncio.ensure_future(ctx.pacer.charge_tokens(used - estimate))
+        ctx.pacer.owe_tokens(used - estimate)
     if ctx.spend is None:
         return
     ctx.spend.add(record["model_name"], usage.get("input_tokens"), usage.get("output_tokens"), api=record["api"],

@@ -90,6 +90,7 @@ class Pacer:
         self.shared = shared
         self._token_bucket = max(1.0, tokens_per_minute / 6) if tokens_per_minute else 0.0
         self._tokens = AsyncLimiter(self._token_bucket, 10) if tokens_per_minute else None  # 10 s worth
+        self._token_debt = 0
         self._slots = asyncio.Semaphore(max_in_flight)
         self._answered = asyncio.Event()  # the provider answered once
         self._next_at = float("-inf")
@@ -135,8 +136,9 @@ class Pacer:
     async def pace(self, tokens: int = 0) -> int:
         """Wait for the send time of one more request (a later turn of a conversation holds its
         slot); returns its sequence number, which the answer's report wants back."""
-        if self._tokens is not None and tokens:  # before the turn: the schedule has the last word
-            await self._tokens.acquire(min(float(tokens), self._token_bucket))
+        if self._tokens is not None and (tokens or self._token_debt):  # before the turn: the schedule has the last word
+            owed, self._token_debt = tokens + self._token_debt, 0
+            await self._tokens.acquire(min(float(owed), self._token_bucket))
         catch_up = CATCH_UP_S if self._sent else 0.0
         while True:
             now = self._now()
@@ -223,10 +225,11 @@ class Pacer:
     def limits_tokens(self) -> bool:
         return self._tokens is not None
 
-    async def charge_tokens(self, extra: int) -> None:
-        """Take tokens the estimate missed (the API reported more than we guessed)."""
+    def owe_tokens(self, extra: int) -> None:
+        """Tokens the estimate missed (the API reported more than we guessed): the next send
+        takes them from the bucket with its own, so an answer never waits for the bucket."""
         if self._tokens is not None and extra > 0:
-            await self._tokens.acquire(min(float(extra), self._token_bucket))
+            self._token_debt += extra
 
     def lower_ceiling(self, rate_per_minute: float) -> None:
         """Never send faster than this again: the strictest stated or configured limit wins."""
