@@ -130,29 +130,25 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}" if a and b else "-"
 
 
-# the installed `promptfleet` script, as a user types it (it hands the command to the warm runner when one serves)
+# the installed `promptfleet` script, as a user types it
 PROMPTFLEET = [shutil.which("promptfleet", path=str(Path(sys.executable).parent)) or "promptfleet"]
 
 
 @contextmanager
 def background_server() -> Iterator[tuple[dict[str, str], float]]:
     """The environment of a user with promptfleet's background Prefect server up (no
-    PREFECT_API_URL) and warm: started, its warm runner serving, and one run already
-    registered the flow; and the seconds the server's start took."""
+    PREFECT_API_URL): started, and one run already registered the flow; and the seconds
+    the server's start took."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
     env.update(PREFECT_HOME=str(WORK / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     start = time.monotonic()
     subprocess.run([*PROMPTFLEET, "server", "start"], env=env, capture_output=True, check=True, cwd=HERE.parent)
     started = time.monotonic() - start
-    socket_file = WORK / "prefect-home" / "promptfleet-warm.sock"
-    deadline = time.monotonic() + 120
-    while not socket_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
     try:
-        warm = experiment("warm-up", [{"id": 0, "api": "test", "model_name": "test-m", "prompt": "hi"}])
-        data = WORK / "data" / f"warm-up-{time.time_ns()}"
+        first = experiment("first-run", [{"id": 0, "api": "test", "model_name": "test-m", "prompt": "hi"}])
+        data = WORK / "data" / f"first-run-{time.time_ns()}"
         data.mkdir(parents=True)
-        subprocess.run([*PROMPTFLEET, "run", "-f", str(warm), "-d", str(data)], env=env, capture_output=True, check=True, cwd=HERE.parent)
+        subprocess.run([*PROMPTFLEET, "run", "-f", str(first), "-d", str(data)], env=env, capture_output=True, check=True, cwd=HERE.parent)
         yield env, started
     finally:
         subprocess.run([*PROMPTFLEET, "server", "stop"], env=env, capture_output=True, cwd=HERE.parent)
@@ -192,7 +188,7 @@ def table1(scale: float = SCALE, ollama_prompts: int = 40) -> list[str]:
     title = "scaled" if scale != 1 else "at the paper's own scale: latencies and rate unscaled"
     out = [f"## 1{'' if scale != 1 else 'b'}. Paper Table 1: one model per API, 500 queries/minute ({title})", "",
            "Engine path: each tool's Python API in a process of its own, timed after imports. Whole command: "
-           f"`promptfleet run -f FILE -d DATA -mq {rate}` on the warm background server and `prompto_run_experiment` "
+           f"`promptfleet run -f FILE -d DATA -mq {rate}` on the background server and `prompto_run_experiment` "
            "with the same flags, as processes (start-up and imports included).", "",
            "| API | prompts | floor s | sequential s | prompto s (answered) | promptfleet s (answered) | pf / prompto | pf / floor "
            "| prompto command s, median of 3 (range) | promptfleet command s, median of 3 (range) | median command - floor s | bar |",
@@ -330,29 +326,17 @@ def crash() -> list[str]:
     return out + ["", "Bar: only prompts in flight at the kill are sent again; nothing is answered twice in the outputs.", ""]
 
 
-def _runner_children_cpu() -> float:
-    """CPU seconds of the warm runner's ended children: where a warm command's work runs."""
-    try:
-        pid = int((WORK / "prefect-home" / "promptfleet-warm.pid").read_text())
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, ValueError):
-        return 0.0
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime, cstime
-
-
 def timed(cmd: list[str], env: dict, runs: int = 3) -> tuple[float, float]:
     """Best of `runs` wall times and CPU seconds of a whole command (Python start-up and
-    imports included; for a warm command, its child in the runner too). CPU time says
-    what the command costs when the machine is busy."""
+    imports included). CPU time says what the command costs when the machine is busy."""
     walls, cpus = [], []
     for _ in range(runs):
-        before, runner_before = resource.getrusage(resource.RUSAGE_CHILDREN), _runner_children_cpu()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.monotonic()
         subprocess.run(cmd, env=env, capture_output=True, check=True, cwd=HERE.parent)
         walls.append(time.monotonic() - start)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        own = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-        cpus.append(own + _runner_children_cpu() - runner_before)
+        cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     return min(walls), min(cpus)
 
 
@@ -361,9 +345,8 @@ def prefect_overhead() -> list[str]:
     against the engine alone in a fresh process, for 20 instant prompts and for 100 and
     1,000 prompts at the paper's latency and rate (the bar holds for any size: a cost that
     grows with the run shows in the 1,000 row, ~30 s of sending). The difference is the
-    flow's cost: its API round trips, the shared rate, artifacts, shipping logs at exit, and
-    importing Prefect unless the warm runner has it imported; the same command without the
-    runner (`PROMPTFLEET_WARM=0`, or before it is up) is measured beside it."""
+    flow's cost: importing Prefect, its API round trips, the shared rate, artifacts and
+    shipping logs at exit."""
     rows_out = []
     with background_server() as (env, started):
         sizes = (("20 prompts, instant", 20, 0.0, 60000), ("100 prompts, 0.33 s latency", 100, LATENCY["openai"], RATE),
@@ -378,15 +361,12 @@ def prefect_overhead() -> list[str]:
             command = [*PROMPTFLEET, "run", "-f", str(file), "-d", str(data), "-mq", str(mq)]
             subprocess.run(command, env=env, capture_output=True, check=True, cwd=HERE.parent)  # the first run also registers the flow
             whole = timed(command, env)
-            cold = timed(command, {**env, "PROMPTFLEET_WARM": "0"})
-            rows_out.append(f"| {label} | {engine[0]:.2f} ({engine[1]:.2f}) | {whole[0]:.2f} ({whole[1]:.2f}) | {whole[0] - engine[0]:.2f} "
-                            f"| {cold[0]:.2f} ({cold[1]:.2f}) | {cold[0] - engine[0]:.2f} |")  # fmt: skip
+            rows_out.append(f"| {label} | {engine[0]:.2f} ({engine[1]:.2f}) | {whole[0]:.2f} ({whole[1]:.2f}) | {whole[0] - engine[0]:.2f} |")
     return ["## 8. Prefect overhead: `promptfleet run` on the background server vs the engine alone", "",
-            f"Best of three, whole processes (Python start-up and imports included); wall seconds, CPU seconds in brackets "
-            f"(for a warm command: its own process and its child in the runner). "
-            f"Starting the background server the first time took {started:.1f} s.", "",
-            "| experiment | engine alone, fresh process | `promptfleet run`, whole command | flow overhead | without the warm runner | overhead without it |",
-            "|---|---|---|---|---|---|", *rows_out, ""]  # fmt: skip
+            f"Best of three, whole processes (Python start-up and imports included, each command in the process that "
+            f"was started); wall seconds, CPU seconds in brackets. Starting the background server the first time took {started:.1f} s.", "",
+            "| experiment | engine alone, fresh process | `promptfleet run`, whole command | flow overhead |",
+            "|---|---|---|---|", *rows_out, ""]  # fmt: skip
 
 
 from benchmarks.batch_cost import batch_cost  # noqa: E402
