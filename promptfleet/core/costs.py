@@ -29,7 +29,7 @@ DATABASE = "genai-prices"
 # Where genai-prices keeps each cloud api's models. Self-hosted apis (ollama, huggingface-tgi,
 # quart) have no list price: a model of the same name at some host is not what they cost.
 PROVIDER_OF_API = {"openai": "openai", "azure-openai": "azure", "anthropic": "anthropic", "gemini": "google", "vertexai": "google"}
-FREE = ("test-",)  # the offline `test` provider's models, as the examples name them
+FREE = ("test-",)  # the offline `test` provider's models, as the examples name them (when the api is not known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +129,7 @@ class PriceTable:
         matches = [name for name in self._entries if model == name or model.startswith(name)]
         if matches:
             return Price.of_entry(self._entries[max(matches, key=len)], str(self.override))
-        if model.startswith(FREE):
+        if api == "test" or model.startswith(FREE):
             return Price.of_entry({"input": 0.0, "output": 0.0}, "free: the offline test provider")
         if api is not None and api not in PROVIDER_OF_API:
             return None
