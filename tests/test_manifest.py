@@ -49,7 +49,7 @@ def test_manifest_of_a_python_api_run(tmp_path: Path, openai_env: FakeServer, mo
     assert manifest["settings"]["rate_limits"] == {"openai": {"gpt-fake": 600}, "test": 6000}
     priced = manifest["settings"]["prices_usd_per_million_tokens"]
     assert priced["gpt-fake"] == {"input": 1.5, "output": 6.0, "batch_input": 0.75, "batch_output": 3.0, "source": str(prices)}
-    assert priced["t"] is None  # the test provider's "t" is in no price list: unknown, not free
+    assert priced["t"]["input"] == priced["t"]["output"] == 0.0  # the offline test api costs nothing, whatever its model's name
     assert manifest["settings"]["prices"] == {"database": f"genai-prices {version('genai-prices')}", "overrides": str(prices)}
     assert manifest["packages"]["genai-prices"] == version("genai-prices")
     by_model = {m["model_name"]: m for m in manifest["models"]}
