@@ -103,6 +103,7 @@ async def test_budget_stops_sending_and_the_rest_resumes(tmp_path: Path):
     assert sorted(lines) == list(range(1, 41))
 
 
-async def test_unpriced_models_are_unknown_not_free(tmp_path: Path):
-    summary, _ = await run(tmp_path, "exp", [{"api": "test", "model_name": "mystery", "prompt": "hi"}], max_queries=600)
+async def test_unpriced_models_are_unknown_not_free(tmp_path: Path, limited):
+    summary, _ = await run(tmp_path, "exp", rows(1, model="mystery"), max_queries=600)
+    assert summary.answered == 1
     assert summary.cost.unpriced_models == ["mystery"] and summary.cost.by_model["mystery"]["cost"] is None

@@ -58,8 +58,6 @@ def check(
     )  # fmt: skip
     if move_to_input:
         require_data_folder(data_folder, create=False)
-    if data_folder.is_dir():  # a fresh clone has no inbox yet; the README drops files there
-        settings.input_folder.mkdir(exist_ok=True)
     try:
         found = inspect(file, settings)
     except ExperimentError as error:
@@ -73,8 +71,9 @@ def check(
         log_file.write_text("".join(f"{line}\n" for line in [*found.issues, *env_lines]))
     if found.issue_count or env_lines:
         raise typer.Exit(EXIT_BAD_INPUT)
+    if move_to_input or data_folder.is_dir():  # a fresh clone has no inbox yet; the README drops files there
+        settings.input_folder.mkdir(parents=move_to_input, exist_ok=True)
     if move_to_input:
-        settings.input_folder.mkdir(parents=True, exist_ok=True)
         file.rename(settings.input_folder / file.name)
     Console().print("[green]ok[/green]")
 
