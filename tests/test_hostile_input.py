@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
@@ -213,21 +214,24 @@ def test_a_name_that_cannot_be_an_output_folder_is_refused_and_nothing_is_writte
     assert sorted(p.name for p in data.rglob("*")) == ["output"]
 
 
-def test_ordinary_names_keep_their_folder_and_pattern_characters_are_refused(tmp_path: Path):
+def test_ordinary_names_and_pattern_characters_keep_their_folder_and_control_characters_are_refused(tmp_path: Path):
     from promptfleet import Experiment, Settings
     import asyncio
 
     data = tmp_path / "data"
-    for name in ("données ü 2.jsonl", "-résumé (v2), final.jsonl"):
-        path = write_jsonl(tmp_path / name, [{"api": "test", "model_name": "m", "prompt": "hi"}])
-        summary = asyncio.run(Experiment(path, Settings(data_folder=data, max_queries=60_000)).process())
-        assert summary.paths.out_dir == data / "output" / path.stem and summary.complete
-    for name in ("a[1].jsonl", "a?b.jsonl", "a*.csv", "new\nline.jsonl"):
+    names = ["données ü 2.jsonl", "-résumé (v2), final.jsonl", "ab.jsonl", "a[b].jsonl", "a?.jsonl", "a*.jsonl"]
+    for n, name in enumerate(names):  # "a*", "a?" and "a[b]" read as patterns would match "ab" and each other
+        rows = [{"api": "test", "model_name": "m", "prompt": f"{name} {i}"} for i in range(n + 1)]
+        summary = asyncio.run(Experiment(write_jsonl(tmp_path / name, rows), Settings(data_folder=data, max_queries=60_000)).process())
+        assert summary.paths.out_dir == data / "output" / Path(name).stem and summary.complete
+        table = pl.read_parquet(summary.paths.parquet, glob=False)
+        assert table.height == n + 1 and all(p.startswith(name) for p in table["prompt"])
+    for name in ("new\nline.jsonl", "tab\there.jsonl"):
         path = write_jsonl(tmp_path / name, [{"api": "test", "model_name": "m", "prompt": "hi"}])
         result = runner.invoke(app, ["check", "-f", str(path), "-d", str(data)])
-        shown = str(path).replace("\n", "\\x0a")  # one line, even for a name with a newline
+        shown = str(path).replace("\n", "\\x0a").replace("\t", "\\x09")  # one line, even for a name with a newline
         assert result.exit_code == 1 and one_line(result.output).startswith(f"cannot run: {shown}: the file name holds ")
-    assert sorted(p.name for p in (data / "output").iterdir()) == sorted(["données ü 2", "-résumé (v2), final"])
+    assert sorted(p.name for p in (data / "output").iterdir()) == sorted(Path(name).stem for name in names)
 
 
 def test_a_fifo_in_media_is_not_a_regular_file_and_never_blocks(tmp_path: Path):

@@ -16,6 +16,7 @@ host; the file then resumes.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -167,7 +168,7 @@ def finished_run(output_folder: Path, file: Path) -> Path | None:
     """The completed file of the newest finished run of an inbox file, if one ran."""
     running = running_folder(file.parent).resolve()
     found = []
-    for state_file in (output_folder / file.stem).glob(f"*-run-{file.stem}.json"):
+    for state_file in (output_folder / file.stem).glob(f"*-run-{glob.escape(file.stem)}.json"):
         try:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):

@@ -71,7 +71,7 @@ def models_seen(parquet: Path) -> list[dict[str, Any]]:
     import polars as pl
 
     table = (
-        pl.scan_parquet(parquet)
+        pl.scan_parquet(parquet, glob=False)
         .group_by("api", "model_name")
         .agg(
             pl.len().alias("prompts"),

@@ -39,8 +39,6 @@ def output_name_problem(name: str) -> str | None:
         return f"the name {name!r} cannot name an output folder; rename the file (e.g. to experiment.jsonl)"
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "the file name holds control characters (a newline, a tab...); rename the file"
-    if any(c in name for c in "*?[]"):  # the result tables are read back by pattern: "a?b" would match "a*b"
-        return "the file name holds one of * ? [ ], which would be read as a pattern; rename the file"
     try:
         size = len(name.encode("utf-8"))
     except UnicodeEncodeError:

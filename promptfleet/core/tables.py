@@ -189,7 +189,7 @@ def write_tables(
                         pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
                         written, rows = written + 1, []
         pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
-        table = pl.scan_parquet(parts / "*.parquet")
+        table = pl.scan_parquet(sorted(parts.glob("*.parquet")), glob=False)
         table.sink_parquet(paths.parquet, row_group_size=batch)
         if csv:
             table.sink_csv(paths.csv)

@@ -11,6 +11,7 @@ finds one or the other and does nothing.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -123,7 +124,7 @@ def finished_run_of(out_dir: Path, name: str, digest: str) -> RunPaths | None:
     """The newest finished run of experiment `name` whose input had this digest: a study
     of the same input judges it instead of sending every prompt again."""
     found = []
-    for state_file in out_dir.glob(f"*-run-{name}.json") if out_dir.is_dir() else []:
+    for state_file in out_dir.glob(f"*-run-{glob.escape(name)}.json") if out_dir.is_dir() else []:
         try:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError):

@@ -44,7 +44,7 @@ class StudyTable:
 
 def write_study(results: Path, judge_files: list[Path], judges: list[str], templates: list[str], out: Path) -> StudyTable:
     """Join the run's results table with the verdicts; Parquet and CSV at `out` (.parquet/.csv)."""
-    base = pl.read_parquet(results)
+    base = pl.read_parquet(results, glob=False)
     verdicts = pl.DataFrame(_verdict_rows(judge_files, judges, templates), infer_schema_length=None)
     if verdicts.is_empty():
         table = base
