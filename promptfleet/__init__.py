@@ -10,15 +10,16 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Experiment", "ExperimentError", "Session", "Settings"]
+__all__ = ["Experiment", "ExperimentError", "Session", "Settings", "Taken"]
 
-# loaded on first use: `promptfleet` the command imports this package before it knows
-# whether its work runs here or in the warm runner, and should cost nothing until then
+# loaded on first use: every `promptfleet` command imports this package, and one that
+# only checks a file should not pay for the engine
 _LAZY = {
     "Experiment": "promptfleet.api",
     "ExperimentError": "promptfleet.core.experiment",
     "Session": "promptfleet.core.session",
     "Settings": "promptfleet.core.config",
+    "Taken": "promptfleet.core.inbox",
 }
 
 

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 from promptfleet.batch import send_batches
+from promptfleet.core import inbox
 from promptfleet.core.config import Settings
 from promptfleet.core.run import Run, load_tables_meanwhile, open_run, run_log
 from promptfleet.core.session import Session, current_session
@@ -29,12 +30,25 @@ class Experiment:
         self.session = session
 
     async def process(self) -> RunSummary:
-        """Validate, send every prompt, write the outputs; returns the run's summary."""
-        run = open_run(self.file, self.settings, session=self.session or current_session(), move_to_input=self.move_to_input)
+        """Validate, send every prompt, write the outputs; returns the run's summary.
+
+        A file in the inbox is claimed as a poll or `promptfleet run` claims it, so a
+        service watching the same folder never runs it again; raises `Taken` when another
+        process has it or it ran already."""
+        session = self.session or current_session()
+        work = inbox.take(self.file, self.settings, session)
+        summary = None
         try:
-            return await run_all(run)
+            run = open_run(work.file, self.settings, session=session, move_to_input=self.move_to_input or work.move)
+            try:
+                summary = await run_all(run)
+            finally:
+                await run.aclose()
+            return summary
         finally:
-            await run.aclose()
+            if summary is None:  # refused or broken before the run could release it
+                session.lock_for(self.settings.output_folder / work.file.stem).release()
+            work.settle(summary is not None and summary.complete, summary.paths.input if summary else None, self.settings.input_folder)
 
 
 async def run_all(run: Run) -> RunSummary:

@@ -143,3 +143,27 @@ def test_promptfleet_run_of_an_inbox_file_takes_it_out_of_the_inbox_and_answers_
     assert not path.exists() and not list((data / "input").rglob("*exp.jsonl*"))
     [completed] = (data / "output" / "exp").glob("*-completed-exp.jsonl")
     assert sorted(r["id"] for r in read_jsonl(completed)) == [0, 1, 2]
+
+
+def test_the_python_api_claims_an_inbox_file_as_a_poll_would(tmp_path: Path, openai_env: FakeServer):
+    from promptfleet import Experiment, Taken
+
+    settings = Settings(data_folder=tmp_path / "data", max_queries=600)
+    path = _experiment(settings.input_folder / "exp.jsonl")
+    poll = Session()  # a service watching the folder has the file
+    work = inbox.take(path, settings, poll)
+    for name in ("exp.jsonl", path):  # looked up in the inbox, or named there
+        with pytest.raises(Taken, match="(claimed|being run) by pid"):
+            asyncio.run(Experiment(name, settings).process())
+    assert openai_env.state.answered == {}
+    inbox.release(work.claim)
+    poll.lock_for(settings.output_folder / "exp").release()
+    summary = asyncio.run(Experiment("exp.jsonl", settings).process())
+    assert summary.complete and summary.answered == 3 and not path.exists()
+    with pytest.raises(Taken, match="run already"):  # a poll would now be told the same
+        inbox.take(path, settings, Session())
+    bad = write_jsonl(settings.input_folder / "bad.jsonl", [{"prompt": "no api"}])
+    with pytest.raises(Exception, match="api"):
+        asyncio.run(Experiment(bad, settings).process())
+    assert bad.exists() and not list(inbox.running_folder(settings.input_folder).glob("bad*"))  # back where it was
+    assert set(openai_env.state.answered.values()) == {1} and len(openai_env.state.answered) == 3
