@@ -150,6 +150,23 @@ def test_run_with_judge_chains_the_study_offline(tmp_path: Path, prefect_api: st
     failed = table.filter(pl.col("status") == "failed")
     assert failed.height == 1 and failed["verdict_score_test-judge:template"].is_null().all()
 
+    # rewritten on a full disk: the table a reader had stays whole, and no temporary file is left
+    from promptfleet.evaluation import study as studies
+
+    before = study.with_suffix(".csv").read_bytes()
+    results = next((data / "output" / "quickstart").glob("*-results-quickstart.parquet"))
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a tab")
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pl.DataFrame, "write_csv", full_disk)
+        with pytest.raises(OSError, match="No space"):
+            studies.write_study(results, [], [], [], study.with_suffix(""))
+    assert study.with_suffix(".csv").read_bytes() == before
+    assert sorted(p.name for p in study.parent.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")) == []
+
 
 def test_run_with_rephrase_runs_both_experiments(tmp_path: Path, prefect_api: str):
     data = tmp_path / "data"

@@ -4,6 +4,7 @@ every judge's parsed verdict, and a summary per model and judge."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,18 @@ def write_study(results: Path, judge_files: list[Path], judges: list[str], templ
             summary = summary.with_columns(
                 pl.col("labels").list.eval(pl.element().struct.field("verdict_label") + "=" + pl.element().struct.field("count").cast(pl.String)).list.join(", ")
             )
-    table.write_parquet(out.with_suffix(".parquet"))
     flat = table.select([pl.col(c).cast(pl.String) if isinstance(table.schema[c], (pl.List, pl.Struct)) else pl.col(c) for c in table.columns])
-    flat.write_csv(out.with_suffix(".csv"))
+    _replace(out.with_suffix(".parquet"), table.write_parquet)
+    _replace(out.with_suffix(".csv"), flat.write_csv)
     return StudyTable(out.with_suffix(".parquet"), out.with_suffix(".csv"), table.height, summary.to_dicts())
+
+
+def _replace(path: Path, write) -> None:
+    """A study table is rewritten after every judging: a reader (or a crash) meets the old
+    table or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
