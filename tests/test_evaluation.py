@@ -178,3 +178,20 @@ def test_run_with_rephrase_runs_both_experiments(tmp_path: Path, prefect_api: st
     records = read_jsonl(post)
     assert len(records) == 3 and {r["prompt"] for r in records} == {"Rephrased: what is the capital?"}
     assert {r["input-prompt"] for r in records} == {f"Question {i}?" for i in range(3)}
+
+
+def test_a_rephrasing_another_process_has_is_left_to_it_in_one_line(tmp_path: Path, prefect_api: str):
+    from promptfleet.core.session import Session
+
+    data = tmp_path / "data"
+    path = write_jsonl(tmp_path / "exp.jsonl", [{"id": i, "api": "test", "model_name": "m", "prompt": f"Question {i}?"} for i in range(3)])
+    other = Session().lock_for(data / "output" / "rephrase-exp")
+    other.acquire()
+    try:
+        result = CliRunner().invoke(app, ["run", "-f", str(path), "-d", str(data), "--create-data-folder", "--rephrase-folder",
+                                          str(REPO / "data/rephrase"), "--rephrase-model", "test-rephraser"])  # fmt: skip
+    finally:
+        other.release()
+    assert result.exit_code == 1, result.output
+    assert "exp: the rephrasing is being run by another process; nothing was run here" in result.output
+    assert not (data / "output" / "post-rephrased-exp").exists() and not list((data / "output").rglob("*-completed-*"))

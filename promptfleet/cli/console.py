@@ -156,7 +156,7 @@ async def show_progress(
 
 def print_study(study: Study, console: Console) -> None:
     """What the chained steps made: rephrase runs, the judge run and the study table."""
-    if study.rephrase:
+    if study.rephrase and study.rephrase.rephrase_run:
         console.print(headline(study.rephrase.rephrase_run))
     if judged := study.judge:
         made = judged.judge_file

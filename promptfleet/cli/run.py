@@ -202,6 +202,8 @@ def run(
     from promptfleet.evaluation.outcomes import Study
 
     summary = result.run if isinstance(result, Study) else result
+    if summary is None:  # the rephrasing was another process's: it said so in the log
+        fail(f"{found.name}: the rephrasing is being run by another process; nothing was run here")
     console = Console(width=max(Console().width, 120))
     print_summary(summary, console)
     if isinstance(result, Study):

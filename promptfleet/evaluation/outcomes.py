@@ -22,7 +22,7 @@ class Judged:
 
 @dataclass
 class Rephrased:
-    rephrase_run: RunSummary
+    rephrase_run: RunSummary | None  # None when another process had the rephrasing
     post_rephrase_run: RunSummary | None = None  # None with --only-rephrase
 
 
@@ -30,6 +30,6 @@ class Rephrased:
 class Study:
     """An experiment with its evaluation chained (`run --judge-folder/--rephrase-folder`)."""
 
-    run: RunSummary
+    run: RunSummary | None  # None when another process had the rephrasing it runs on
     rephrase: Rephrased | None = None
     judge: Judged | None = None

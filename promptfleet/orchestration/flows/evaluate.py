@@ -135,6 +135,9 @@ async def rephrase_experiment(
     rephrase_file = settings.output_folder / source.stem / f"rephrase-{source.stem}.jsonl"  # never in the inbox
     write_records(rephrase_file, judging.rephrase_records(source, lines, models_settings))
     result = Rephrased(await run_experiment(file=str(rephrase_file), settings=settings))
+    if result.rephrase_run is None or not result.rephrase_run.complete:  # taken by another process, or stopped
+        log.warning("%s: the rephrasing did not finish here; the rephrased prompts are not run", source.stem)
+        return result
     if not only_rephrase:
         post_file = settings.output_folder / source.stem / f"post-rephrased-{source.stem}.jsonl"
         original = None if remove_original else source
