@@ -12,6 +12,7 @@ from promptfleet.cli import (  # noqa: F401 - each registers its command
     judge,
     missing,
     pipeline,
+    report,
     run,
     server,
     upload_media,

@@ -173,3 +173,5 @@ def print_study(study: Study, console: Console) -> None:
                 table.add_row(*(fmt(row.get(c)) for c in columns))
             console.print(table)
         console.print(f"  study     {judged.study.parquet}\n  study     {judged.study.csv}", soft_wrap=True, highlight=False)
+        if judged.report:
+            console.print(f"  report    {judged.report}", soft_wrap=True, highlight=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # polars, which the study table needs, loads only when a study is made
@@ -13,11 +14,13 @@ if TYPE_CHECKING:  # polars, which the study table needs, loads only when a stud
 
 @dataclass
 class Judged:
-    """A completed run judged: the judge file, the judge run, and the study table joining them."""
+    """A completed run judged: the judge file, the judge run, the study table joining them,
+    and the offline report (None when it could not be made)."""
 
     judge_file: JudgeFile
     judge_run: RunSummary
     study: StudyTable
+    report: Path | None = None
 
 
 @dataclass

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 from prefect import task
-from prefect.artifacts import acreate_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
@@ -17,8 +16,7 @@ from promptfleet.core.inbox import Taken
 from promptfleet.core.plan import inspect
 from promptfleet.core.rundir import RunPaths
 from promptfleet.core.session import current_session
-from promptfleet.core.slug import slug
-from promptfleet.core.summary import reused_summary, table_markdown
+from promptfleet.core.summary import reused_summary
 from promptfleet.evaluation import judge as judging
 from promptfleet.evaluation.judged import (
     Judging,
@@ -31,6 +29,7 @@ from promptfleet.evaluation.judged import (
 from promptfleet.evaluation.outcomes import Judged, Rephrased, Study
 from promptfleet.evaluation.study import StudyTable, write_study
 from promptfleet.orchestration.flows.begin import begin_flow
+from promptfleet.orchestration.artifacts import publish_study
 from promptfleet.orchestration.flows.lean import flow
 from promptfleet.orchestration.flows.run_experiment import run_experiment
 from promptfleet.orchestration.links import link_judging, this_flow_run
@@ -102,13 +101,9 @@ async def _judge(claim: Judging, judge_folder: Path, judges: list[str], template
         return None
     names = [t.removesuffix(".txt") for t in templates]
     study = write_study_table(original, summary.paths, judges, names)
-    await acreate_markdown_artifact(
-        key=f"study-{slug(original.name)}",
-        markdown=f"# Study: {original.name}\n\n{table_markdown(study.summary)}\n\n- table: `{study.parquet}`\n",
-        description=f"answers and verdicts of {original.name}",
-    )
+    report = await publish_study(original.name, study)
     claim.done(summary.paths, judges, names, this_flow_run())
-    return Judged(created, summary, study)
+    return Judged(created, summary, study, report)
 
 
 def _rephrase_flow_name() -> str:

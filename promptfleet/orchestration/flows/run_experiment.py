@@ -31,6 +31,7 @@ from promptfleet.core.run import Run, load_tables_meanwhile, run_log
 from promptfleet.core.session import current_session
 from promptfleet.core.slug import slug
 from promptfleet.core.summary import RunSummary, progress_markdown, summary_markdown
+from promptfleet.orchestration.artifacts import run_report
 from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.flows.lean import flow
 from promptfleet.orchestration.secrets import env_from_secret_blocks
@@ -134,9 +135,10 @@ async def _run(work: inbox.Work, settings: Settings, session, move_to_input: boo
         await client.update_artifact(queues, ArtifactUpdate(data=progress_markdown(run.name, list(run.stats.values()), done=True)))
     if flow_run.id and (url := url_for("flow-run", obj_id=flow_run.id)):
         summary.flow_run_url = url
+    report = await run_report(summary)  # first: it adds the offline page to the outputs
     await acreate_markdown_artifact(
         key=f"summary-{slug(run.name)}",
-        markdown=summary_markdown(summary),
+        markdown=summary_markdown(summary) + report,
         description=f"promptfleet summary of {run.name}",
     )
     if summary.complete:

@@ -1,0 +1,194 @@
+"""The numbers of a report, read from a run's results table or a study table.
+
+Per model: prompts, answers, failures, tokens, cost and latency p50/p95. Per judge or
+scorer: each model's mean score with its 95% interval, ranked, and the paired comparison
+of the top two models on the prompts both answered. Everything is read from the Parquet
+on disk (lazily, a few columns at a time), so the flow's artifacts, the offline page and
+`promptfleet report` show the same figures, and a run of millions of rows is summed up
+without holding it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from promptfleet.evaluation import stats
+from promptfleet.evaluation.metrics import Metric, find_metrics, with_proportions
+from promptfleet.evaluation.sample import Sample, select_sample
+
+KINDS = {"-study-": "study", "-results-": "run"}
+LATENCY_POINTS = 2000  # per model, for the latency chart
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    model: str
+    api: str
+    prompts: int
+    answered: int
+    failed: int
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None  # None when no answer of the model was priced
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+
+
+@dataclass(frozen=True)
+class Score:
+    model: str
+    rank: int
+    interval: stats.Interval | None  # None: no answer of the model was scored
+    unscored: int  # answered, but the judge failed or its verdict could not be read
+    best: bool
+
+
+@dataclass(frozen=True)
+class Ranking:
+    metric: Metric
+    scores: list[Score]
+
+
+@dataclass(frozen=True)
+class Paired:
+    """The top two models of a ranking on the prompts both have a score for."""
+
+    metric: Metric
+    first: str
+    second: str
+    difference: stats.Interval | None  # first minus second, per prompt
+    first_better: int
+    second_better: int
+    tied: int
+
+
+@dataclass
+class Report:
+    name: str
+    stamp: str
+    kind: str  # "study" or "run"
+    source: Path
+    models: list[ModelRow]
+    rankings: list[Ranking]
+    paired: list[Paired]
+    sample: Sample
+    latencies: dict[str, list[float]]
+    batch_saved_usd: float | None = None
+    methods: list[str] = field(default_factory=list)  # the interval methods used, in words
+
+    @property
+    def html_path(self) -> Path:
+        return self.source.parent / f"{self.stamp}-report-{self.name}.html"
+
+    def model(self, name: str) -> ModelRow:
+        return next(m for m in self.models if m.model == name)
+
+
+def parts_of(path: Path) -> tuple[str, str, str]:
+    """(stamp, kind, name) of `<stamp>-results-<name>.parquet` or `<stamp>-study-<name>.parquet`."""
+    for marker, kind in KINDS.items():
+        stamp, found, name = path.name.removesuffix(".parquet").partition(marker)
+        if found and stamp and name and path.suffix == ".parquet":
+            return stamp, kind, name
+    raise ValueError(f"{path.name}: not a results or study table (<stamp>-results-<name>.parquet or <stamp>-study-<name>.parquet)")
+
+
+def _nearest_rank(column: str, q: float) -> pl.Expr:
+    """The value below which a share q lie (the run summary's rule, so both agree)."""
+    count = pl.col(column).count()
+    return pl.col(column).drop_nulls().sort().get((count * q).floor().cast(pl.Int64).clip(upper_bound=count - 1))
+
+
+def _model_names(table: pl.LazyFrame) -> pl.Expr:
+    """`model_name`, or `api/model_name` where two APIs serve a model of the same name."""
+    pairs = table.select("api", "model_name").unique().collect()
+    shared = pairs.group_by("model_name").len().filter(pl.col("len") > 1)["model_name"].to_list()
+    named = pl.col("model_name").fill_null("?")
+    return pl.when(pl.col("model_name").is_in(shared)).then(pl.col("api").fill_null("?") + "/" + named).otherwise(named)
+
+
+def _models(table: pl.LazyFrame) -> list[ModelRow]:
+    answered = pl.col("status") == "completed"
+    rows = (
+        table.group_by("model")
+        .agg(
+            pl.col("api").first(), pl.len().alias("prompts"), answered.sum().alias("answered"),
+            (~answered).sum().alias("failed"), pl.col("input_tokens").sum(), pl.col("output_tokens").sum(),
+            pl.when(pl.col("cost_usd").count() > 0).then(pl.col("cost_usd").sum()).alias("cost_usd"),
+            _nearest_rank("latency_s", 0.5).alias("latency_p50_s"), _nearest_rank("latency_s", 0.95).alias("latency_p95_s"),
+        )  # fmt: skip
+        .sort("model")
+        .collect()
+    )
+    return [ModelRow(**row) for row in rows.iter_rows(named=True)]
+
+
+def _rank(table: pl.LazyFrame, metric: Metric, models: list[str]) -> Ranking:
+    values = table.filter(pl.col("status") == "completed").select("model", metric.column).collect()
+    scores = []
+    for model in models:
+        mine = values.filter(pl.col("model") == model)[metric.column]
+        scores.append((model, stats.mean_interval(mine), mine.null_count()))
+    ordered = sorted(scores, key=lambda s: (s[1] is None, -(s[1].mean if s[1] else 0.0), s[0]))
+    means = [iv.mean for _, iv, _ in ordered if iv is not None]
+    ranked = []
+    for model, interval, unscored in ordered:  # tied means share a rank; the top one is the best
+        above = sum(1 for mean in means if interval is None or mean > interval.mean)
+        ranked.append(Score(model, above + 1, interval, unscored, best=interval is not None and above == 0))
+    return Ranking(metric, ranked)
+
+
+def _paired(table: pl.LazyFrame, ranking: Ranking) -> Paired | None:
+    scored = [s.model for s in ranking.scores if s.interval is not None]
+    if len(scored) < 2:
+        return None
+    first, second = scored[:2]
+    column = ranking.metric.column
+    per_prompt = (
+        table.filter(pl.col("model").is_in([first, second]) & pl.col(column).is_not_null())
+        .group_by("prompt_key", "model")
+        .agg(pl.col(column).mean())  # a prompt asked twice of a model counts once, at its mean
+        .collect()
+        .pivot(on="model", index="prompt_key", values=column)
+    )
+    if first not in per_prompt.columns or second not in per_prompt.columns:
+        return Paired(ranking.metric, first, second, None, 0, 0, 0)
+    differences = per_prompt.select((pl.col(first) - pl.col(second)).alias("d")).drop_nulls()["d"]
+    return Paired(ranking.metric, first, second, stats.paired_difference(differences),
+                  int((differences > 0).sum()), int((differences < 0).sum()), int((differences == 0).sum()))  # fmt: skip
+
+
+def _latencies(table: pl.LazyFrame) -> dict[str, list[float]]:
+    points = table.group_by("model").agg(pl.col("latency_s").drop_nulls().shuffle(seed=0).head(LATENCY_POINTS)).collect()
+    return {row["model"]: row["latency_s"] for row in points.iter_rows(named=True)}
+
+
+def read_report(path: Path, batch_saved_usd: float | None = None, first: int = 10, disagreeing: int = 10) -> Report:
+    """The report of a results table or a study table (raises ValueError for another file)."""
+    stamp, kind, name = parts_of(path)
+    raw = pl.scan_parquet(path)
+    schema = raw.collect_schema()
+    missing = [c for c in ("input_line", "api", "model_name", "status", "prompt", "response") if c not in schema]
+    if missing:
+        raise ValueError(f"{path.name}: not a promptfleet table (no {', '.join(missing)} column)")
+    metrics, values = find_metrics(schema)
+    full = raw.with_columns(*values, pl.col("prompt").hash(seed=0).alias("prompt_key"), model=_model_names(raw))
+    full = full.with_columns(pl.lit(None, pl.Float64).alias(c) for c in ("latency_s", "cost_usd") if c not in schema)
+    full = full.with_columns(pl.lit(0, pl.Int64).alias(c) for c in ("input_tokens", "output_tokens") if c not in schema)
+    table = full.select("input_line", "model", "api", "status", "latency_s", "input_tokens", "output_tokens", "cost_usd",
+                        "prompt_key", *[m.column for m in metrics])  # fmt: skip
+    metrics = with_proportions(table, metrics)
+    models = _models(table)
+    rankings = [_rank(table, metric, [m.model for m in models]) for metric in metrics]
+    if rankings:  # the models in the order of the first ranking
+        order = {s.model: s.rank for s in rankings[0].scores}
+        models.sort(key=lambda m: order.get(m.model, len(order)))
+    paired = [p for r in rankings if (p := _paired(table, r)) is not None]
+    used = {s.interval.method for r in rankings for s in r.scores if s.interval}
+    used |= {p.difference.method for p in paired if p.difference}
+    sample = select_sample(full, metrics, [m.model for m in models], first, disagreeing)
+    return Report(name, stamp, kind, path, models, rankings, paired, sample, _latencies(table), batch_saved_usd,
+                  [f"{method}: {stats.METHODS[method]}" for method in sorted(used)])  # fmt: skip

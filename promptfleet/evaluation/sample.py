@@ -1,0 +1,101 @@
+"""Answers side by side: a bounded sample of prompts with every model's answer and verdicts.
+
+The sample is the first prompts in input order, then those where the models (on one
+metric) or the judges (on one answer) disagree most. Disagreement is measured on each
+metric scaled to [0, 1] by its lowest and highest value in the study, so a 1-10 judge and
+a yes/no judge weigh alike. A prompt is its text: the same text sent to several models is
+one row. Texts are trimmed; the full ones stay in the tables.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+import polars as pl
+
+from promptfleet.evaluation.metrics import Metric
+
+PROMPT_CHARS = 400
+ANSWER_CHARS = 300
+_SPACE = re.compile(r"\s+")
+
+
+def trim(text: str | None, limit: int) -> str:
+    text = _SPACE.sub(" ", text or "").strip()
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str  # trimmed; a failure reads "failed: <why>"
+    verdicts: dict[str, str]  # metric label -> the verdict as shown ("7", "yes", "-")
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    number: int  # the prompt's place among the distinct prompts, in input order, from 1
+    why: str  # "first" or "disagreement 0.67"
+    prompt: str
+    answers: dict[str, Answer]  # model -> its answer (models that had this prompt)
+
+
+@dataclass(frozen=True)
+class Sample:
+    rows: list[SampleRow]
+    models: list[str]
+    prompts: int  # distinct prompts in the table
+
+
+def _disagreement(table: pl.LazyFrame, metrics: list[Metric]) -> pl.LazyFrame:
+    """(prompt_key, disagreement): the widest spread on one prompt, across models or judges."""
+    long = table.filter(pl.col("status") == "completed").unpivot(
+        index=["prompt_key", "model"], on=[m.column for m in metrics], variable_name="metric", value_name="value"
+    ).drop_nulls("value")
+    low, high = pl.col("value").min().over("metric"), pl.col("value").max().over("metric")
+    # a metric that gave every answer the same value tells nothing about disagreement
+    scaled = long.filter(high > low).with_columns(((pl.col("value") - low) / (high - low)).alias("value"))
+    scaled = scaled.group_by("prompt_key", "model", "metric").agg(pl.col("value").mean())
+    spread = (pl.col("value").max() - pl.col("value").min()).alias("spread")
+    across_models = scaled.group_by("prompt_key", "metric").agg(spread)
+    across_judges = scaled.group_by("prompt_key", "model").agg(spread)
+    return pl.concat([across_models.select("prompt_key", "spread"), across_judges.select("prompt_key", "spread")]).group_by(
+        "prompt_key"
+    ).agg(pl.col("spread").max().alias("disagreement"))
+
+
+def _shown(value: float | None, metric: Metric) -> str:
+    if value is None:
+        return "-"
+    if metric.proportion:
+        return "yes" if value == 1.0 else "no"
+    return f"{value:g}"
+
+
+def _answer(row: dict, metrics: list[Metric]) -> Answer:
+    if row["status"] == "completed":
+        text = trim(row["response"], ANSWER_CHARS)
+    else:
+        text = "failed: " + trim(" ".join(str(row.get(k) or "") for k in ("error_type", "error_message")), ANSWER_CHARS - 8)
+    return Answer(text, {m.label: _shown(row[m.column], m) for m in metrics})
+
+
+def select_sample(full: pl.LazyFrame, metrics: list[Metric], models: list[str], first: int, disagreeing: int) -> Sample:
+    """`full`: the table with `prompt_key`, `model` and the metric columns added."""
+    prompts = full.group_by("prompt_key").agg(pl.col("input_line").min()).sort("input_line").with_row_index("number", offset=1).collect()
+    chosen = {key: "first" for key in prompts["prompt_key"].head(first)}
+    if metrics and disagreeing:
+        ranked = _disagreement(full, metrics).filter(pl.col("disagreement") > 0).sort("disagreement", "prompt_key", descending=[True, False])
+        for key, spread in ranked.filter(~pl.col("prompt_key").is_in(list(chosen))).head(disagreeing).collect().iter_rows():
+            chosen[key] = f"disagreement {spread:.2f}"
+    columns = ["prompt_key", "model", "input_line", "status", "prompt", "response", *[m.column for m in metrics]]
+    columns += [c for c in ("error_type", "error_message") if c in full.collect_schema()]
+    texts = full.filter(pl.col("prompt_key").is_in(list(chosen))).select(columns).sort("input_line").collect()
+    numbers = dict(zip(prompts["prompt_key"], prompts["number"]))
+    rows = []
+    for key, why in chosen.items():
+        mine = texts.filter(pl.col("prompt_key") == key)
+        answers: dict[str, Answer] = {}
+        for row in mine.iter_rows(named=True):
+            answers.setdefault(row["model"], _answer(row, metrics))  # a prompt asked twice of a model: its first answer
+        rows.append(SampleRow(numbers[key], why, trim(mine["prompt"][0], PROMPT_CHARS), answers))
+    return Sample(rows, models, prompts.height)
