@@ -50,7 +50,9 @@ def wilson(successes: int, n: int) -> Interval:
     z2 = Z95 * Z95
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return Interval(p, max(0.0, centre - half), min(1.0, centre + half), n, WILSON)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exactly, not 1e-17 off
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Interval(p, low, high, n, WILSON)
 
 
 def _bootstrap_means(values: pl.Series, resamples: int, seed: int) -> pl.Series:
