@@ -142,9 +142,11 @@ def test_sample_is_the_first_prompts_then_the_widest_disagreement(tmp_path: Path
 def test_answer_table_is_bounded(tmp_path: Path):
     report = read_report(_study(tmp_path), first=20, disagreeing=0)
     rows, left_out = answer_table(report)
-    assert len(rows) == 20 and left_out == 0 and list(rows[0])[:3] == ["#", "why", "prompt"]
+    assert len(rows) == 20 * 3 and left_out == 0
+    assert list(rows[0]) == ["#", "why", "prompt", "model", "judge", "yes-no", "match", "answer"]
+    assert [r["model"] for r in rows[:3]] == list(MODELS) and {r["#"] for r in rows[:3]} == {"1"}
     small, dropped = answer_table(report, max_bytes=3000)
-    assert 0 < len(small) < 20 and dropped == 20 - len(small)
+    assert 0 < len(small) < 60 and len(small) % 3 == 0 and dropped == 20 - len(small) // 3  # whole prompts only
     assert len(json.dumps(small, ensure_ascii=False).encode()) <= 3000
 
 

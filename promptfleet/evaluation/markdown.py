@@ -73,13 +73,14 @@ def run_markdown(report: Report, charts: list[Chart] | None, hint: str) -> str:
 
 
 def answer_table(report: Report, max_bytes: int = ANSWERS_MAX_BYTES) -> tuple[list[dict[str, str]], int]:
-    """The side-by-side rows that fit in `max_bytes` of JSON, and how many were left out."""
-    data = rows.sample_rows(report.sample)
+    """The side-by-side rows of the sampled prompts whose rows fit in `max_bytes` of JSON, and
+    how many prompts were left out."""
+    groups = rows.answer_rows(report.sample)
     kept: list[dict[str, str]] = []
     size = 2
-    for row in data:
-        size += len(json.dumps(row, ensure_ascii=False).encode()) + 1
+    for n, group in enumerate(groups):
+        size += sum(len(json.dumps(row, ensure_ascii=False).encode()) + 2 for row in group)
         if size > max_bytes:
-            break
-        kept.append(row)
-    return kept, len(data) - len(kept)
+            return kept, len(groups) - n
+        kept += group
+    return kept, 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from promptfleet.evaluation.sample import Answer, Sample
+from promptfleet.evaluation.sample import Sample, trim
 
 if TYPE_CHECKING:
     from promptfleet.evaluation.report import Paired, Ranking, Report
@@ -105,17 +105,19 @@ def model_rows(report: Report) -> list[dict[str, str]]:
     return rows
 
 
-def cell(answer: Answer | None) -> str:
-    """A model's answer in one cell: its verdicts first, so they show however the text is cut."""
-    if answer is None:
-        return "(not asked)"
-    verdicts = " · ".join(f"{label} {value}" for label, value in answer.verdicts.items())
-    return f"[{verdicts}] {answer.text}" if verdicts else answer.text
+PROMPT_IN_ROW = 100  # the prompt repeats on each of its rows: shorter than in the page
 
 
-def sample_rows(sample: Sample) -> list[dict[str, str]]:
-    return [{"#": str(row.number), "why": row.why, "prompt": row.prompt, **{m: cell(row.answers.get(m)) for m in sample.models}}
-            for row in sample.rows]  # fmt: skip
+def answer_rows(sample: Sample) -> list[list[dict[str, str]]]:
+    """Per sampled prompt, one row per model: each judge's verdict in a column of its own,
+    then the answer. Prefect's table does not wrap, so verdicts come before the long text
+    and a prompt's models are read one under the other."""
+    groups = []
+    for row in sample.rows:
+        prompt = trim(row.prompt, PROMPT_IN_ROW)
+        groups.append([{"#": str(row.number), "why": row.why, "prompt": prompt, "model": model, **answer.verdicts, "answer": answer.text}
+                       for model in sample.models if (answer := row.answers.get(model)) is not None])  # fmt: skip
+    return groups
 
 
 def headline(report: Report) -> str:

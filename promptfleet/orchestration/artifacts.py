@@ -48,9 +48,10 @@ async def publish_study(name: str, study: StudyTable) -> Path | None:
     else:
         answers_key = f"answers-{slug(name)}"
         rows, left_out = answer_table(written.report)
+        sampled = len(written.report.sample.rows) - left_out
         more = f"; {left_out} more in the offline report" if left_out else ""
         await acreate_table_artifact(table=rows, key=answers_key, description=(
-            f"{name}: {len(rows)} of {written.report.sample.prompts} prompts, answers and verdicts side by side (trimmed{more})"))  # fmt: skip
+            f"{name}: {sampled} of {written.report.sample.prompts} prompts, each model's answer and verdicts (trimmed{more})"))  # fmt: skip
         markdown = study_markdown(written.report, written.charts, INSTALL_HINT, answers_key)
     await acreate_markdown_artifact(key=f"study-{slug(name)}", markdown=markdown, description=f"answers and verdicts of {name}")
     return written.html if written else None
