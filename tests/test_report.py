@@ -220,7 +220,7 @@ def test_a_run_without_judges_reports_its_models_and_what_batch_saved(tmp_path: 
     assert written.report.kind == "run" and written.report.rankings == []
     assert [c.name for c in written.charts] == ["latency", "cost"]
     markdown = run_markdown(written.report, written.charts, charts.INSTALL_HINT)
-    assert "Batch prices saved $0.2500 against online prices" in markdown and markdown.count("data:image/png") == 2
+    assert "Batch prices saved $0.25 against online prices" in markdown and markdown.count("data:image/png") == 2
     assert "| alpha | 10 | 0 |" in markdown  # the per-model table: answered, failed
 
 

@@ -3,6 +3,7 @@ render these same rows, so both show the same figures, formatted once."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from promptfleet.evaluation.sample import Sample, trim
@@ -27,9 +28,12 @@ def interval_text(interval: Interval | None, percent: bool = False) -> str:
 
 
 def usd(value: float | None) -> str:
+    """Dollars with two significant digits below a cent ($0.000018), cents above."""
     if value is None:
         return "unpriced"
-    return "$0" if value == 0 else f"${value:.4f}" if value < 1 else f"${value:,.2f}"
+    if value == 0:
+        return "$0"
+    return f"${value:.{max(2, 1 - math.floor(math.log10(value)))}f}" if value < 1 else f"${value:,.2f}"
 
 
 def seconds(value: float | None) -> str:
