@@ -45,6 +45,12 @@ def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def load_library() -> None:
+    if available():
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+
+
 def _figure(rows: int) -> Figure:
     from matplotlib.figure import Figure
 

@@ -90,8 +90,7 @@ def paired_rows(report: Report) -> list[dict[str, str]]:
             "metric": paired.metric.label,
             "first − second": f"{paired.first} − {paired.second}",
             "difference [95%]": f"{difference(iv.mean, percent)} {shown}".removesuffix(" -"),
-            "prompts": str(iv.n),
-            "won / lost / tied": f"{paired.first_better} / {paired.second_better} / {paired.tied}",
+            "won / lost / tied": f"{paired.first_better} / {paired.second_better} / {paired.tied} of {iv.n}",
             "reads": reading(paired),
         })  # fmt: skip
     return rows

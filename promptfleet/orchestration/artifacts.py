@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("promptfleet")
 
 
+async def load_charts_meanwhile(after: float = 1.0) -> None:
+    """Like the tables' library, the charts' one (~0.5 s of imports) loads while the queues
+    wait on answers, when the run lasts long enough for that to help."""
+    from promptfleet.evaluation.charts import load_library
+
+    await asyncio.sleep(after)
+    await asyncio.to_thread(load_library)
+
+
 async def _written(table: Path, batch_saved_usd: float | None = None) -> Written | None:
     from promptfleet.evaluation.html import write_report
 

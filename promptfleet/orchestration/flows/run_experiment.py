@@ -31,7 +31,7 @@ from promptfleet.core.run import Run, load_tables_meanwhile, run_log
 from promptfleet.core.session import current_session
 from promptfleet.core.slug import slug
 from promptfleet.core.summary import RunSummary, progress_markdown, summary_markdown
-from promptfleet.orchestration.artifacts import run_report
+from promptfleet.orchestration.artifacts import load_charts_meanwhile, run_report
 from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.flows.lean import flow
 from promptfleet.orchestration.secrets import env_from_secret_blocks
@@ -119,12 +119,14 @@ async def _run(work: inbox.Work, settings: Settings, session, move_to_input: boo
         with run_log(run.paths.log):
             progress = asyncio.create_task(_follow_progress(run, artifact, queues))
             tables = asyncio.create_task(load_tables_meanwhile())
+            charts = asyncio.create_task(load_charts_meanwhile())
             try:
                 batches = [run_batches(run)] if run.plan.batch else []
                 await asyncio.gather(*(run_queue(run, queue) for queue in run.queues), *batches)
             finally:
                 progress.cancel()
                 tables.cancel()
+                charts.cancel()
                 await progress
             summary = await write_results(run)
     finally:
