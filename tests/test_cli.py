@@ -71,7 +71,7 @@ def test_run_executes_the_flow_and_writes_prompto_layout(tmp_path: Path, prefect
     [out] = (data / "output").iterdir()
     names = sorted(p.name.split("-", 6)[-1] for p in out.iterdir() if not p.name.startswith("."))  # .lock: the owner lock
     assert names == ["completed-exp.csv", "completed-exp.jsonl", "failed-exp.jsonl", "input-exp.jsonl",
-                     "log-exp.txt", "manifest-exp.json", "results-exp.parquet", "run-exp.json"]  # fmt: skip
+                     "log-exp.txt", "manifest-exp.json", "report-exp.html", "results-exp.parquet", "run-exp.json"]  # fmt: skip
     assert path.exists() and not (data / "input" / "exp.jsonl").exists()  # copied in, then moved to output
     log = next(out.glob("*-log-exp.txt")).read_text()
     assert "queue test: 3 prompts" in log and "failed after 1 attempt(s)" in log
