@@ -169,7 +169,7 @@ def test_prefect_ui_shows_the_study_at_1400_px(study: Study, prefect_api: str, p
         assert re.search(rf"{model}\s+{mean:.2f} \[", page.text), page.text[:3000]
     answers = _artifacts(prefect_api, f"answers-{slug(NAME)}")[0]
     table = look(f"{prefect_ui}/artifacts/artifact/{answers['id']}", QUESTIONS[0], width=1400)
-    assert _own_errors(table.errors) == [] and "test-yes-no" in table.text and "test reply " in table.text
+    assert _own_errors(table.errors) == [] and "test-judge" in table.text and "test reply " in table.text
 
 
 def test_offline_page_opens_from_disk_with_everything_in_it(study: Study):
