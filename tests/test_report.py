@@ -243,3 +243,21 @@ def test_report_command(tmp_path: Path):
         refused = runner.invoke(app, ["report", *args])
         assert refused.exit_code == 1 and says in refused.output and "Traceback" not in refused.output, refused.output
         assert len(refused.output.strip().splitlines()) == 1
+
+
+def test_an_empty_run_and_a_model_that_only_failed_still_report(tmp_path: Path):
+    from promptfleet.core.tables import TABLE_COLUMNS
+
+    schema = {name: getattr(pl, dtype) for name, dtype in TABLE_COLUMNS.items()}
+    empty = tmp_path / "01-02-2026-10-00-00-results-empty.parquet"
+    pl.DataFrame([], schema=schema).write_parquet(empty)
+    assert write_report(empty).report.models == []
+    failing = tmp_path / "01-02-2026-10-00-00-results-failing.parquet"
+    pl.DataFrame([{"input_line": 1, "api": "test", "model_name": "down", "status": "failed", "prompt": "q", "error_type": "bad_request",
+                   "error_message": "no such model"},
+                  {"input_line": 2, "api": "test", "model_name": "up", "status": "completed", "prompt": "q", "response": "a", "latency_s": 0.5}],
+                 schema=schema).write_parquet(failing)  # fmt: skip
+    written = write_report(failing)
+    down = written.report.model("down")
+    assert (down.failed, down.latency_p50_s, down.cost_usd) == (1, None, None)
+    assert written.report.sample.rows[0].answers["down"].text == "failed: bad_request no such model"

@@ -180,3 +180,25 @@ def test_offline_page_opens_from_disk_with_everything_in_it(study: Study):
     for model, mean in _means(study.table).items():
         assert re.search(rf"{model}\s+{mean:.2f} \[", page.text)
     assert all(q in page.text for q in QUESTIONS[:10])
+
+
+def test_a_report_that_fails_costs_the_report_not_the_run(tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch):
+    import promptfleet.evaluation.html
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(promptfleet.evaluation.html, "write_report", disk_full)
+    path = write_jsonl(tmp_path / "full disk.jsonl", [{"id": n, "api": "test", "model_name": "m", "prompt": f"q{n}"} for n in range(3)])
+    result = CliRunner().invoke(app, ["run", "-f", str(path), "-d", str(tmp_path / "data"), "--create-data-folder"])
+    assert result.exit_code == 0, result.output
+    assert "3 answered" in result.output and not list((tmp_path / "data").rglob("*-report-*"))
+    [summary] = _artifacts(prefect_api, f"summary-{slug('full disk')}")
+    assert "## Outputs" in summary["data"] and "# Report" not in summary["data"]
+    deadline = time.monotonic() + 30
+    while True:  # the warning is in the flow run's logs (sent to the server in batches)
+        logs = httpx.post(f"{prefect_api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [summary["flow_run_id"]]}}}, timeout=30).json()
+        if any("no report (OSError: [Errno 28] No space left on device)" in log["message"] for log in logs):
+            break
+        assert time.monotonic() < deadline, [log["message"] for log in logs]
+        time.sleep(0.5)

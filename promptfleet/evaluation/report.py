@@ -99,7 +99,8 @@ def parts_of(path: Path) -> tuple[str, str, str]:
 def _nearest_rank(column: str, q: float) -> pl.Expr:
     """The value below which a share q lie (the run summary's rule, so both agree)."""
     count = pl.col(column).count()
-    return pl.col(column).drop_nulls().sort().get((count * q).floor().cast(pl.Int64).clip(upper_bound=count - 1))
+    rank = (count * q).floor().cast(pl.Int64).clip(upper_bound=count - 1)
+    return pl.col(column).drop_nulls().sort().get(rank, null_on_oob=True)  # None when the model has no latency
 
 
 def _model_names(table: pl.LazyFrame) -> pl.Expr:
