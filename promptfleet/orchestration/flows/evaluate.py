@@ -28,8 +28,8 @@ from promptfleet.evaluation.judged import (
 )
 from promptfleet.evaluation.outcomes import Judged, Rephrased, Study
 from promptfleet.evaluation.study import StudyTable, write_study
-from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.artifacts import publish_study
+from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.flows.lean import flow
 from promptfleet.orchestration.flows.run_experiment import run_experiment
 from promptfleet.orchestration.links import link_judging, this_flow_run
