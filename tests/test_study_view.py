@@ -46,7 +46,7 @@ class Study:
 def _run(folder: Path, *judges: str) -> str:
     experiment = folder / f"{NAME}.jsonl"
     result = CliRunner().invoke(app, [
-        "run", "-f", str(experiment), "-d", str(folder / "data"), "--create-data-folder", "--prices", str(folder / "prices.json"),
+        "run", "-f", str(experiment), "-d", str(folder / "data"), "--create-data-folder", "--prices", str(folder / "prices.json"), "-mq", "6000",
         "--judge-folder", str(REPO / "data/judge"), "--judge", ",".join(judges),
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
