@@ -108,7 +108,7 @@ def test_study_artifacts_hold_ranked_intervals_charts_and_answers(study: Study, 
     first = study.table.filter(pl.col("prompt") == QUESTIONS[0])
     for row in rows[:3]:
         verdict = first.filter(pl.col("model_name") == row["model"])[SCORE][0]
-        assert (row["test-judge"], row["test-yes-no"]) == (f"{verdict:g}", "yes") and row["answer"].startswith(f"test reply ")
+        assert (row["test-judge"], row["test-yes-no"]) == (f"{verdict:g}", "yes") and row["answer"].startswith("test reply ")
 
     [summary] = _artifacts(prefect_api, f"summary-{slug(NAME)}")
     run_charts = _pngs(summary["data"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
 import polars as pl
 
 from promptfleet.evaluation.metrics import Metric
