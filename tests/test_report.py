@@ -261,3 +261,17 @@ def test_an_empty_run_and_a_model_that_only_failed_still_report(tmp_path: Path):
     down = written.report.model("down")
     assert (down.failed, down.latency_p50_s, down.cost_usd) == (1, None, None)
     assert written.report.sample.rows[0].answers["down"].text == "failed: bad_request no such model"
+
+
+def test_many_scores_take_the_normal_interval_from_sums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(stats, "BOOTSTRAP_MAX", 5)  # as a run with more than 10,000 scores a model
+    path = _study(tmp_path)
+    report = read_report(path)
+    answered = pl.read_parquet(path).filter(pl.col("status") == "completed")
+    for score in report.rankings[0].scores:
+        mine = answered.filter(pl.col("model_name") == score.model)[JUDGE].drop_nulls()
+        half = stats.Z95 * mine.std() / mine.len() ** 0.5
+        assert score.interval.method == stats.NORMAL and score.interval.mean == pytest.approx(mine.mean())
+        assert (score.interval.low, score.interval.high) == pytest.approx((mine.mean() - half, mine.mean() + half))
+    assert report.paired[0].difference.method == stats.NORMAL and report.paired[0].difference.n == 29
+    assert any("normal approximation" in line for line in report.methods)

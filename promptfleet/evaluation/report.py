@@ -127,12 +127,29 @@ def _models(table: pl.LazyFrame) -> list[ModelRow]:
     return [ModelRow(**row) for row in rows.iter_rows(named=True)]
 
 
+def _interval(metric: Metric, n: int, mean: float | None, std: float | None, values: pl.LazyFrame) -> stats.Interval | None:
+    """From a few sums where they say all (Wilson; the normal interval of many values), else
+    from the values, collected only then: a run of millions of rows is never held whole."""
+    if n == 0 or mean is None:
+        return None
+    if metric.proportion:
+        return stats.wilson(round(mean * n), n)
+    if n > stats.BOOTSTRAP_MAX:
+        return stats.normal(mean, std, n)
+    return stats.bootstrap_mean(values.collect().to_series())
+
+
 def _rank(table: pl.LazyFrame, metric: Metric, models: list[str]) -> Ranking:
-    values = table.filter(pl.col("status") == "completed").select("model", metric.column).collect()
+    column = pl.col(metric.column)
+    answered = table.filter(pl.col("status") == "completed")
+    sums = answered.group_by("model").agg(column.count().alias("n"), column.mean().alias("mean"), column.std().alias("std"),
+                                          column.null_count().alias("unscored")).collect()  # fmt: skip
+    found = {row["model"]: row for row in sums.iter_rows(named=True)}
     scores = []
     for model in models:
-        mine = values.filter(pl.col("model") == model)[metric.column]
-        scores.append((model, stats.mean_interval(mine), mine.null_count()))
+        row = found.get(model, {"n": 0, "mean": None, "std": None, "unscored": 0})
+        mine = answered.filter(pl.col("model") == model).select(column.drop_nulls())
+        scores.append((model, _interval(metric, row["n"], row["mean"], row["std"], mine), row["unscored"]))
     ordered = sorted(scores, key=lambda s: (s[1] is None, -(s[1].mean if s[1] else 0.0), s[0]))
     means = [iv.mean for _, iv, _ in ordered if iv is not None]
     ranked = []
@@ -148,18 +165,22 @@ def _paired(table: pl.LazyFrame, ranking: Ranking) -> Paired | None:
         return None
     first, second = scored[:2]
     column = ranking.metric.column
-    per_prompt = (
-        table.filter(pl.col("model").is_in([first, second]) & pl.col(column).is_not_null())
-        .group_by("prompt_key", "model")
-        .agg(pl.col(column).mean())  # a prompt asked twice of a model counts once, at its mean
-        .collect()
-        .pivot(on="model", index="prompt_key", values=column)
-    )
-    if first not in per_prompt.columns or second not in per_prompt.columns:
+
+    def per_prompt(model: str) -> pl.LazyFrame:  # a prompt asked twice of a model counts once, at its mean
+        mine = table.filter((pl.col("model") == model) & pl.col(column).is_not_null())
+        return mine.group_by("prompt_key").agg(pl.col(column).mean().alias(model))
+
+    pairs = per_prompt(first).join(per_prompt(second), on="prompt_key").select((pl.col(first) - pl.col(second)).alias("d"))
+    d = pl.col("d")
+    sums = pairs.select(d.count().alias("n"), d.mean().alias("mean"), d.std().alias("std"), (d > 0).sum().alias("won"), (d < 0).sum().alias("lost"))
+    n, mean, std, won, lost = sums.collect().row(0)
+    if n == 0:
         return Paired(ranking.metric, first, second, None, 0, 0, 0)
-    differences = per_prompt.select((pl.col(first) - pl.col(second)).alias("d")).drop_nulls()["d"]
-    return Paired(ranking.metric, first, second, stats.paired_difference(differences),
-                  int((differences > 0).sum()), int((differences < 0).sum()), int((differences == 0).sum()))  # fmt: skip
+    if n > stats.BOOTSTRAP_MAX:
+        difference = stats.normal(mean, std, n)
+    else:
+        difference = stats.bootstrap_mean(pairs.collect()["d"])
+    return Paired(ranking.metric, first, second, difference, won, lost, n - won - lost)
 
 
 def _latencies(table: pl.LazyFrame) -> dict[str, list[float]]:

@@ -41,10 +41,6 @@ class Interval:
         return self.low is not None and self.high is not None and (self.low > 0 or self.high < 0)
 
 
-def is_proportion(values: pl.Series) -> bool:
-    return values.len() > 0 and bool(values.is_in([0.0, 1.0]).all())
-
-
 def wilson(successes: int, n: int) -> Interval:
     p = successes / n
     z2 = Z95 * Z95
@@ -67,33 +63,20 @@ def _bootstrap_means(values: pl.Series, resamples: int, seed: int) -> pl.Series:
     return pl.concat(means)
 
 
+def normal(mean: float, std: float | None, n: int) -> Interval:
+    half = Z95 * (std or 0.0) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n, NORMAL)
+
+
 def bootstrap_mean(values: pl.Series, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
     values = values.drop_nulls().cast(pl.Float64)
-    n, mean = values.len(), values.mean()
+    n, mean = values.len(), float(values.mean() or 0.0)  # type: ignore[arg-type]
     if n < 2:
-        return Interval(float(mean), None, None, n, BOOTSTRAP)  # type: ignore[arg-type]
+        return Interval(mean, None, None, n, BOOTSTRAP)
     if n > BOOTSTRAP_MAX:
-        half = Z95 * float(values.std()) / math.sqrt(n)  # type: ignore[arg-type]
-        return Interval(float(mean), float(mean) - half, float(mean) + half, n, NORMAL)  # type: ignore[arg-type]
+        return normal(mean, values.std(), n)  # type: ignore[arg-type]
     means = _bootstrap_means(values, resamples, seed)
-    low, high = means.quantile(0.025, "linear"), means.quantile(0.975, "linear")
-    return Interval(float(mean), float(low), float(high), n, BOOTSTRAP)  # type: ignore[arg-type]
-
-
-def mean_interval(values: pl.Series) -> Interval | None:
-    """The mean of the scores with its 95% interval (Wilson for 0/1 scores); None for no scores."""
-    values = values.drop_nulls().cast(pl.Float64)
-    if values.is_empty():
-        return None
-    if is_proportion(values):
-        return wilson(int(values.sum()), values.len())
-    return bootstrap_mean(values)
-
-
-def paired_difference(differences: pl.Series) -> Interval | None:
-    """Mean of per-prompt differences (first model minus second) with its 95% interval."""
-    differences = differences.drop_nulls().cast(pl.Float64)
-    return None if differences.is_empty() else bootstrap_mean(differences)
+    return Interval(mean, means.quantile(0.025, "linear"), means.quantile(0.975, "linear"), n, BOOTSTRAP)  # type: ignore[arg-type]
 
 
 METHODS = {
