@@ -16,6 +16,8 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from promptfleet.evaluation import report_rows as rows
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -77,13 +79,6 @@ def _png(figure: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _interval_text(low: float | None, high: float | None, mean: float, percent: bool) -> str:
-    def shown(value: float) -> str:
-        return f"{100 * value:.0f}%" if percent else f"{value:.2f}"
-
-    return shown(mean) if low is None or high is None else f"{shown(mean)} [{shown(low)}, {shown(high)}]"
-
-
 def _score_panel(axes: Axes, ranking: Ranking) -> None:
     scale = 100.0 if ranking.metric.proportion else 1.0
     scores = [s for s in ranking.scores if s.interval is not None][:MAX_MODELS][::-1]  # the best on top
@@ -94,8 +89,8 @@ def _score_panel(axes: Axes, ranking: Ranking) -> None:
         colour = BEST if score.best else OTHERS[0]
         axes.errorbar([iv.mean * scale], [y], xerr=[[(iv.mean - low) * scale], [(high - iv.mean) * scale]], fmt="o",
                       color=colour, ecolor=colour, elinewidth=2.5, capsize=5, markersize=8)  # fmt: skip
-    axes.set_yticks(range(len(scores)), [f"{s.model}  {_interval_text(s.interval.low, s.interval.high, s.interval.mean, ranking.metric.proportion)}"
-                                         for s in scores if s.interval])  # fmt: skip
+    labels = [f"{s.model}  {rows.mean_interval(s.interval, ranking.metric.proportion)}" for s in scores]
+    axes.set_yticks(range(len(scores)), labels)  # the same figures as the tables
     if ranking.metric.proportion:
         axes.set_xlim(-2, 102)
     unit = "% of answers" if ranking.metric.proportion else "mean score"

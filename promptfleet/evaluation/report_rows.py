@@ -27,6 +27,12 @@ def interval_text(interval: Interval | None, percent: bool = False) -> str:
     return f"[{number(interval.low, percent)}, {number(interval.high, percent)}]"
 
 
+def mean_interval(interval: Interval | None, percent: bool = False) -> str:
+    """The mean and its interval as one cell or one chart label: `71% [62%, 79%]`."""
+    mean = number(interval.mean if interval else None, percent)
+    return f"{mean} {interval_text(interval, percent)}".removesuffix(" -")
+
+
 def usd(value: float | None) -> str:
     """Dollars with two significant digits below a cent ($0.000018), cents above."""
     if value is None:
@@ -56,7 +62,7 @@ def ranking_rows(report: Report, ranking: Ranking) -> list[dict[str, str]]:
         rows.append({
             "rank": f"{BEST_MARK} {score.rank}" if score.best else str(score.rank),
             "model": score.model,
-            "mean [95%]": f"{number(iv.mean if iv else None, percent)} {interval_text(iv, percent)}".removesuffix(" -"),
+            "mean [95%]": mean_interval(iv, percent),
             "n": str(iv.n if iv else 0),
             "failed": str(model.failed),
             "unscored": str(score.unscored),
