@@ -69,7 +69,7 @@ def normal(mean: float, std: float | None, n: int) -> Interval:
 
 
 def bootstrap_mean(values: pl.Series, resamples: int = RESAMPLES, seed: int = 0) -> Interval:
-    values = values.drop_nulls().cast(pl.Float64)
+    values = values.drop_nulls().cast(pl.Float64).sort()  # the same values, in whatever order a query gave them, draw the same resamples
     n, mean = values.len(), float(values.mean() or 0.0)  # type: ignore[arg-type]
     if n < 2:
         return Interval(mean, None, None, n, BOOTSTRAP)
