@@ -158,6 +158,7 @@ def cost_chart(report: Report) -> Chart | None:
         _style(axes, "Cost by model", label)
         return Chart("cost", "Cost by model", _png(figure))
     scale = 100.0 if ranking.metric.proportion else 1.0
+    middle = (min(spend.values()) + max(spend.values())) / 2
     for n, score in enumerate(s for s in ranking.scores if s.interval is not None and s.model in spend):
         iv = score.interval
         assert iv is not None
@@ -165,7 +166,9 @@ def cost_chart(report: Report) -> Chart | None:
         colour = BEST if score.best else OTHERS[n % len(OTHERS)]
         axes.errorbar([spend[score.model]], [iv.mean * scale], yerr=[[(iv.mean - low) * scale], [(high - iv.mean) * scale]],
                       fmt="o", color=colour, ecolor=colour, capsize=4, markersize=9)  # fmt: skip
-        axes.annotate(score.model, (spend[score.model], iv.mean * scale), xytext=(8, 6), textcoords="offset points", color=TEXT, fontsize=10)
+        right = spend[score.model] > middle  # named on the inner side, so a long name stays in the picture
+        axes.annotate(score.model, (spend[score.model], iv.mean * scale), xytext=(-8 if right else 8, 6), textcoords="offset points",
+                      ha="right" if right else "left", color=TEXT, fontsize=10)  # fmt: skip
     if label.startswith("cost"):
         axes.xaxis.set_major_formatter(lambda value, _: f"${value:.3g}")
     axes.set_ylabel(f"{ranking.metric.label} ({'% of answers' if ranking.metric.proportion else 'mean score'})", color=MUTED)
