@@ -112,7 +112,7 @@ def test_study_artifacts_hold_ranked_intervals_charts_and_answers(study: Study, 
 
     [summary] = _artifacts(prefect_api, f"summary-{slug(NAME)}")
     run_charts = _pngs(summary["data"])
-    assert "# Report" in summary["data"] and len(run_charts) == 2 and all(size < 200_000 for _, _, size in run_charts)
+    assert "# Report" in summary["data"] and summary["data"].count("## Models") == 1 and len(run_charts) == 2 and all(size < 200_000 for _, _, size in run_charts)
     judged = httpx.post(f"{prefect_api}/artifacts/filter", json={"artifacts": {"key": {"like_": "summary-judge-"}}}, timeout=30).json()
     assert judged and all("# Report" not in a["data"] for a in judged)  # a judge run's report is its study
 

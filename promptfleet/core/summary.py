@@ -132,13 +132,15 @@ def table_markdown(rows: list[dict[str, Any]], columns: tuple[str, ...] | None =
     return head + "".join("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |\n" for r in rows)
 
 
-def summary_markdown(summary: RunSummary) -> str:
+def summary_markdown(summary: RunSummary, models: bool = True) -> str:
+    """The run's summary artifact; `models=False` when the report appended to it has the models' table."""
     outputs = "".join(f"- {kind}: `{path}`\n" for kind, path in summary.outputs.items())
     batches = f"\n## Batches\n\n{table_markdown(summary.batches, BATCH_COLUMNS)}" if summary.batches else ""
     return (
         f"# {summary.experiment}\n\n{headline(summary)}\n\n## Queues\n\n{table_markdown(summary.queues, QUEUE_COUNT_COLUMNS)}"
         f"\n## Speed\n\n{table_markdown(summary.queues, QUEUE_SPEED_COLUMNS)}"
-        f"\n## Models\n\n{table_markdown(summary.models, MODEL_COLUMNS)}{batches}\n## Outputs\n\n{outputs}"
+        + (f"\n## Models\n\n{table_markdown(summary.models, MODEL_COLUMNS)}" if models else "")
+        + f"{batches}\n## Outputs\n\n{outputs}"
     )
 
 

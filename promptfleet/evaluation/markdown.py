@@ -40,7 +40,7 @@ def _charts(charts: list[Chart] | None, hint: str) -> str:
 
 
 def report_sections(report: Report, charts: list[Chart] | None, hint: str) -> str:
-    """The rankings, the paired comparisons, the charts and (without rankings) the models."""
+    """The rankings, the paired comparisons, the charts and the models."""
     parts = []
     if best := rows.best_lines(report):
         parts.append("\n".join(f"- {escape(line)}" for line in best) + "\n")

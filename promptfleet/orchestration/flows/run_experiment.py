@@ -140,7 +140,7 @@ async def _run(work: inbox.Work, settings: Settings, session, move_to_input: boo
     report = await run_report(summary)  # first: it adds the offline page to the outputs
     await acreate_markdown_artifact(
         key=f"summary-{slug(run.name)}",
-        markdown=summary_markdown(summary) + report,
+        markdown=summary_markdown(summary, models=not report) + report,
         description=f"promptfleet summary of {run.name}",
     )
     if summary.complete:
