@@ -199,7 +199,7 @@ def test_without_matplotlib_the_report_is_tables_and_says_how_to_get_the_charts(
     monkeypatch.setattr(charts, "available", lambda: False)
     written = write_report(_study(tmp_path))
     page = written.html.read_text(encoding="utf-8")
-    assert written.charts is None and "<img" not in page and "pip install &#x27;promptfleet[report]&#x27;" in page
+    assert written.charts is None and "<img" not in page and "<code>pip install &#x27;promptfleet[report]&#x27;</code>" in page
     markdown = study_markdown(written.report, None, charts.INSTALL_HINT, "answers-exp")
     assert "pip install 'promptfleet[report]'" in markdown and "data:image" not in markdown
 

@@ -9,6 +9,7 @@ half a page.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -78,7 +79,7 @@ def render(report: Report, charts: list[Chart] | None, hint: str) -> str:
         parts.append(_table(rows.ranking_rows(report, ranking), [s.best for s in ranking.scores]))
     parts.append("<h2>Charts</h2>")
     if charts is None:
-        parts.append(f"<p class=muted>{escape(hint)}</p>")
+        parts.append("<p class=muted>" + re.sub(r"`([^`]*)`", r"<code>\1</code>", escape(hint)) + "</p>")
     parts += [f"<img alt='{escape(c.title)}' title='{escape(c.title)}' src='{c.data_uri}'>" for c in charts or []]
     parts.append("<h2>Models</h2>" + _table(rows.model_rows(report)))
     if report.batch_saved_usd:
