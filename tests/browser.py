@@ -6,6 +6,7 @@ Tests that need it skip when chromium is not installed."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -22,7 +23,19 @@ IMAGES = "JSON.stringify(Array.from(document.images).map(i => ({src: i.src.slice
 
 
 def chromium() -> str:
+    """The browser, installed from Debian's packages the first time a test needs it (as
+    root, where apt-get is there); elsewhere the test skips saying how to get it."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found and shutil.which("apt-get") and os.geteuid() == 0:
+        import fcntl
+
+        with open(Path(tempfile.gettempdir()) / "promptfleet-chromium-install.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one install, however many test processes ask
+            if not shutil.which("chromium"):
+                env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+                subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+                subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], env=env, capture_output=True, timeout=900)
+        found = shutil.which("chromium")
     if not found:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     return found

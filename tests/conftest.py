@@ -60,6 +60,27 @@ def openai_env(fake_openai: FakeServer, monkeypatch: pytest.MonkeyPatch) -> Fake
     return fake_openai
 
 
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The OpenAI, Anthropic and Gemini batch APIs at one local fake, the SDKs pointed at it."""
+    from tests.fake_batches import FakeBatchServer
+
+    with FakeBatchServer() as server:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        server.state.polls_to_finish = 1
+        yield server
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A Prefect server of its own, for a test that needs a fresh one."""
+    from tests.test_server_mode import prefect_server_process
+
+    with prefect_server_process(tmp_path) as (api, env):
+        yield api, env
+
+
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))

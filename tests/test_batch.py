@@ -6,13 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +23,6 @@ from tests.fake_batches import FakeBatchServer
 pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
 
 MODELS = {"openai": "gpt-4o-mini", "azure-openai": "my-deployment", "anthropic": "claude-3-5-haiku", "gemini": "gemini-2.0-flash"}
-
-
-@pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeBatchServer]:
-    with FakeBatchServer() as server:
-        for key, value in server.env().items():
-            monkeypatch.setenv(key, value)
-        server.state.polls_to_finish = 1
-        yield server
 
 
 def mixed(n: int, apis: tuple[str, ...] = tuple(MODELS)) -> list[dict[str, Any]]:

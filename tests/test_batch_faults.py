@@ -19,7 +19,7 @@ from promptfleet.batch import jobs
 from promptfleet.batch.journal import BatchJournal
 from tests.conftest import write_jsonl
 from tests.fake_batches import FakeBatchServer
-from tests.test_batch import fake, outputs, run_once, settings  # noqa: F401 - `fake` is a fixture
+from tests.test_batch import outputs, run_once, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

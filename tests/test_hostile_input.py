@@ -67,7 +67,7 @@ def hostile_schemas(base: str, canary_file: Path) -> list[dict]:
     string = {"type": "string"}
     return [
         {"$ref": f"{base}/evil.json"},
-        {"type": "object", "properties": {"a": {"$ref": f"https://127.0.0.1:1/evil.json#/x"}}},
+        {"type": "object", "properties": {"a": {"$ref": "https://127.0.0.1:1/evil.json#/x"}}},
         {"type": "object", "properties": {"a": {"$ref": canary_file.as_uri()}}},
         {"$ref": "evil.json"},  # relative: resolved against the base URI, then fetched
         {"$id": f"{base}/root.json", "type": "object", "properties": {"a": {"$ref": "other.json"}}},

@@ -76,13 +76,6 @@ def prefect_server_process(tmp_path: Path, extra_env: dict[str, str] | None = No
         log.close()
 
 
-@pytest.fixture
-def prefect_server(tmp_path: Path):
-    """A server of its own for a test that needs a fresh one (tests/test_signals.py)."""
-    with prefect_server_process(tmp_path) as (api, env):
-        yield api, env
-
-
 def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 180) -> str:
     print(f"{time.strftime('%H:%M:%S')} {' '.join(cmd[1:4])}", flush=True)
     done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -246,8 +239,9 @@ def test_the_ui_talks_to_the_server_it_is_served_by(service: Service):
     assert not ui.endswith(":4200")
     assert httpx.get(f"{ui}/ui-settings", timeout=10).json()["api_url"] == service.api
     runs = service.settled()
-    if not (chromium := shutil.which("chromium") or shutil.which("chromium-browser")):
-        pytest.skip("chromium is not installed")
+    from tests.browser import chromium as find_chromium
+
+    chromium = find_chromium()
     run_ = next((r for r in runs if r["name"] == "dropped"), runs[0])
     profile = tempfile.mkdtemp(prefix="promptfleet-chromium-")
     try:

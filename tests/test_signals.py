@@ -16,7 +16,6 @@ import pytest
 
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer, Scripted
-from tests.test_server_mode import prefect_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("prefect_api")  # commands report to the session's server
 

@@ -191,7 +191,7 @@ def _latencies(table: pl.LazyFrame) -> dict[str, list[float]]:
 def read_report(path: Path, batch_saved_usd: float | None = None, first: int = 10, disagreeing: int = 10) -> Report:
     """The report of a results table or a study table (raises ValueError for another file)."""
     stamp, kind, name = parts_of(path)
-    raw = pl.scan_parquet(path)
+    raw = pl.scan_parquet(path, glob=False)
     schema = raw.collect_schema()
     missing = [c for c in ("input_line", "api", "model_name", "status", "prompt", "response") if c not in schema]
     if missing:
