@@ -97,7 +97,7 @@ def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_colu
         "model_version": record.get("model_version"),
         "system_fingerprint": record.get("system_fingerprint"),
         "request_id": record.get("request_id"),
-        "seed": record.get("seed") if isinstance(record.get("seed"), int) else None,
+        "seed": _int64(record.get("seed")),
         "error_type": error.get("type"),
         "error_status": error.get("status"),
         "error_message": error.get("message"),
@@ -222,3 +222,8 @@ def _summary(tallies: dict[tuple[str, str], _ModelTally], score_keys: list[str])
                      "input_tokens": t.input_tokens, "output_tokens": t.output_tokens, **means,
                      "model_versions": sorted(t.versions), "system_fingerprints": sorted(t.fingerprints), "seeds": sorted(t.seeds)})  # fmt: skip
     return pl.DataFrame(rows, schema=schema)
+
+
+def _int64(value: Any) -> int | None:
+    """A seed as the table's Int64 column holds it; one no provider would take is left out."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63 else None
