@@ -20,7 +20,8 @@ import pytest
 
 from promptfleet.orchestration import server
 from promptfleet.orchestration.crashed_runs import (
-    AUTOMATION_NAME,
+    SILENCE,
+    automation_name,
     ensure_crash_automation,
 )
 from tests.conftest import write_jsonl
@@ -97,7 +98,7 @@ def test_first_run_starts_the_server_later_runs_reuse_it_and_the_run_stays_in_th
     assert "20 answered, 0 failed" in artifacts["summary-twenty"]["data"]
     assert artifacts["progress-twenty"]["data"] == 100.0
     automations = httpx.post(f"{info.api_url}/automations/filter", json={}, timeout=10).json()
-    assert [a["name"] for a in automations] == [AUTOMATION_NAME]  # created with the server, once
+    assert [a["name"] for a in automations] == [automation_name(SILENCE)]  # set up by the first run, once
 
     second = cli(["run", "-f", str(path), "-mq", "60000"], home, tmp_path, PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="INFO")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -170,7 +171,6 @@ def test_kill_9_of_an_ephemeral_run_leaves_no_server_behind(tmp_path: Path, home
 
 @pytest.mark.slow
 def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path: Path, home: Path):
-    import asyncio
     from datetime import timedelta
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -178,7 +178,7 @@ def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path
     info, started = server.start(home)
     assert started
     with temporary_settings({PREFECT_API_URL: info.api_url}):  # a shorter silence than the default, to keep the test short
-        assert asyncio.run(ensure_crash_automation(silence=timedelta(seconds=40)))
+        assert ensure_crash_automation(silence=timedelta(seconds=40))
     rows = [{"id": i, "api": "test", "model_name": "m", "prompt": f"q{i}", "parameters": {"latency": 1.0}} for i in range(600)]
     path = write_jsonl(tmp_path / "doomed.jsonl", rows)
     environ = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
@@ -193,7 +193,7 @@ def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path
             runs = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
             time.sleep(0.5)
         assert runs and runs[0]["state_type"] == "RUNNING"
-        time.sleep(2)  # the first heartbeat is sent as the run starts
+        time.sleep(2)  # the run says it is alive as it starts
     finally:
         proc.kill()
         proc.wait()
