@@ -19,12 +19,16 @@ a beat that is known to come.
 A flow run that a worker started also stops when that worker is gone: the worker starts it
 in a session of its own, so killing the worker's process group leaves it sending. Its parent
 process changing says so; it then stops as on SIGTERM (no new requests, what is in flight
-lands and is journaled, the file goes back to the inbox) and reports its own end.
+lands and is journaled, the file goes back to the inbox) and reports its own end. Its output
+went to the worker through a pipe, which is now broken: rich, behind Prefect's console log
+handler, exits the process at the first line written to a broken pipe, so that output goes
+to /dev/null instead (the run's log file and the Prefect API still get every line).
 """
 
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import os
 import threading
@@ -39,7 +43,7 @@ log = logging.getLogger("promptfleet")
 ALIVE_EVENT = "promptfleet.flow-run.alive"
 ALIVE_SECONDS = 15.0
 SILENCE = timedelta(seconds=60)  # the default claim lease: a dead run is Crashed 60-75 s after its last word
-PARENT_CHECK_SECONDS = 1.0
+PARENT_CHECK_SECONDS = 0.2
 AUTOMATION_PREFIX = "promptfleet: crash runs silent for"
 RETIRED_AUTOMATIONS = ("promptfleet: crash runs whose process is gone",)  # heartbeat-based, before our own event
 OUR_FLOWS = ("watch_input", "run_experiment", "judge_experiment", "rephrase_experiment", "run_study")
@@ -63,6 +67,8 @@ def kept_alive(stop: Callable[[str], None]) -> Iterator[None]:
         return
     run = context.flow_run
     started_by_worker = os.environ.get("PREFECT__FLOW_RUN_ID") == str(run.id)
+    if started_by_worker:
+        _survive_a_broken_pipe()
     beat = _Beat(
         resource={"prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name or ""},
         related=[{"prefect.resource.id": f"prefect.flow.{run.flow_id}", "prefect.resource.role": "flow",
@@ -103,9 +109,32 @@ class _Beat:
                     except Exception as error:  # noqa: BLE001 - a server without automations still runs flows
                         log.warning("cannot set up crash detection on the Prefect server: %s", error)
             if self.parent is not None and os.getppid() != self.parent:
+                _output_to_devnull()
                 self.stop(f"the worker that started this flow run (pid {self.parent}) is gone")
                 self.parent = None
             self.done.wait(PARENT_CHECK_SECONDS if self.parent is not None else max(0.0, next_beat - time.monotonic()))
+
+
+def _survive_a_broken_pipe() -> None:
+    """Between the worker's death and our noticing it, a log line must not end the process."""
+    loggers = [logging.root, *(x for x in list(logging.root.manager.loggerDict.values()) if isinstance(x, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            console = getattr(handler, "console", None)
+            if console is not None and hasattr(console, "on_broken_pipe"):
+                console.on_broken_pipe = functools.partial(_go_quiet, console)
+
+
+def _go_quiet(console: Any) -> None:
+    console.quiet = True
+    _output_to_devnull()
+
+
+def _output_to_devnull() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def ensure_crash_automation(silence: timedelta = SILENCE) -> bool:
