@@ -132,12 +132,15 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
         worker_env = {**env, "OPENAI_API_KEY": "sk-scale-out-0123456789", "OPENAI_BASE_URL": fake.base_url,
                       "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
                       "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO"}  # fmt: skip
-        # The recipe, as the README gives it; the schedule stays as written (a poll a minute).
+        # The recipe, as the README gives it.
         work.mkdir()
         run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
         # The pipeline only: `--all` would add the judge, triggered by each finished run.
         deployed = run([PREFECT, "--no-prompt", "deploy", "--name", "pipeline", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
         assert "promptfleet.orchestration" not in deployed  # flows come from the installed package, not a file here
+        # Test only: polls start when the test says, with its rate (a scheduled poll runs with the deployment's
+        # parameters, prompto's default of 10/min); the polls they start themselves are the recipe's.
+        run([PREFECT, "deployment", "schedule", "clear", "watch_input/pipeline", "--accept-yes"], env, work)
         files = [log.open("wb") for log in logs]
 
         def worker(i: int) -> subprocess.Popen:
