@@ -109,11 +109,11 @@ def _drop(inbox: Path, names: list[str], prompts: int = PROMPTS) -> None:
                                               for i in range(prompts)])  # fmt: skip
 
 
-def _wait(condition, timeout: float, what: str, logs: list[Path]) -> float:
+def _wait(condition, timeout: float, what: str, logs: list[Path], state=lambda: None) -> float:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, (what, [log.read_text(errors="replace")[-2500:] for log in logs])
-        time.sleep(0.5)
+        assert time.monotonic() < deadline, (what, state(), [log.read_text(errors="replace")[-2500:] for log in logs])
+        time.sleep(0.3)
     return time.monotonic()
 
 
@@ -153,22 +153,29 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             # One poll started now (the recipe's `deployment run`): it takes one file and starts a poll for the other worker.
             run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", params], env, work)
 
-            # Both workers inside an experiment, one of them mid-way: kill it and everything it started.
-            def busy() -> dict[int, tuple[str, int]]:
-                """worker pid -> (experiment, pid of the process running it), for experiments mid-way"""
-                found = {}
+            # Both workers in a poll, one of them mid-way through an experiment: kill it and everything it started.
+            def holders() -> list[tuple[str, int, int | None, int]]:
+                """(experiment, pid that ran it last, that pid's parent, answers so far)"""
+                found = []
                 for name in first:
                     try:
                         pid = json.loads((out / name / ".lock").read_text())["pid"]
                     except (OSError, ValueError, KeyError):
                         continue
-                    if (parent := _parent_of(pid)) in (w.pid for w in workers) and 3 <= len(_completed_lines(out, name)) < PROMPTS - 3:
-                        found[parent] = (name, pid)
+                    found.append((name, pid, _parent_of(pid), len(_completed_lines(out, name))))
                 return found
 
-            _wait(lambda: len(busy()) == 2, 180, "both workers running an experiment", logs)
-            victim = next(w for w in workers if w.pid in busy())
-            killed, flow_pid = busy()[victim.pid]
+            chosen: list[tuple[str, int, subprocess.Popen]] = []
+
+            def mid_run() -> bool:
+                now = holders()
+                if {w.pid for w in workers} <= {parent for _, _, parent, _ in now}:
+                    chosen[:] = [(name, pid, w) for name, pid, parent, done in now for w in workers
+                                 if parent == w.pid and 3 <= done < PROMPTS - 3][:1]  # fmt: skip
+                return bool(chosen)
+
+            _wait(mid_run, 180, "both workers in a poll, one mid-way", logs, holders)
+            [(killed, flow_pid, victim)] = chosen
             os.killpg(victim.pid, signal.SIGKILL)
             if _parent_of(flow_pid) is not None:  # the flow process left the worker's group: a dead host takes it too
                 os.kill(flow_pid, signal.SIGKILL)

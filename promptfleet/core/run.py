@@ -10,7 +10,6 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from promptfleet.core import inbox, manifest
+from promptfleet.core import inbox, manifest, plan_cache
 from promptfleet.core.config import Settings
 from promptfleet.core.costs import Budget, Spend
 from promptfleet.core.engine import (
@@ -35,7 +34,7 @@ from promptfleet.core.experiment import (
     check_extension,
 )
 from promptfleet.core.limiter import SharedRate
-from promptfleet.core.plan import Plan, QueuePlan, inspect
+from promptfleet.core.plan import Plan, QueuePlan
 from promptfleet.core.rundir import (
     Journal,
     JournalIndex,
@@ -89,7 +88,7 @@ class Run:
         self._skip = skip
         self.policy = policy or RetryPolicy(max_attempts=settings.max_attempts)
         self.clients = Clients(ProviderOptions(settings.media_folder, settings.timeout))
-        self.spend = Spend(settings.price_table)
+        self.spend = Spend(settings.price_table)  # this session's: the budget's
         self.budget = Budget(settings.max_cost, settings.max_tokens_total)
         self.stop = asyncio.Event()
         self.stopped_by: str | None = None
@@ -191,14 +190,18 @@ class Run:
         stats = list(self.stats.values())
         score_keys = sorted({k for s in stats for k in s.score_keys})
         models, seen = [], []
+        spend = self.spend  # this session's, unless the journal is read whole below
         if self.journal_error is None:  # a disk that refused the journal would refuse the tables: the resume writes them
-            table = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys, parsed_columns=self.plan.parsed_columns)
+            spend = Spend(self.settings.price_table)  # the whole run's, earlier sessions included
+            table = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys, parsed_columns=self.plan.parsed_columns,
+                                 on_answer=lambda record: _paid(spend, record))  # fmt: skip
             models = table.drop(*SEEN_COLUMNS).to_dicts()
             seen = table.select("api", "model_name", "prompts", "answered", *SEEN_COLUMNS).to_dicts()
         state = read_state(paths)
         if complete:
             state = {**state, "finished": True, "ended": datetime.now(timezone.utc).isoformat()}
             write_state(paths, **state)
+            plan_cache.forget(self.plan.file, self.settings)
         outputs = {"completed": paths.completed, "failed": paths.failed, "log": paths.log, "parquet": paths.parquet, "input": paths.input}
         if self.settings.output_as_csv:
             outputs["csv"] = paths.csv
@@ -212,7 +215,7 @@ class Run:
             retries=sum(s.retries for s in stats),
             rate_limited=sum(s.rate_limited for s in stats),
             budget_stop=next((s.budget_stop for s in stats if s.budget_stop), None),
-            cost=_cost_summary(self.spend),
+            cost=_cost_summary(spend),
             wall_s=max((s.elapsed for s in stats), default=0.0),
             queues=[s.as_dict() for s in stats],
             models=models,
@@ -259,7 +262,7 @@ def open_run(
     file = Path(file)
     check_extension(file)
     if plan is None or plan.file != file or not plan.is_current():
-        plan = inspect(file, settings)
+        plan = plan_cache.plan_for(file, settings)
     if not plan.ok:
         raise ExperimentError(_problems(plan))
     name = plan.name
@@ -281,6 +284,7 @@ def open_run(
         resumed = paths.state.exists()
         state = read_state(paths) if resumed else {"started": datetime.now(timezone.utc).isoformat()}
         write_state(paths, **{**state, "input_sha256": plan.digest, "source": str(file), "finished": False, "prompts": plan.prompts})
+        plan_cache.keep(plan, settings)
         return Run(plan, settings, session, paths, lock, resumed, resume.skip, policy, claim)
     except BaseException:
         lock.release()
@@ -294,7 +298,8 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
     the answers of its unchanged lines; the change is said, never silently resent."""
     for stamp, state in unfinished_runs(out_dir, plan.name):
         paths = RunPaths(out_dir, stamp, plan.name)
-        done = read_journal(paths)
+        log.info("%s: resuming run %s; reading what it has done", plan.name, stamp)
+        done = read_journal(paths, progress=lambda n: log.info("%s: %s prompt(s) done so far", plan.name, f"{n:,}"))
         same = state.get("input_sha256") == plan.digest
         skip, matched = _skips(plan, done)
         if done.corrupt:
@@ -319,18 +324,27 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
     return _Resume(stamp)
 
 
+def _paid(spend: Spend, record: dict[str, Any]) -> None:
+    """A journaled answer, counted as the engine counted it when it landed."""
+    if usage := record.get("usage"):
+        spend.add(record.get("model_name") or "", usage.get("input_tokens"), usage.get("output_tokens"), batch=bool(record.get("batch")))
+
+
 def _skips(plan: Plan, done: JournalIndex) -> tuple[dict[str, bytearray], int]:
-    keys = Counter(done.keys)
+    """Which planned records the journal answered: as many of each content key as it holds."""
+    left = dict(done.keys)
     skip: dict[str, bytearray] = {}
     matched = 0
     for queue in [*plan.queues.values(), *([plan.batch] if plan.batch else [])]:
         marks = bytearray(queue.prompts)
-        for i in range(queue.prompts):
-            key = queue.key(i)
-            if keys[key] > 0:
-                keys[key] -= 1
-                marks[i] = 1
-            matched += marks[i]
+        if left:
+            keys, get = queue.keys.hex(), left.get
+            for i in range(queue.prompts):
+                key = keys[24 * i : 24 * i + 24]
+                if count := get(key):
+                    left[key] = count - 1
+                    marks[i] = 1
+            matched += marks.count(1)
         skip[queue.name] = marks
     return skip, matched
 
@@ -350,7 +364,7 @@ def _count_lines(path: Path) -> int:
 
 
 def _cost_summary(spend: Spend) -> CostSummary:
-    """This session's tokens and estimated cost (a resumed run counts what it sent itself)."""
+    """The run's tokens and estimated cost, its earlier sessions' included."""
     return CostSummary(spend.input_tokens, spend.output_tokens, round(spend.cost, 6), sorted(spend.unpriced), spend.by_model,
                        round(spend.batch_saved, 6))  # fmt: skip
 

@@ -1,14 +1,16 @@
-"""Result tables: one row per prompt in Parquet (and CSV), streamed from the journal."""
+"""Result tables: one row per prompt in Parquet (and CSV), streamed from the journal, in
+the order of the input file."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from promptfleet.core.quantiles import QuantileSample
-from promptfleet.core.rundir import RunPaths
+from promptfleet.core.rundir import RunPaths, parse_line
 
 if TYPE_CHECKING:
     import polars as pl
@@ -44,9 +46,21 @@ TABLE_COLUMNS = {
 }
 
 
-def _as_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
+def _as_text(value: Any, known: dict[Any, str] | None = None) -> str | None:
+    """A cell's text: a string as it is, anything else as JSON. `known` keeps the text of
+    flat dicts seen before (every prompt of a file often has the same parameters)."""
+    if value is None or type(value) is str:
         return value
+    if type(value) is int:
+        return str(value)
+    if known is not None and type(value) is dict and len(known) < 4096:
+        try:
+            key = tuple(value.items())
+            if (text := known.get(key)) is None:
+                text = known[key] = json.dumps(value, ensure_ascii=False)
+            return text
+        except TypeError:  # a value that is itself a dict or a list
+            pass
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -73,7 +87,8 @@ def _parsed(value: Any, kind: str) -> Any:
     return value if isinstance(value, {"integer": int, "string": str}[kind]) else None
 
 
-def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_columns: dict[str, str] | None = None) -> dict[str, Any]:
+def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_columns: dict[str, str] | None = None,
+         known: dict[Any, str] | None = None) -> dict[str, Any]:  # fmt: skip
     usage = record.get("usage") or {}
     error = record.get("error") or {}
     return {
@@ -101,7 +116,7 @@ def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_colu
         "error_type": error.get("type"),
         "error_status": error.get("status"),
         "error_message": error.get("message"),
-        "parameters": _as_text(record.get("parameters")),
+        "parameters": _as_text(record.get("parameters"), known),
         **{f"score_{k}": _score(record.get(k)) for k in score_keys},
         **_parsed_cells(record.get("response_parsed"), parsed_columns or {}),
     }
@@ -152,17 +167,23 @@ class _ModelTally:
                 total[1] += 1
 
 
-def write_tables(
-    paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000, parsed_columns: dict[str, str] | None = None
-) -> pl.DataFrame:
-    """Parquet (and CSV) of every prompt in the run, one row each (answers, then failures, as they
-    landed; `input_line` gives the input order); returns a per-model summary, with the distinct model versions,
-    fingerprints and seeds the answers reported (`SEEN_COLUMNS`, for the manifest).
+BUCKET_LINES = 50_000  # input lines whose rows are put in order together
 
-    Memory stays that of one batch whatever the run's size: rows go to Parquet parts `batch` at a
-    time, which polars streams into one file in row groups of the same size (polars' NDJSON
-    reader, or its default row groups, would hold much of the run), and the per-model summary is
-    added up as the rows pass, its latency quantiles from a fixed-size sample.
+
+def write_tables(
+    paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000, parsed_columns: dict[str, str] | None = None,
+    on_answer: Callable[[dict[str, Any]], None] | None = None,
+) -> pl.DataFrame:  # fmt: skip
+    """Parquet (and CSV) of every prompt in the run, one row each, in the order of the input
+    (`input_line`; rows of one line as they landed); returns a per-model summary, with the
+    distinct model versions, fingerprints and seeds the answers reported (`SEEN_COLUMNS`, for
+    the manifest). Each answer is also handed to `on_answer`, as it passes.
+
+    Memory stays that of one batch whatever the run's size: rows are set aside by input line
+    into buckets of BUCKET_LINES lines, the fullest bucket goes to a Parquet part whenever
+    `batch` rows are held, and polars sorts one bucket at a time while it streams the parts
+    into one file (row groups of `batch` rows). The per-model summary is added up as the rows
+    pass, its latency quantiles from a fixed-size sample.
     """
     import polars as pl
 
@@ -174,25 +195,41 @@ def write_tables(
     parts = paths.out_dir / f".{paths.stamp}-table-{paths.name}"
     parts.mkdir(exist_ok=True)
     tallies: dict[tuple[str, str], _ModelTally] = {}
+    buckets: dict[int, list[dict[str, Any]]] = {}
+    written: dict[int, int] = {}  # bucket -> parts written
+    known: dict[Any, str] = {}
+
+    def flush(bucket: int) -> None:
+        pl.DataFrame(buckets.pop(bucket), schema=schema).write_parquet(parts / f"{bucket:08d}-{written.get(bucket, 0):06d}.parquet")
+        written[bucket] = written.get(bucket, 0) + 1
+
     try:
-        rows: list[dict[str, Any]] = []
-        written = 0
+        held = 0
         for path, status in ((paths.completed, "completed"), (paths.failed, "failed")):
             if not path.exists():
                 continue
-            with path.open(encoding="utf-8") as fh:
-                for text in fh:
-                    row = _row(json.loads(text), status, score_keys, parsed_columns)
-                    tallies.setdefault((row["api"], row["model_name"]), _ModelTally()).add(row, score_keys)
-                    rows.append(row)
-                    if len(rows) == batch:
-                        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
-                        written, rows = written + 1, []
-        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
-        table = pl.scan_parquet(sorted(parts.glob("*.parquet")), glob=False)
-        table.sink_parquet(paths.parquet, row_group_size=batch)
+            answers = on_answer if status == "completed" else None
+            with path.open("rb") as fh:
+                for raw in fh:
+                    record = parse_line(raw)
+                    if answers is not None:
+                        answers(record)
+                    row = _row(record, status, score_keys, parsed_columns, known)
+                    key = (row["api"], row["model_name"])
+                    (tallies.get(key) or tallies.setdefault(key, _ModelTally())).add(row, score_keys)
+                    buckets.setdefault((row["input_line"] or 0) // BUCKET_LINES, []).append(row)
+                    held += 1
+                    if held == batch:
+                        fullest = max(buckets, key=lambda b: len(buckets[b]))
+                        held -= len(buckets[fullest])
+                        flush(fullest)
+        for bucket in list(buckets):
+            flush(bucket)
+        ordered = [pl.scan_parquet(sorted(parts.glob(f"{bucket:08d}-*.parquet")), glob=False).sort("input_line", maintain_order=True)
+                   for bucket in sorted(written)]  # fmt: skip
+        (pl.concat(ordered) if ordered else pl.LazyFrame(schema=schema)).sink_parquet(paths.parquet, row_group_size=batch)
         if csv:
-            table.sink_csv(paths.csv)
+            pl.scan_parquet(paths.parquet, glob=False).sink_csv(paths.csv)
     finally:
         shutil.rmtree(parts, ignore_errors=True)
     return _summary(tallies, score_keys)
