@@ -50,7 +50,7 @@ from promptfleet.core.rundir import (
 from promptfleet.core.scorers import load_scorer
 from promptfleet.core.session import Session, current_session
 from promptfleet.core.summary import CostSummary, RunSummary
-from promptfleet.core.tables import SEEN_COLUMNS, load_library, write_tables
+from promptfleet.core.tables import SEEN_COLUMNS, TableWriter, load_library
 from promptfleet.providers import Clients, provider_class
 from promptfleet.providers.base import ProviderOptions, resolve_env
 
@@ -93,7 +93,12 @@ class Run:
         self.stop = asyncio.Event()
         self.stopped_by: str | None = None
         self.journal_error: str | None = None
+        self.earlier_spend = Spend(settings.price_table)  # what earlier sessions' answers cost, read back from the journal
+        earlier = paths.completed.stat().st_size if paths.completed.exists() else 0
         self.journal = Journal(paths, on_error=self._journal_failed)
+        self.table = TableWriter(paths, plan.parsed_columns, on_answer=lambda record: _paid(self.earlier_spend, record), answers_before=earlier)
+        if not settings.scorers:  # scorers name their columns as they go: their runs' tables are written at the end
+            self.table.follow()
         self.reader = RecordReader(paths.input)
         self.scorers = [load_scorer(name) for name in settings.scorers]
         self.stats = {q.name: QueueStats(q.name, q.rate_per_minute, total=q.prompts, skipped=q.prompts - self._todo(q)) for q in self.queues}
@@ -190,13 +195,12 @@ class Run:
         stats = list(self.stats.values())
         score_keys = sorted({k for s in stats for k in s.score_keys})
         models, seen = [], []
-        spend = self.spend  # this session's, unless the journal is read whole below
         if self.journal_error is None:  # a disk that refused the journal would refuse the tables: the resume writes them
-            spend = Spend(self.settings.price_table)  # the whole run's, earlier sessions included
-            table = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys, parsed_columns=self.plan.parsed_columns,
-                                 on_answer=lambda record: _paid(spend, record))  # fmt: skip
+            table = self.table.finish(csv=self.settings.output_as_csv, score_keys=score_keys)
             models = table.drop(*SEEN_COLUMNS).to_dicts()
             seen = table.select("api", "model_name", "prompts", "answered", *SEEN_COLUMNS).to_dicts()
+        else:
+            self.table.stop()
         state = read_state(paths)
         if complete:
             state = {**state, "finished": True, "ended": datetime.now(timezone.utc).isoformat()}
@@ -215,7 +219,7 @@ class Run:
             retries=sum(s.retries for s in stats),
             rate_limited=sum(s.rate_limited for s in stats),
             budget_stop=next((s.budget_stop for s in stats if s.budget_stop), None),
-            cost=_cost_summary(spend),
+            cost=_cost_summary(self.spend, self.earlier_spend),
             wall_s=max((s.elapsed for s in stats), default=0.0),
             queues=[s.as_dict() for s in stats],
             models=models,
@@ -238,6 +242,7 @@ class Run:
         try:
             await self.clients.aclose()
         finally:
+            self.table.stop()
             self.journal.close()
             self.reader.close()
             self._lock.release()
@@ -363,10 +368,17 @@ def _count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
 
 
-def _cost_summary(spend: Spend) -> CostSummary:
-    """The run's tokens and estimated cost, its earlier sessions' included."""
-    return CostSummary(spend.input_tokens, spend.output_tokens, round(spend.cost, 6), sorted(spend.unpriced), spend.by_model,
-                       round(spend.batch_saved, 6))  # fmt: skip
+def _cost_summary(*spends: Spend) -> CostSummary:
+    """The run's tokens and estimated cost: this session's as it paid them, earlier sessions'
+    as their journal says (a reply a schema refused back then was paid and not journaled)."""
+    by_model: dict[str, dict[str, Any]] = {}
+    for spend in spends:
+        for model, entry in spend.by_model.items():
+            total = by_model.setdefault(model, dict.fromkeys(entry, 0))
+            for key, value in entry.items():
+                total[key] = None if value is None or total.get(key, 0) is None else total.get(key, 0) + value
+    return CostSummary(sum(s.input_tokens for s in spends), sum(s.output_tokens for s in spends), round(sum(s.cost for s in spends), 6),
+                       sorted(set().union(*(s.unpriced for s in spends))), by_model, round(sum(s.batch_saved for s in spends), 6))  # fmt: skip
 
 
 class _QuietFileHandler(logging.FileHandler):
