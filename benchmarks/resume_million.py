@@ -60,12 +60,13 @@ class _Stderr:
 
 
 def resume_million(n: int = N) -> list[str]:
-    from benchmarks.__main__ import HERE, PROMPTFLEET, WORK, experiment  # the harness's, imported when run
+    from benchmarks.__main__ import HERE, PROMPTFLEET, WORK, experiment, free_port  # the harness's, imported when run
 
     name = f"resume-{n}"
     file = experiment(name, _rows(n))
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
     env.update(PREFECT_HOME=str(WORK / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.setdefault("PREFECT_SERVER_API_PORT", str(free_port()))  # 4200 may be someone else's
     subprocess.run([*PROMPTFLEET, "server", "start"], env=env, capture_output=True, check=True, cwd=HERE.parent)
     data = WORK / "data" / f"{name}-{time.time_ns()}"
     data.mkdir(parents=True)

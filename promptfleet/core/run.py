@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import compress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -336,22 +337,26 @@ def _paid(spend: Spend, record: dict[str, Any]) -> None:
 
 
 def _skips(plan: Plan, done: JournalIndex) -> tuple[dict[str, bytearray], int]:
-    """Which planned records the journal answered: as many of each content key as it holds."""
-    left = dict(done.keys)
-    skip: dict[str, bytearray] = {}
-    matched = 0
+    """Which planned records the journal answered: as many of each content key as it holds
+    (a line repeated in the input is answered once per time it appears)."""
+    keys = {}
     for queue in [*plan.queues.values(), *([plan.batch] if plan.batch else [])]:
-        marks = bytearray(queue.prompts)
-        if left:
-            keys, get = queue.keys.hex(), left.get
-            for i in range(queue.prompts):
-                key = keys[24 * i : 24 * i + 24]
-                if count := get(key):
-                    left[key] = count - 1
-                    marks[i] = 1
-            matched += marks.count(1)
-        skip[queue.name] = marks
-    return skip, matched
+        hexed = queue.keys.hex()
+        keys[queue.name] = [hexed[i : i + 24] for i in range(0, len(hexed), 24)]
+    answered = set(done.keys)
+    skip = {name: bytearray(map(answered.__contains__, ks)) for name, ks in keys.items()}
+    matched = sum(marks.count(1) for marks in skip.values())
+    once = max(done.keys.values(), default=1) == 1 and matched == len({k for name, ks in keys.items() for k in compress(ks, skip[name])})
+    if once:  # each answered key once in the journal and once among the marked: marked right
+        return skip, matched
+    left = dict(done.keys)
+    for name, ks in keys.items():
+        marks = skip[name] = bytearray(len(ks))
+        for i, key in enumerate(ks):
+            if count := left.get(key):
+                left[key] = count - 1
+                marks[i] = 1
+    return skip, sum(marks.count(1) for marks in skip.values())
 
 
 def _credentials(target: str) -> dict[str, str]:

@@ -303,8 +303,11 @@ def read_journal(paths: RunPaths, progress: Callable[[int], None] | None = None)
         with path.open("rb") as fh:
             for raw in fh:
                 ends_whole = raw.endswith(b"\n")
-                record = _journal_record(raw)
-                if record is None:
+                try:  # _journal_record, inline: this loop runs a million times before a resumed run sends
+                    record = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    record = _journal_record(raw)
+                if type(record) is not dict or "input_line" not in record:
                     bad += bool(raw.strip())
                     continue
                 if key := record.get("input_key"):
