@@ -120,7 +120,8 @@ def _read_queue(fh: Any, meta: dict[str, Any]) -> QueuePlan:
 
 def _fingerprint(settings: Settings) -> str:
     """What planning depends on besides the file's bytes."""
-    digest = hashlib.sha256(f"{FORMAT} {sys.byteorder} {array('q').itemsize} {metadata.version('promptfleet')}\n".encode())
+    versions = " ".join(metadata.version(package) for package in ("promptfleet", "genai-prices"))  # validation, prices
+    digest = hashlib.sha256(f"{FORMAT} {sys.byteorder} {array('q').itemsize} {versions}\n".encode())
     digest.update(settings.model_dump_json().encode())
     for extra in (settings.max_queries_json, settings.prices):
         if extra is not None:

@@ -331,9 +331,14 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
 
 
 def _paid(spend: Spend, record: dict[str, Any]) -> None:
-    """A journaled answer, counted as the engine counted it when it landed."""
-    if usage := record.get("usage"):
-        spend.add(record.get("model_name") or "", usage.get("input_tokens"), usage.get("output_tokens"), batch=bool(record.get("batch")))
+    """A journaled answer, counted as it was when it landed (by the engine, or the batch runner)."""
+    if not (usage := record.get("usage")):
+        return
+    model = record.get("model_name") or ""
+    if record.get("batch"):
+        spend.add(model, usage.get("input_tokens"), usage.get("output_tokens"), batch=True)
+    else:
+        spend.add(model, usage.get("input_tokens"), usage.get("output_tokens"), api=record.get("api"), reasoning_tokens=usage.get("reasoning_tokens"))
 
 
 def _skips(plan: Plan, done: JournalIndex) -> tuple[dict[str, bytearray], int]:
