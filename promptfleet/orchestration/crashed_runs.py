@@ -100,7 +100,10 @@ class _Beat:
         while not self.done.is_set():
             now = time.monotonic()
             if now >= next_beat:
-                emit_event(event=ALIVE_EVENT, resource=self.resource, related=self.related)
+                try:
+                    emit_event(event=ALIVE_EVENT, resource=self.resource, related=self.related)
+                except Exception as error:  # noqa: BLE001 - the next beat tries again; the thread must go on
+                    log.debug("could not say the flow run is alive: %s", error)
                 next_beat = now + ALIVE_SECONDS
                 if self.top_level:  # once, after the first word: off the flow's own path
                     self.top_level = False

@@ -50,7 +50,10 @@ async def watch_input(settings: Settings | None = None) -> list[RunSummary]:
         if not waiting:
             break
         if len(waiting) > 1:
-            await _more_polls(len(waiting) - 1)
+            try:
+                await _more_polls(len(waiting) - 1)
+            except Exception as error:  # noqa: BLE001 - the schedule's next poll takes them instead
+                log.warning("could not start more polls for the %d file(s) waiting: %s", len(waiting) - 1, error)
         path = waiting[0]
         tried.add(path.name)
         try:  # claimed here, so no subflow run starts for a file another poll has
