@@ -4,6 +4,7 @@ the order of the input file."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from promptfleet.core.rundir import RunPaths, parse_line
 
 if TYPE_CHECKING:
     import polars as pl
+
+log = logging.getLogger("promptfleet")
 
 
 # polars dtypes by name: polars loads when a table is written, not with the CLI (~0.2 s)
@@ -204,7 +207,6 @@ class TableWriter:
         self._held = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._failure: BaseException | None = None
         shutil.rmtree(self.parts, ignore_errors=True)  # left by a killed run: this one reads the journal again
         self.parts.mkdir(parents=True)
 
@@ -222,8 +224,8 @@ class TableWriter:
                 self._read()
                 if self._stop.wait(every):
                     return
-        except BaseException as failure:  # noqa: BLE001 - finish reads on and raises it again
-            self._failure = failure
+        except Exception as failure:  # noqa: BLE001 - finish reads on from the last whole line, and says so if it fails again
+            log.warning("the table of %s is now written at the end: %s", self.paths.name, failure)
 
     def stop(self) -> None:
         """No table after all (the disk refused the journal): the thread ends, the parts go."""
@@ -276,11 +278,10 @@ class TableWriter:
                             break
                         size *= 2  # a line longer than the chunk
                         continue
-                    at = self._read_to[status]
                     for raw in chunk[:end].split(b"\n")[:-1]:
+                        at = self._read_to[status]
                         self._add(raw, status, at < self.answers_before)
-                        at += len(raw) + 1
-                    self._read_to[status] += end
+                        self._read_to[status] = at + len(raw) + 1  # line by line: a failure never reads one twice
                     size = 1 << 22
 
     def _add(self, raw: bytes, status: str, earlier: bool) -> None:
@@ -298,15 +299,14 @@ class TableWriter:
         self._buckets.setdefault((row["input_line"] or 0) // BUCKET_LINES, []).append(row)
         self._held += 1
         if self._held >= self.batch:
-            fullest = max(self._buckets, key=lambda b: len(self._buckets[b]))
-            self._held -= len(self._buckets[fullest])
-            self._flush(fullest)
+            self._flush(max(self._buckets, key=lambda b: len(self._buckets[b])))
 
     def _flush(self, bucket: int) -> None:
         import polars as pl
 
         part = self.parts / f"{bucket:08d}-{self._written.get(bucket, 0):06d}.parquet"
-        pl.DataFrame(self._buckets.pop(bucket), schema=self._schema()).write_parquet(part)
+        pl.DataFrame(self._buckets[bucket], schema=self._schema()).write_parquet(part)
+        self._held -= len(self._buckets.pop(bucket))  # once written: a full disk loses no row
         self._written[bucket] = self._written.get(bucket, 0) + 1
 
     def _schema(self) -> dict[str, Any]:
