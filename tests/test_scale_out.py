@@ -240,9 +240,10 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             time.sleep(max(0.0, orphaned_at + 35 - time.monotonic()))
             with fake.state.lock:
                 sent_after = [t - orphaned_at for p, ts in fake.state.times.items() if p.startswith(f"{last}-") for t in ts if t > orphaned_at]
-                calls_at_stop = {p: c for p, c in fake.state.calls.items() if p.startswith(f"{last}-")}
+                answered_at_stop = {p for p in fake.state.answered if p.startswith(f"{last}-")}
             assert max(sent_after, default=0.0) < 30, sent_after  # within half a lease
-            assert len(_completed_lines(out, last)) < 3 * PROMPTS and set(calls_at_stop) == {r["prompt"] for r in _completed_lines(out, last)}
+            # what was in flight landed and was journaled (one backing off after a 429 is asked again later)
+            assert len(_completed_lines(out, last)) < 3 * PROMPTS and answered_at_stop == {r["prompt"] for r in _completed_lines(out, last)}
             # A new worker finishes it.
             workers.append(worker(2))
             run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", params], env, work)
