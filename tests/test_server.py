@@ -206,6 +206,21 @@ def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path
     assert run["state_type"] == "CRASHED", run["state_type"]
 
 
+def test_the_crash_automation_watches_every_promptfleet_flow():
+    """A flow missing from OUR_FLOWS would stay Running for ever once its process died."""
+    import importlib
+    import pkgutil
+
+    from prefect import Flow
+
+    import promptfleet.orchestration.flows as flows
+    from promptfleet.orchestration.crashed_runs import OUR_FLOWS
+
+    ours = {obj.name for info in pkgutil.iter_modules(flows.__path__)
+            for obj in vars(importlib.import_module(f"{flows.__name__}.{info.name}")).values() if isinstance(obj, Flow)}  # fmt: skip
+    assert ours == set(OUR_FLOWS)
+
+
 def test_prefect_clients_of_our_plain_http_server_load_one_certificate(tmp_path: Path, monkeypatch):
     """Every Prefect client builds a TLS context (six per run, ~25 ms each with certifi's
     bundle); for our http://127.0.0.1 server it is never used, so one certificate will do."""
