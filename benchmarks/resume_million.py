@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-N = int(os.environ.get("PROMPTFLEET_BENCH_RESUME_PROMPTS", 1_000_000))
+N = int(os.environ.get("PROMPTFLEET_BENCH_RESUME_PROMPTS", "1000000"))
 
 
 def _rows(n: int):

@@ -7,7 +7,6 @@ that stopped while submitting."""
 from __future__ import annotations
 
 import bisect
-from datetime import datetime
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 

@@ -12,9 +12,9 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from itertools import compress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
