@@ -200,6 +200,7 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
                 os.kill(flow_pid, signal.SIGKILL)
             victim.wait()
             killed_at = datetime.now().astimezone()
+            alive_at_kill = {r["id"] for r in _unfinished_runs(api)}  # both workers' polls and experiments
             time.sleep(0.5)
             with fake.state.lock:
                 calls_at_kill = {p: c for p, c in fake.state.calls.items() if p.startswith(f"{killed}-")}
@@ -220,13 +221,20 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             for state in ({"type": "PENDING"}, {"type": "PENDING", "name": "Submitting"}):
                 assert httpx.post(f"{api}/flow_runs/{stuck['id']}/set_state", json={"state": state}, timeout=30).json()["status"] == "ACCEPT"
             submitting_at = datetime.now().astimezone()
-            _wait(lambda: not _unfinished_runs(api), 200, "no run left Running, Pending or Submitting", logs)
-            crashed = _runs(api, state={"type": {"any_": ["CRASHED"]}})
+            watched = alive_at_kill | {stuck["id"]}
+            _wait(lambda: not watched & {r["id"] for r in _unfinished_runs(api)}, 200, "the dead runs and the stuck one ended", logs,
+                  lambda: [(r["name"], r["state_name"]) for r in _unfinished_runs(api)])  # fmt: skip
+            crashed = [r for r in _runs(api, id={"any_": sorted(watched)}) if r["state_type"] == "CRASHED"]
             lag = {r["name"]: (datetime.fromisoformat(r["state"]["timestamp"]) - (submitting_at if r["id"] == stuck["id"] else killed_at))
                    for r in crashed}  # fmt: skip
             assert stuck["id"] in {r["id"] for r in crashed} and len(crashed) == 3, lag  # the dead poll, its experiment, the stuck run
             assert all(d.total_seconds() <= 2 * 60 for d in lag.values()), lag  # within two leases
-            assert httpx.get(f"{api}/deployments/name/watch_input/pipeline", timeout=30).json()["global_concurrency_limit"]["active_slots"] == 0
+
+            def slots_held_by_live_runs() -> bool:  # none held for a dead run
+                held = httpx.get(f"{api}/deployments/name/watch_input/pipeline", timeout=30).json()["global_concurrency_limit"]["active_slots"]
+                return held == len([r for r in _unfinished_runs(api) if r["deployment_id"] == deployment["id"]])
+
+            _wait(slots_held_by_live_runs, 30, "the deployment's slots freed", logs)
 
             # The slots are free: the next poll runs a new file. Its worker is killed, not the flow run it started,
             # which stops sending as on SIGTERM, gives the file back and reports its own end.
@@ -236,7 +244,9 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             os.killpg(survivor.pid, signal.SIGKILL)
             survivor.wait()
             orphaned_at = time.monotonic()
-            _wait(lambda: (inbox / f"{last}.jsonl").exists() and not _unfinished_runs(api), 60, "the orphaned run given back", logs)
+            orphaned = {r["id"] for r in _unfinished_runs(api) if r["state_type"] == "RUNNING"}  # its poll and experiment: they report their end
+            _wait(lambda: (inbox / f"{last}.jsonl").exists() and not orphaned & {r["id"] for r in _unfinished_runs(api)}, 60,
+                  "the orphaned run given back", logs)  # fmt: skip
             time.sleep(max(0.0, orphaned_at + 35 - time.monotonic()))
             with fake.state.lock:
                 sent_after = [t - orphaned_at for p, ts in fake.state.times.items() if p.startswith(f"{last}-") for t in ts if t > orphaned_at]
@@ -248,6 +258,9 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             workers.append(worker(2))
             run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", params], env, work)
             _wait(lambda: _finished(out, last), 120, "the orphaned file finished by another worker", logs)
+            # No run is left Running, Pending or Submitting (the polls started for free slots end too).
+            _wait(lambda: not _unfinished_runs(api), 180, "no run left Running, Pending or Submitting", logs,
+                  lambda: [(r["name"], r["state_name"]) for r in _unfinished_runs(api)])  # fmt: skip
         finally:
             for worker in workers:
                 if worker.poll() is None:
