@@ -19,11 +19,7 @@ import httpx
 import pytest
 
 from promptfleet.orchestration import server
-from promptfleet.orchestration.crashed_runs import (
-    SILENCE,
-    automation_name,
-    ensure_crash_automation,
-)
+from promptfleet.orchestration.crashed_runs import SILENCE, automation_name
 from tests.conftest import write_jsonl
 
 PROMPTFLEET = [shutil.which("promptfleet", path=str(Path(sys.executable).parent)) or "promptfleet"]
@@ -171,14 +167,10 @@ def test_kill_9_of_an_ephemeral_run_leaves_no_server_behind(tmp_path: Path, home
 
 @pytest.mark.slow
 def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path: Path, home: Path):
-    from datetime import timedelta
-
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+    """The first run on a fresh server sets up the automation, and is watched by it itself
+    even when it dies seconds later, before it would say it is alive again."""
     info, started = server.start(home)
     assert started
-    with temporary_settings({PREFECT_API_URL: info.api_url}):  # a shorter silence than the default, to keep the test short
-        assert ensure_crash_automation(silence=timedelta(seconds=40))
     rows = [{"id": i, "api": "test", "model_name": "m", "prompt": f"q{i}", "parameters": {"latency": 1.0}} for i in range(600)]
     path = write_jsonl(tmp_path / "doomed.jsonl", rows)
     environ = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
@@ -193,17 +185,21 @@ def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path
             runs = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
             time.sleep(0.5)
         assert runs and runs[0]["state_type"] == "RUNNING"
-        time.sleep(2)  # the run says it is alive as it starts
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not api(info, "/automations/filter", {}):
+            time.sleep(0.5)
+        time.sleep(5)  # well before its next word, 15 s after its first
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline:
+    killed = time.monotonic()
+    while time.monotonic() < killed + 150:
         [run] = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
         if run["state_type"] != "RUNNING":
             break
         time.sleep(2)
     assert run["state_type"] == "CRASHED", run["state_type"]
+    assert time.monotonic() - killed < 2 * SILENCE.total_seconds()
 
 
 def test_the_crash_automation_watches_every_promptfleet_flow():

@@ -44,6 +44,7 @@ ALIVE_EVENT = "promptfleet.flow-run.alive"
 ALIVE_SECONDS = 15.0
 SILENCE = timedelta(seconds=60)  # the default claim lease: a dead run is Crashed 60-75 s after its last word
 PARENT_CHECK_SECONDS = 0.2
+AGAIN_AFTER_CREATING_SECONDS = 2.0  # the server watches a new automation's events within moments of its creation
 AUTOMATION_PREFIX = "promptfleet: crash runs silent for"
 RETIRED_AUTOMATIONS = ("promptfleet: crash runs whose process is gone",)  # heartbeat-based, before our own event
 OUR_FLOWS = ("watch_input", "run_experiment", "judge_experiment", "rephrase_experiment", "run_study")
@@ -108,7 +109,8 @@ class _Beat:
                 if self.top_level:  # once, after the first word: off the flow's own path
                     self.top_level = False
                     try:
-                        ensure_crash_automation()
+                        if ensure_crash_automation():  # this run's first word came before it: say it again soon
+                            next_beat = time.monotonic() + AGAIN_AFTER_CREATING_SECONDS
                     except Exception as error:  # noqa: BLE001 - a server without automations still runs flows
                         log.warning("cannot set up crash detection on the Prefect server: %s", error)
             if self.parent is not None and os.getppid() != self.parent:
