@@ -122,6 +122,17 @@ def _unfinished_runs(api: str) -> list[dict]:
     return _runs(api, state={"type": {"any_": ["RUNNING", "PENDING"]}})
 
 
+def _story(api: str) -> list:
+    """What the server knows of the runs still going: for a failing wait's message."""
+    told = []
+    for r in _unfinished_runs(api):
+        events = httpx.post(f"{api}/events/filter", json={"filter": {"resource": {"id": [f"prefect.flow-run.{r['id']}"]}}, "limit": 50},
+                            timeout=30).json().get("events", [])  # fmt: skip
+        told.append((r["name"], r["state_name"], r["start_time"], [(e["occurred"][11:19], e["event"]) for e in events][-8:]))
+    automations = httpx.post(f"{api}/automations/filter", json={}, timeout=30).json()
+    return [told, [a["name"] for a in automations]]
+
+
 def _drop(inbox: Path, names: list[str], prompts: int = PROMPTS) -> None:
     for name in names:
         write_jsonl(inbox / f"{name}.jsonl", [{"id": i, "api": "openai", "model_name": "gpt-shared", "prompt": f"{name}-q{i}"}
@@ -223,7 +234,7 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             submitting_at = datetime.now().astimezone()
             watched = alive_at_kill | {stuck["id"]}
             _wait(lambda: not watched & {r["id"] for r in _unfinished_runs(api)}, 200, "the dead runs and the stuck one ended", logs,
-                  lambda: [(r["name"], r["state_name"]) for r in _unfinished_runs(api)])  # fmt: skip
+                  lambda: _story(api))  # fmt: skip
             crashed = [r for r in _runs(api, id={"any_": sorted(watched)}) if r["state_type"] == "CRASHED"]
             lag = {r["name"]: (datetime.fromisoformat(r["state"]["timestamp"]) - (submitting_at if r["id"] == stuck["id"] else killed_at))
                    for r in crashed}  # fmt: skip
@@ -259,8 +270,7 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", params], env, work)
             _wait(lambda: _finished(out, last), 120, "the orphaned file finished by another worker", logs)
             # No run is left Running, Pending or Submitting (the polls started for free slots end too).
-            _wait(lambda: not _unfinished_runs(api), 180, "no run left Running, Pending or Submitting", logs,
-                  lambda: [(r["name"], r["state_name"]) for r in _unfinished_runs(api)])  # fmt: skip
+            _wait(lambda: not _unfinished_runs(api), 180, "no run left Running, Pending or Submitting", logs, lambda: _story(api))
         finally:
             for worker in workers:
                 if worker.poll() is None:
