@@ -22,8 +22,10 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 import httpx
 import pytest
 
+from promptfleet.core import processes
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
+from tests.test_server import PROMPTFLEET
 from tests.test_server_mode import PREFECT, REPO, free_port, prefect_server_process, run
 
 pytestmark = pytest.mark.slow
@@ -100,6 +102,25 @@ def _parent_of(pid: int) -> int | None:
         return None
 
 
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process below it."""
+    found = [pid]
+    for child in processes.children(pid):
+        found += _tree(child)
+    return found
+
+
+def _kill_at_once(pids: list[int]) -> None:
+    """As a host dies: every process stopped first, so none sees another go (a worker
+    would report its flow run's death; a flow run, its worker's), then killed."""
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 def _completed_lines(out: Path, name: str) -> list[dict]:
     return [r for f in (out / name).glob(f"*-completed-{name}.jsonl") for r in read_jsonl(f)]
 
@@ -174,7 +195,7 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
         files = [log.open("wb") for log in logs]
 
         def worker(i: int) -> subprocess.Popen:
-            return subprocess.Popen([PREFECT, "worker", "start", "--pool", "promptfleet", "--limit", "1"], env=worker_env, cwd=work,
+            return subprocess.Popen([*PROMPTFLEET, "worker", "--pool", "promptfleet", "--limit", "1"], env=worker_env, cwd=work,
                                     stdout=files[i], stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
         workers = [worker(0), worker(1)]
@@ -185,14 +206,14 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
 
             # Both workers in a poll, one of them mid-way through an experiment: kill it and everything it started.
             def holders() -> list[tuple[str, int, int | None, int]]:
-                """(experiment, pid that ran it last, that pid's parent, answers so far)"""
+                """(experiment, pid that ran it last, the `promptfleet worker` above it, answers so far)"""
                 found = []
                 for name in first:
                     try:
                         pid = json.loads((out / name / ".lock").read_text())["pid"]
                     except (OSError, ValueError, KeyError):
                         continue
-                    found.append((name, pid, _parent_of(pid), len(_completed_lines(out, name))))
+                    found.append((name, pid, _parent_of(_parent_of(pid) or 0), len(_completed_lines(out, name))))  # flow < prefect worker < ours
                 return found
 
             chosen: list[tuple[str, int, subprocess.Popen]] = []
@@ -206,9 +227,8 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
 
             _wait(mid_run, 180, "both workers in a poll, one mid-way", logs, holders)
             [(killed, flow_pid, victim)] = chosen
-            os.killpg(victim.pid, signal.SIGKILL)
-            if _parent_of(flow_pid) is not None:  # the flow process left the worker's group: a dead host takes it too
-                os.kill(flow_pid, signal.SIGKILL)
+            assert flow_pid in _tree(victim.pid)
+            _kill_at_once(_tree(victim.pid))
             victim.wait()
             killed_at = datetime.now().astimezone()
             alive_at_kill = {r["id"] for r in _unfinished_runs(api)}  # both workers' polls and experiments
@@ -232,33 +252,30 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             for state in ({"type": "PENDING"}, {"type": "PENDING", "name": "Submitting"}):
                 assert httpx.post(f"{api}/flow_runs/{stuck['id']}/set_state", json={"state": state}, timeout=30).json()["status"] == "ACCEPT"
             submitting_at = datetime.now().astimezone()
-            watched = alive_at_kill | {stuck["id"]}
-            _wait(lambda: not watched & {r["id"] for r in _unfinished_runs(api)}, 200, "the dead runs and the stuck one ended", logs,
+            _wait(lambda: not alive_at_kill & {r["id"] for r in _unfinished_runs(api)}, 120, "the runs alive at the kill ended", logs,
                   lambda: _story(api))  # fmt: skip
-            crashed = [r for r in _runs(api, id={"any_": sorted(watched)}) if r["state_type"] == "CRASHED"]
-            lag = {r["name"]: (datetime.fromisoformat(r["state"]["timestamp"]) - (submitting_at if r["id"] == stuck["id"] else killed_at))
-                   for r in crashed}  # fmt: skip
-            assert stuck["id"] in {r["id"] for r in crashed} and len(crashed) == 3, lag  # the dead poll, its experiment, the stuck run
-            assert all(d.total_seconds() <= 2 * 60 for d in lag.values()), lag  # within two leases
 
             def slots_held_by_live_runs() -> bool:  # none held for a dead run
                 held = httpx.get(f"{api}/deployments/name/watch_input/pipeline", timeout=30).json()["global_concurrency_limit"]["active_slots"]
                 return held == len([r for r in _unfinished_runs(api) if r["deployment_id"] == deployment["id"]])
 
-            _wait(slots_held_by_live_runs, 30, "the deployment's slots freed", logs)
+            _wait(lambda: {r["id"] for r in _unfinished_runs(api)} <= {stuck["id"]} and slots_held_by_live_runs(), 60,
+                  "the deployment's slots freed but the stuck run's", logs, lambda: _story(api))  # fmt: skip
 
             # The slots are free: the next poll runs a new file. Its worker is killed, not the flow run it started,
             # which stops sending as on SIGTERM, gives the file back and reports its own end.
             _drop(inbox, [last], prompts=3 * PROMPTS)
             run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", params], env, work)
             _wait(lambda: len(_completed_lines(out, last)) >= 5, 120, "a file dropped after the crash, started", logs)
-            os.killpg(survivor.pid, signal.SIGKILL)
+            orphan = json.loads((out / last / ".lock").read_text())["pid"]  # the flow run's process
+            assert orphan in _tree(survivor.pid)
+            _kill_at_once([survivor.pid, *processes.children(survivor.pid)])  # `promptfleet worker` and Prefect's worker below it
             survivor.wait()
             orphaned_at = time.monotonic()
             orphaned = {r["id"] for r in _unfinished_runs(api) if r["state_type"] == "RUNNING"}  # its poll and experiment: they report their end
             _wait(lambda: (inbox / f"{last}.jsonl").exists() and not orphaned & {r["id"] for r in _unfinished_runs(api)}, 60,
                   "the orphaned run given back", logs)  # fmt: skip
-            time.sleep(max(0.0, orphaned_at + 35 - time.monotonic()))
+            _wait(lambda: not processes.exists(orphan), 60, "the orphaned run's process exited", logs)  # it sends nothing more
             with fake.state.lock:
                 sent_after = [t - orphaned_at for p, ts in fake.state.times.items() if p.startswith(f"{last}-") for t in ts if t > orphaned_at]
                 answered_at_stop = {p for p in fake.state.answered if p.startswith(f"{last}-")}
@@ -269,6 +286,14 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             workers.append(worker(2))
             run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", params], env, work)
             _wait(lambda: _finished(out, last), 120, "the orphaned file finished by another worker", logs)
+            # The dead poll and its experiment, and the stuck run, were marked Crashed within two leases.
+            watched = alive_at_kill | {stuck["id"]}
+            _wait(lambda: stuck["id"] not in {r["id"] for r in _unfinished_runs(api)}, 120, "the stuck run ended", logs, lambda: _story(api))
+            crashed = [r for r in _runs(api, id={"any_": sorted(watched)}) if r["state_type"] == "CRASHED"]
+            lag = {r["name"]: (datetime.fromisoformat(r["state"]["timestamp"]) - (submitting_at if r["id"] == stuck["id"] else killed_at))
+                   for r in crashed}  # fmt: skip
+            assert stuck["id"] in {r["id"] for r in crashed} and len(crashed) == 3, lag  # the dead poll, its experiment, the stuck run
+            assert all(d.total_seconds() <= 2 * 60 for d in lag.values()), lag
             # No run is left Running, Pending or Submitting (the polls started for free slots end too).
             _wait(lambda: not _unfinished_runs(api), 180, "no run left Running, Pending or Submitting", logs, lambda: _story(api))
         finally:
@@ -277,9 +302,9 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
                     os.killpg(worker.pid, signal.SIGTERM)
             for worker in workers:
                 try:
-                    worker.wait(timeout=20)
+                    worker.wait(timeout=70)  # its flow runs get 30 s to stop, then Prefect's worker as long
                 except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
+                    _kill_at_once(_tree(worker.pid))
                     worker.wait()
             for file in files:
                 file.close()
