@@ -370,10 +370,11 @@ def prefect_overhead() -> list[str]:
 
 
 from benchmarks.batch_cost import batch_cost  # noqa: E402
+from benchmarks.resume_million import resume_million  # noqa: E402
 from benchmarks.shared_limits import SCENARIOS as SHARED_LIMITS  # noqa: E402
 
 SCENARIOS = {"table1": table1, "table1_paper": lambda: table1(scale=1.0, ollama_prompts=10), "table2": table2, "table3": table3, "high_rate": high_rate, "memory": memory,
-             "faults": faults, "crash": crash, "prefect": prefect_overhead, "batch": batch_cost, **SHARED_LIMITS}  # fmt: skip
+             "faults": faults, "crash": crash, "prefect": prefect_overhead, "batch": batch_cost, "resume": resume_million, **SHARED_LIMITS}  # fmt: skip
 
 
 def header() -> list[str]:

@@ -85,6 +85,28 @@ def test_a_claim_from_another_host_is_put_back_only_after_its_lease_expired(tmp_
     assert not list((input_dir / ".running").iterdir())  # no marker or temp file left behind
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="tells a zombie by /proc")
+def test_a_claim_whose_process_died_here_is_put_back_at_once_even_before_it_is_reaped(tmp_path: Path):
+    """A worker killed with everything it started leaves its flow run's process a zombie until
+    some ancestor reaps it: dead all the same, its claim goes back at once."""
+    import socket
+    import subprocess
+    import sys
+
+    clock = FakeClock()
+    input_dir = tmp_path / "input"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # not waited for: a zombie once it ends
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{dead.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.05)
+    try:
+        claimed = write_jsonl(input_dir / ".running" / "exp.jsonl", rows(3))
+        write_lease(owner_of(claimed), Lease("d3ad", socket.gethostname(), dead.pid, clock.now(), TTL))
+        assert inbox.requeue_orphans(input_dir, clock) == [input_dir / "exp.jsonl"]  # no waiting for the lease
+    finally:
+        dead.wait()
+
+
 def test_a_renewing_owner_is_never_put_back(tmp_path: Path):
     clock = FakeClock()
     input_dir, output_dir = tmp_path / "input", tmp_path / "output"

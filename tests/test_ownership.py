@@ -127,11 +127,25 @@ def test_only_complete_files_are_claimed(tmp_path: Path):
     assert inbox.waiting_files(folder, settle_seconds=30) == []  # fresh.jsonl was written just now
     old = time.time() - 60
     for name in ("half.jsonl", "fresh.jsonl"):
-        os.utime(folder / name, (old, old))
-    # utime itself changes ctime, which copies cannot back-date: a settle of 0 shows the rest of the rule
-    assert [p.name for p in inbox.waiting_files(folder, settle_seconds=0)] == ["fresh.jsonl"]
+        os.utime(folder / name, (old, old))  # as `cp -p` or `mv` from another disk leave them: complete, moved in
+    assert [p.name for p in inbox.waiting_files(folder, settle_seconds=30)] == ["fresh.jsonl"]  # half.jsonl ends mid-line
     os.rename(folder / "upload.jsonl.part", folder / "upload.jsonl")  # the documented atomic drop
     assert sorted(p.name for p in inbox.waiting_files(folder, settle_seconds=0)) == ["fresh.jsonl", "upload.jsonl"]
+
+
+def test_a_file_moved_into_the_inbox_is_taken_by_the_next_poll(tmp_path: Path):
+    """Written elsewhere, then renamed in: its last write is older than the rename, so no
+    settle time is waited; one still being written waits it out."""
+    folder, elsewhere = tmp_path / "input", tmp_path / "staging"
+    folder.mkdir()
+    elsewhere.mkdir()
+    write_jsonl(elsewhere / "done.jsonl", [{"api": "test", "model_name": "m", "prompt": "a"}])
+    time.sleep(0.05)  # file times are coarse (a few ms): the rename comes later than the last write
+    os.rename(elsewhere / "done.jsonl", folder / "done.jsonl")
+    with (folder / "growing.jsonl").open("w") as fh:
+        fh.write('{"api": "test", "model_name": "m", "prompt": "a"}\n')  # a whole line so far
+        fh.flush()
+        assert [p.name for p in inbox.waiting_files(folder, settle_seconds=30)] == ["done.jsonl"]
 
 
 def test_a_file_written_in_two_halves_is_run_whole(tmp_path: Path, prefect_api: str):

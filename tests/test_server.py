@@ -19,10 +19,7 @@ import httpx
 import pytest
 
 from promptfleet.orchestration import server
-from promptfleet.orchestration.crashed_runs import (
-    AUTOMATION_NAME,
-    ensure_crash_automation,
-)
+from promptfleet.orchestration.crashed_runs import SILENCE, automation_name
 from tests.conftest import write_jsonl
 
 PROMPTFLEET = [shutil.which("promptfleet", path=str(Path(sys.executable).parent)) or "promptfleet"]
@@ -97,7 +94,7 @@ def test_first_run_starts_the_server_later_runs_reuse_it_and_the_run_stays_in_th
     assert "20 answered, 0 failed" in artifacts["summary-twenty"]["data"]
     assert artifacts["progress-twenty"]["data"] == 100.0
     automations = httpx.post(f"{info.api_url}/automations/filter", json={}, timeout=10).json()
-    assert [a["name"] for a in automations] == [AUTOMATION_NAME]  # created with the server, once
+    assert [a["name"] for a in automations] == [automation_name(SILENCE)]  # set up by the first run, once
 
     second = cli(["run", "-f", str(path), "-mq", "60000"], home, tmp_path, PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="INFO")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -170,15 +167,10 @@ def test_kill_9_of_an_ephemeral_run_leaves_no_server_behind(tmp_path: Path, home
 
 @pytest.mark.slow
 def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path: Path, home: Path):
-    import asyncio
-    from datetime import timedelta
-
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+    """The first run on a fresh server sets up the automation, and is watched by it itself
+    even when it dies seconds later, before it would say it is alive again."""
     info, started = server.start(home)
     assert started
-    with temporary_settings({PREFECT_API_URL: info.api_url}):  # a shorter silence than the default, to keep the test short
-        assert asyncio.run(ensure_crash_automation(silence=timedelta(seconds=40)))
     rows = [{"id": i, "api": "test", "model_name": "m", "prompt": f"q{i}", "parameters": {"latency": 1.0}} for i in range(600)]
     path = write_jsonl(tmp_path / "doomed.jsonl", rows)
     environ = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
@@ -193,17 +185,36 @@ def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path
             runs = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
             time.sleep(0.5)
         assert runs and runs[0]["state_type"] == "RUNNING"
-        time.sleep(2)  # the first heartbeat is sent as the run starts
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not api(info, "/automations/filter", {}):
+            time.sleep(0.5)
+        time.sleep(5)  # well before its next word, 15 s after its first
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline:
+    killed = time.monotonic()
+    while time.monotonic() < killed + 150:
         [run] = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
         if run["state_type"] != "RUNNING":
             break
         time.sleep(2)
     assert run["state_type"] == "CRASHED", run["state_type"]
+    assert time.monotonic() - killed < 2 * SILENCE.total_seconds()
+
+
+def test_the_crash_automation_watches_every_promptfleet_flow():
+    """A flow missing from OUR_FLOWS would stay Running for ever once its process died."""
+    import importlib
+    import pkgutil
+
+    from prefect import Flow
+
+    import promptfleet.orchestration.flows as flows
+    from promptfleet.orchestration.crashed_runs import OUR_FLOWS
+
+    ours = {obj.name for info in pkgutil.iter_modules(flows.__path__)
+            for obj in vars(importlib.import_module(f"{flows.__name__}.{info.name}")).values() if isinstance(obj, Flow)}  # fmt: skip
+    assert ours == set(OUR_FLOWS)
 
 
 def test_prefect_clients_of_our_plain_http_server_load_one_certificate(tmp_path: Path, monkeypatch):

@@ -28,27 +28,20 @@ def prefect_api(ephemeral: bool) -> Iterator[str]:
         except server.ServerError as error:
             fail(f"cannot start the Prefect server: {error}")
         return
-    from promptfleet.orchestration.crashed_runs import heartbeat_env
-
     info = background_server(home)
-    # heartbeats: a run killed with -9 is marked Crashed, not Running forever
-    with server.use_api(info.api_url, {**heartbeat_env(), **server.plain_http_env(home)}):
+    with server.use_api(info.api_url, server.plain_http_env(home)):
         yield info.api_url
 
 
 def background_server(home: Path, port: int | None = None):
-    """The background server, started if needed (with the automation that marks runs of
-    killed processes Crashed); a failure to start is one line."""
+    """The background server, started if needed; a failure to start is one line. (Its first
+    flow run sets up the automation that marks runs of killed processes Crashed.)"""
     from promptfleet.orchestration import server
-    from promptfleet.orchestration.crashed_runs import ensure_crash_automation
 
     try:
-        info, started = server.start(home, port, announce=lambda line: err.print(line, markup=False, highlight=False))
+        info, _ = server.start(home, port, announce=lambda line: err.print(line, markup=False, highlight=False))
     except server.ServerError as error:
         fail(f"cannot start the Prefect server: {error}")
-    if started:
-        with server.use_api(info.api_url):
-            asyncio.run(ensure_crash_automation())
     return info
 
 

@@ -92,7 +92,7 @@ def run(
     """Run an experiment file as the Prefect flow `run_experiment`; re-run to resume.
     With --judge-folder/--judge or --rephrase-*, the evaluation is chained (flow `run_study`)."""
     load_env(env_file)
-    from promptfleet.core.plan import inspect
+    from promptfleet.core.plan_cache import plan_for
 
     settings = make_settings(
         data_folder=data_folder,
@@ -125,7 +125,7 @@ def run(
     require_data_folder(data_folder, create_data_folder)
     check_scorers(settings.scorers)
     try:  # refuse a bad file in a second, before Prefect starts
-        found = inspect(file, settings)
+        found = plan_for(file, settings)
     except ExperimentError as error:
         report_issues(error)
         raise typer.Exit(EXIT_BAD_INPUT) from None

@@ -54,9 +54,9 @@ def _drain(child: subprocess.Popen, grace: float) -> None:
     runs = processes.children(child.pid)
     _kill_all(child.pid, signal.SIGTERM, runs)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_running(pid) for pid in runs):
+    while time.monotonic() < deadline and any(processes.exists(pid) for pid in runs):
         time.sleep(0.2)
-    _kill_all(child.pid, signal.SIGKILL, [pid for pid in runs if _running(pid)])
+    _kill_all(child.pid, signal.SIGKILL, [pid for pid in runs if processes.exists(pid)])
     os.kill(child.pid, signal.SIGCONT)
     child.send_signal(signal.SIGTERM)  # nothing left to kill: it stops
     try:
@@ -64,15 +64,6 @@ def _drain(child: subprocess.Popen, grace: float) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a stopped worker reaps its children only once it goes on)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _kill_all(worker: int, sig: int, runs: list[int] | None = None) -> None:

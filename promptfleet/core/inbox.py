@@ -187,9 +187,11 @@ def running_folder(input_folder: Path) -> Path:
 def waiting_files(input_folder: Path, settle_seconds: float = 0.0) -> list[Path]:
     """Experiment files waiting in input/ and complete, oldest first.
 
-    A file is complete when nothing has written to it for `settle_seconds` (its ctime,
-    which copies cannot back-date) and, for JSONL, it ends with a newline. Writers that
-    cannot promise either write `name.jsonl.part` (or a dot-file) and rename it when done."""
+    A file is complete when, for JSONL, it ends with a newline, and either it was moved in
+    after its last write — its ctime, which every write sets to its mtime, is later: a
+    rename, `mv`, `cp -p` — or nothing has written to it for `settle_seconds`. File times
+    are coarse (a few ms): a file renamed in the same instant it was last written (a `.part`
+    written and renamed at once) looks just written, and waits `settle_seconds`."""
     if not input_folder.is_dir():
         return []
     now = time.time()
@@ -198,7 +200,8 @@ def waiting_files(input_folder: Path, settle_seconds: float = 0.0) -> list[Path]
         if path.name.startswith(".") or path.suffix not in EXTENSIONS or not path.is_file():
             continue
         stat = path.stat()
-        if now - max(stat.st_mtime, stat.st_ctime) < settle_seconds or not _ends_complete(path, stat.st_size):
+        moved_in = stat.st_ctime_ns > stat.st_mtime_ns
+        if (not moved_in and now - stat.st_mtime < settle_seconds) or not _ends_complete(path, stat.st_size):
             continue
         files.append((stat.st_mtime, path.name, path))
     return [path for _, _, path in sorted(files)]

@@ -67,6 +67,7 @@ class Plan:
     issue_count: int = 0
     queues: dict[str, QueuePlan] = field(default_factory=dict)
     missing_env: dict[str, list[str]] = field(default_factory=dict)
+    models: list[tuple[str, str]] = field(default_factory=list)  # (api, model) of the prompts
     worst_case_input_tokens: int = 0
     worst_case_output_tokens: int = 0
     worst_case_cost: float = 0.0
@@ -176,8 +177,12 @@ def inspect(file: Path, settings: Settings) -> Plan:
     if plan.prompts == 0 and not plan.issue_count:
         plan.issue_count = 1
         plan.issues.append(f"{file}: no prompts in the file")
-    for api, model in sorted(models):
-        if missing := missing_env(provider_class(api), model):
-            plan.missing_env[f"{api}/{model}"] = missing
+    plan.models = sorted(models)
+    plan.missing_env = env_missing(plan.models)
     plan.unpriced_models = sorted(unpriced)
     return plan
+
+
+def env_missing(models: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """The env vars each `api/model` needs and this environment lacks (it may change between runs)."""
+    return {f"{api}/{model}": missing for api, model in models if (missing := missing_env(provider_class(api), model))}

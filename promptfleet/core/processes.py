@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def exists(pid: int) -> bool:
-    """True for a live process, also one of another user (signalling it is refused)."""
+    """True for a live process, also one of another user (signalling it is refused). A
+    zombie is not one: it has died, and holds nothing, but stays listed until its parent
+    reaps it — which takes as long as its parent's parent likes when its parent died too
+    (a worker killed with everything it started)."""
     if pid <= 0:
         return False
     try:
@@ -14,8 +18,16 @@ def exists(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): as signalling said
+        return False
+    return state in ("Z", "X")
 
 
 def children(pid: int) -> list[int]:

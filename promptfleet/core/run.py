@@ -10,15 +10,15 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from itertools import compress
 from pathlib import Path
 from typing import Any
 
-from promptfleet.core import inbox, manifest
+from promptfleet.core import inbox, manifest, plan_cache
 from promptfleet.core.config import Settings
 from promptfleet.core.costs import Budget, Spend
 from promptfleet.core.engine import (
@@ -35,7 +35,7 @@ from promptfleet.core.experiment import (
     check_extension,
 )
 from promptfleet.core.limiter import SharedRate
-from promptfleet.core.plan import Plan, QueuePlan, inspect
+from promptfleet.core.plan import Plan, QueuePlan
 from promptfleet.core.rundir import (
     Journal,
     JournalIndex,
@@ -51,7 +51,7 @@ from promptfleet.core.rundir import (
 from promptfleet.core.scorers import load_scorer
 from promptfleet.core.session import Session, current_session
 from promptfleet.core.summary import CostSummary, RunSummary
-from promptfleet.core.tables import SEEN_COLUMNS, load_library, write_tables
+from promptfleet.core.tables import SEEN_COLUMNS, TableWriter, load_library
 from promptfleet.providers import Clients, provider_class
 from promptfleet.providers.base import ProviderOptions, resolve_env
 
@@ -89,12 +89,17 @@ class Run:
         self._skip = skip
         self.policy = policy or RetryPolicy(max_attempts=settings.max_attempts)
         self.clients = Clients(ProviderOptions(settings.media_folder, settings.timeout))
-        self.spend = Spend(settings.price_table)
+        self.spend = Spend(settings.price_table)  # this session's: the budget's
         self.budget = Budget(settings.max_cost, settings.max_tokens_total)
         self.stop = asyncio.Event()
         self.stopped_by: str | None = None
         self.journal_error: str | None = None
+        self.earlier_spend = Spend(settings.price_table)  # what earlier sessions' answers cost, read back from the journal
+        earlier = paths.completed.stat().st_size if paths.completed.exists() else 0
         self.journal = Journal(paths, on_error=self._journal_failed)
+        self.table = TableWriter(paths, plan.parsed_columns, on_answer=lambda record: _paid(self.earlier_spend, record), answers_before=earlier)
+        if not settings.scorers:  # scorers name their columns as they go: their runs' tables are written at the end
+            self.table.follow()
         self.reader = RecordReader(paths.input)
         self.scorers = [load_scorer(name) for name in settings.scorers]
         self.stats = {q.name: QueueStats(q.name, q.rate_per_minute, total=q.prompts, skipped=q.prompts - self._todo(q)) for q in self.queues}
@@ -192,13 +197,16 @@ class Run:
         score_keys = sorted({k for s in stats for k in s.score_keys})
         models, seen = [], []
         if self.journal_error is None:  # a disk that refused the journal would refuse the tables: the resume writes them
-            table = write_tables(paths, csv=self.settings.output_as_csv, score_keys=score_keys, parsed_columns=self.plan.parsed_columns)
+            table = self.table.finish(csv=self.settings.output_as_csv, score_keys=score_keys)
             models = table.drop(*SEEN_COLUMNS).to_dicts()
             seen = table.select("api", "model_name", "prompts", "answered", *SEEN_COLUMNS).to_dicts()
+        else:
+            self.table.stop()
         state = read_state(paths)
         if complete:
             state = {**state, "finished": True, "ended": datetime.now(timezone.utc).isoformat()}
             write_state(paths, **state)
+            plan_cache.forget(self.plan.file, self.settings)
         outputs = {"completed": paths.completed, "failed": paths.failed, "log": paths.log, "parquet": paths.parquet, "input": paths.input}
         if self.settings.output_as_csv:
             outputs["csv"] = paths.csv
@@ -212,7 +220,7 @@ class Run:
             retries=sum(s.retries for s in stats),
             rate_limited=sum(s.rate_limited for s in stats),
             budget_stop=next((s.budget_stop for s in stats if s.budget_stop), None),
-            cost=_cost_summary(self.spend),
+            cost=_cost_summary(self.spend, self.earlier_spend),
             wall_s=max((s.elapsed for s in stats), default=0.0),
             queues=[s.as_dict() for s in stats],
             models=models,
@@ -235,6 +243,7 @@ class Run:
         try:
             await self.clients.aclose()
         finally:
+            self.table.stop()
             self.journal.close()
             self.reader.close()
             self._lock.release()
@@ -259,7 +268,7 @@ def open_run(
     file = Path(file)
     check_extension(file)
     if plan is None or plan.file != file or not plan.is_current():
-        plan = inspect(file, settings)
+        plan = plan_cache.plan_for(file, settings)
     if not plan.ok:
         raise ExperimentError(_problems(plan))
     name = plan.name
@@ -281,6 +290,7 @@ def open_run(
         resumed = paths.state.exists()
         state = read_state(paths) if resumed else {"started": datetime.now(timezone.utc).isoformat()}
         write_state(paths, **{**state, "input_sha256": plan.digest, "source": str(file), "finished": False, "prompts": plan.prompts})
+        plan_cache.keep(plan, settings)
         return Run(plan, settings, session, paths, lock, resumed, resume.skip, policy, claim)
     except BaseException:
         lock.release()
@@ -294,7 +304,8 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
     the answers of its unchanged lines; the change is said, never silently resent."""
     for stamp, state in unfinished_runs(out_dir, plan.name):
         paths = RunPaths(out_dir, stamp, plan.name)
-        done = read_journal(paths)
+        log.info("%s: resuming run %s; reading what it has done", plan.name, stamp)
+        done = read_journal(paths, progress=lambda n: log.info("%s: %s prompt(s) done so far", plan.name, f"{n:,}"))
         same = state.get("input_sha256") == plan.digest
         skip, matched = _skips(plan, done)
         if done.corrupt:
@@ -319,20 +330,38 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
     return _Resume(stamp)
 
 
+def _paid(spend: Spend, record: dict[str, Any]) -> None:
+    """A journaled answer, counted as it was when it landed (by the engine, or the batch runner)."""
+    if not (usage := record.get("usage")):
+        return
+    model = record.get("model_name") or ""
+    if record.get("batch"):
+        spend.add(model, usage.get("input_tokens"), usage.get("output_tokens"), batch=True)
+    else:
+        spend.add(model, usage.get("input_tokens"), usage.get("output_tokens"), api=record.get("api"), reasoning_tokens=usage.get("reasoning_tokens"))
+
+
 def _skips(plan: Plan, done: JournalIndex) -> tuple[dict[str, bytearray], int]:
-    keys = Counter(done.keys)
-    skip: dict[str, bytearray] = {}
-    matched = 0
+    """Which planned records the journal answered: as many of each content key as it holds
+    (a line repeated in the input is answered once per time it appears)."""
+    keys = {}
     for queue in [*plan.queues.values(), *([plan.batch] if plan.batch else [])]:
-        marks = bytearray(queue.prompts)
-        for i in range(queue.prompts):
-            key = queue.key(i)
-            if keys[key] > 0:
-                keys[key] -= 1
+        hexed = queue.keys.hex()
+        keys[queue.name] = [hexed[i : i + 24] for i in range(0, len(hexed), 24)]
+    answered = set(done.keys)
+    skip = {name: bytearray(map(answered.__contains__, ks)) for name, ks in keys.items()}
+    matched = sum(marks.count(1) for marks in skip.values())
+    once = max(done.keys.values(), default=1) == 1 and matched == len({k for name, ks in keys.items() for k in compress(ks, skip[name])})
+    if once:  # each answered key once in the journal and once among the marked: marked right
+        return skip, matched
+    left = dict(done.keys)
+    for name, ks in keys.items():
+        marks = skip[name] = bytearray(len(ks))
+        for i, key in enumerate(ks):
+            if count := left.get(key):
+                left[key] = count - 1
                 marks[i] = 1
-            matched += marks[i]
-        skip[queue.name] = marks
-    return skip, matched
+    return skip, sum(marks.count(1) for marks in skip.values())
 
 
 def _credentials(target: str) -> dict[str, str]:
@@ -349,10 +378,17 @@ def _count_lines(path: Path) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
 
 
-def _cost_summary(spend: Spend) -> CostSummary:
-    """This session's tokens and estimated cost (a resumed run counts what it sent itself)."""
-    return CostSummary(spend.input_tokens, spend.output_tokens, round(spend.cost, 6), sorted(spend.unpriced), spend.by_model,
-                       round(spend.batch_saved, 6))  # fmt: skip
+def _cost_summary(*spends: Spend) -> CostSummary:
+    """The run's tokens and estimated cost: this session's as it paid them, earlier sessions'
+    as their journal says (a reply a schema refused back then was paid and not journaled)."""
+    by_model: dict[str, dict[str, Any]] = {}
+    for spend in spends:
+        for model, entry in spend.by_model.items():
+            total = by_model.setdefault(model, dict.fromkeys(entry, 0))
+            for key, value in entry.items():
+                total[key] = None if value is None or total.get(key, 0) is None else total.get(key, 0) + value
+    return CostSummary(sum(s.input_tokens for s in spends), sum(s.output_tokens for s in spends), round(sum(s.cost for s in spends), 6),
+                       sorted(set().union(*(s.unpriced for s in spends))), by_model, round(sum(s.batch_saved for s in spends), 6))  # fmt: skip
 
 
 class _QuietFileHandler(logging.FileHandler):

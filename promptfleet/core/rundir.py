@@ -14,12 +14,13 @@ import json
 import os
 import socket
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 TIMESTAMP_FORMAT = "%d-%m-%Y-%H-%M-%S"  # prompto's, so output names sort and read the same
 
@@ -280,17 +281,20 @@ class Journal:
 
 @dataclass
 class JournalIndex:
-    """What a run's journal says is done, by record key."""
+    """What a run's journal says is done: how many records of each key."""
 
-    keys: Counter = field(default_factory=Counter)
+    keys: dict[str, int] = field(default_factory=dict)
     corrupt: int = 0
 
 
-def read_journal(paths: RunPaths) -> JournalIndex:
+def read_journal(paths: RunPaths, progress: Callable[[int], None] | None = None) -> JournalIndex:
     """Parse every journal line. A line that is not a JSON record (a torn write) is set aside
     into `<file>.corrupt` and its prompt counts as unanswered, so resuming is never blocked.
-    Streams: memory holds the index, never the journal."""
+    `progress` hears how many records were read, about once a second. Streams: memory holds
+    the index, never the journal."""
     done = JournalIndex()
+    keys = done.keys
+    read, report_at = 0, time.monotonic() + 1.0
     for path in (paths.completed, paths.failed):
         if not path.exists():
             continue
@@ -299,20 +303,37 @@ def read_journal(paths: RunPaths) -> JournalIndex:
         with path.open("rb") as fh:
             for raw in fh:
                 ends_whole = raw.endswith(b"\n")
-                record = _journal_record(raw)
-                if record is None:
+                try:  # _journal_record, inline: this loop runs a million times before a resumed run sends
+                    record = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    record = _journal_record(raw)
+                if type(record) is not dict or "input_line" not in record:
                     bad += bool(raw.strip())
-                elif key := record.get("input_key"):
-                    done.keys[key] += 1
+                    continue
+                if key := record.get("input_key"):
+                    keys[key] = keys.get(key, 0) + 1
+                read += 1
+                if progress is not None and read % 10_000 == 0 and time.monotonic() >= report_at:
+                    progress(read)
+                    report_at = time.monotonic() + 1.0
         if bad or not ends_whole:  # a whole last record may lack only its newline
             _set_aside_torn(path)
             done.corrupt += bad
     return done
 
 
+def parse_line(raw: bytes) -> Any:
+    """One JSON line: orjson (~3x faster), or json for what orjson refuses (NaN, integers
+    past 64 bits), which `json.dumps` writes."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 def _journal_record(raw: bytes) -> dict[str, Any] | None:
     try:
-        record = json.loads(raw)
+        record = parse_line(raw)
     except ValueError:
         return None
     return record if isinstance(record, dict) and "input_line" in record else None

@@ -1,17 +1,23 @@
-"""Result tables: one row per prompt in Parquet (and CSV), streamed from the journal."""
+"""Result tables: one row per prompt in Parquet (and CSV), streamed from the journal, in
+the order of the input file."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from promptfleet.core.quantiles import QuantileSample
-from promptfleet.core.rundir import RunPaths
+from promptfleet.core.rundir import RunPaths, parse_line
 
 if TYPE_CHECKING:
     import polars as pl
+
+log = logging.getLogger("promptfleet")
 
 
 # polars dtypes by name: polars loads when a table is written, not with the CLI (~0.2 s)
@@ -44,9 +50,21 @@ TABLE_COLUMNS = {
 }
 
 
-def _as_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
+def _as_text(value: Any, known: dict[Any, str] | None = None) -> str | None:
+    """A cell's text: a string as it is, anything else as JSON. `known` keeps the text of
+    flat dicts seen before (every prompt of a file often has the same parameters)."""
+    if value is None or type(value) is str:
         return value
+    if type(value) is int:
+        return str(value)
+    if known is not None and type(value) is dict and len(known) < 4096:
+        try:
+            key = tuple(value.items())
+            if (text := known.get(key)) is None:
+                text = known[key] = json.dumps(value, ensure_ascii=False)
+            return text
+        except TypeError:  # a value that is itself a dict or a list
+            pass
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -73,7 +91,8 @@ def _parsed(value: Any, kind: str) -> Any:
     return value if isinstance(value, {"integer": int, "string": str}[kind]) else None
 
 
-def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_columns: dict[str, str] | None = None) -> dict[str, Any]:
+def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_columns: dict[str, str] | None = None,
+         known: dict[Any, str] | None = None) -> dict[str, Any]:  # fmt: skip
     usage = record.get("usage") or {}
     error = record.get("error") or {}
     return {
@@ -101,9 +120,9 @@ def _row(record: dict[str, Any], status: str, score_keys: list[str], parsed_colu
         "error_type": error.get("type"),
         "error_status": error.get("status"),
         "error_message": error.get("message"),
-        "parameters": _as_text(record.get("parameters")),
-        **{f"score_{k}": _score(record.get(k)) for k in score_keys},
-        **_parsed_cells(record.get("response_parsed"), parsed_columns or {}),
+        "parameters": _as_text(record.get("parameters"), known),
+        **({f"score_{k}": _score(record.get(k)) for k in score_keys} if score_keys else {}),
+        **(_parsed_cells(record.get("response_parsed"), parsed_columns) if parsed_columns else {}),
     }
 
 
@@ -142,9 +161,12 @@ class _ModelTally:
         self.output_tokens += row["output_tokens"] or 0
         if row["latency_s"] is not None:
             self.latency.add(row["latency_s"])
-        for seen, value in ((self.versions, row["model_version"]), (self.fingerprints, row["system_fingerprint"]), (self.seeds, row["seed"])):
-            if value is not None:
-                seen.add(value)
+        if (version := row["model_version"]) is not None:
+            self.versions.add(version)
+        if (fingerprint := row["system_fingerprint"]) is not None:
+            self.fingerprints.add(fingerprint)
+        if (seed := row["seed"]) is not None:
+            self.seeds.add(seed)
         for k in score_keys:
             if (value := row[f"score_{k}"]) is not None:
                 total = self.scores.setdefault(k, [0.0, 0])
@@ -152,50 +174,154 @@ class _ModelTally:
                 total[1] += 1
 
 
-def write_tables(
-    paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 20_000, parsed_columns: dict[str, str] | None = None
-) -> pl.DataFrame:
-    """Parquet (and CSV) of every prompt in the run, one row each (answers, then failures, as they
-    landed; `input_line` gives the input order); returns a per-model summary, with the distinct model versions,
-    fingerprints and seeds the answers reported (`SEEN_COLUMNS`, for the manifest).
+BUCKET_LINES = 50_000  # input lines whose rows are put in order together
 
-    Memory stays that of one batch whatever the run's size: rows go to Parquet parts `batch` at a
-    time, which polars streams into one file in row groups of the same size (polars' NDJSON
-    reader, or its default row groups, would hold much of the run), and the per-model summary is
-    added up as the rows pass, its latency quantiles from a fixed-size sample.
+
+class TableWriter:
+    """A run's result table: Parquet (and CSV) of every prompt, one row each, in the order of
+    the input (`input_line`; rows of one line as they landed), and a per-model summary with
+    the distinct model versions, fingerprints and seeds the answers reported (`SEEN_COLUMNS`,
+    for the manifest). Each answer in the first `answers_before` bytes of the completed file
+    (a resumed run's earlier sessions) is also handed to `on_answer` as it passes.
+
+    `follow` builds it while the run goes: a thread reads the journal as it grows, from its
+    first byte (a resumed run's earlier answers first), so `finish` is left with the last
+    lines and the ordering. Memory stays that of one batch whatever the run's size: rows
+    are set aside by input line into buckets of BUCKET_LINES lines, the fullest bucket goes
+    to a Parquet part whenever `batch` rows are held, and at the end polars sorts one bucket
+    at a time and streams them into one file. The summary is added up as the rows pass, its
+    latency quantiles from a fixed-size sample.
     """
-    import polars as pl
 
-    parsed_columns = parsed_columns or {}
-    score_keys = list(score_keys)
-    columns = TABLE_COLUMNS | {f"score_{k}": "Float64" for k in score_keys}
-    columns |= {f"parsed_{name}": PARSED_TYPES[kind] for name, kind in parsed_columns.items()}
-    schema = {name: getattr(pl, dtype) for name, dtype in columns.items()}
-    parts = paths.out_dir / f".{paths.stamp}-table-{paths.name}"
-    parts.mkdir(exist_ok=True)
-    tallies: dict[tuple[str, str], _ModelTally] = {}
-    try:
-        rows: list[dict[str, Any]] = []
-        written = 0
-        for path, status in ((paths.completed, "completed"), (paths.failed, "failed")):
-            if not path.exists():
+    def __init__(self, paths: RunPaths, parsed_columns: dict[str, str] | None = None, batch: int = 10_000,
+                 on_answer: Callable[[dict[str, Any]], None] | None = None, answers_before: int = 0) -> None:  # fmt: skip
+        self.paths, self.batch, self.on_answer, self.answers_before = paths, batch, on_answer, answers_before
+        self.parsed_columns = parsed_columns or {}
+        self.parts = paths.out_dir / f".{paths.stamp}-table-{paths.name}"
+        self.score_keys: list[str] = []
+        self._read_to = {"completed": 0, "failed": 0}
+        self._tallies: dict[tuple[str, str], _ModelTally] = {}
+        self._buckets: dict[int, list[dict[str, Any]]] = {}
+        self._written: dict[int, int] = {}  # bucket -> parts written
+        self._known: dict[Any, str] = {}
+        self._held = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        shutil.rmtree(self.parts, ignore_errors=True)  # left by a killed run: this one reads the journal again
+        self.parts.mkdir(parents=True)
+
+    def follow(self, after: float = 1.0, every: float = 0.5) -> None:
+        """Follow the journal in a thread, starting `after` seconds from now (not in the way
+        of the run's first requests). Without score columns: scorers name theirs as they go."""
+        self._thread = threading.Thread(target=self._follow, args=(after, every), name=f"table {self.paths.name}", daemon=True)
+        self._thread.start()
+
+    def _follow(self, after: float, every: float) -> None:
+        if self._stop.wait(after):
+            return
+        try:
+            while True:
+                self._read()
+                if self._stop.wait(every):
+                    return
+        except Exception as failure:  # noqa: BLE001 - finish reads on from the last whole line, and says so if it fails again
+            log.warning("the table of %s is now written at the end: %s", self.paths.name, failure)
+
+    def stop(self) -> None:
+        """No table after all (the disk refused the journal): the thread ends, the parts go."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        shutil.rmtree(self.parts, ignore_errors=True)
+
+    def finish(self, csv: bool = False, score_keys: list[str] = ()) -> pl.DataFrame:
+        """Read what is left, write the table, and return the per-model summary."""
+        import polars as pl
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if list(score_keys) != self.score_keys and any(self._read_to.values()):
+                raise RuntimeError("score columns appeared after the table began: scorers' runs are written at the end")
+            self.score_keys = list(score_keys)
+            self._read()
+            for bucket in list(self._buckets):
+                self._flush(bucket)
+            ordered = []
+            for bucket in sorted(self._written):  # one bucket in memory at a time
+                ordered.append(self.parts / f"{bucket:08d}.parquet")
+                pl.read_parquet(sorted(self.parts.glob(f"{bucket:08d}-*.parquet")), glob=False).sort("input_line", maintain_order=True).write_parquet(ordered[-1])
+            table = pl.scan_parquet(ordered, glob=False) if ordered else pl.LazyFrame(schema=self._schema())
+            table.sink_parquet(self.paths.parquet, row_group_size=self.batch)
+            if csv:
+                pl.scan_parquet(self.paths.parquet, glob=False).sink_csv(self.paths.csv)
+        finally:
+            shutil.rmtree(self.parts, ignore_errors=True)
+        return _summary(self._tallies, self.score_keys)
+
+    def _read(self) -> None:
+        """Every whole line written since the last read."""
+        for status, path in (("completed", self.paths.completed), ("failed", self.paths.failed)):
+            try:
+                fh = path.open("rb")
+            except FileNotFoundError:
                 continue
-            with path.open(encoding="utf-8") as fh:
-                for text in fh:
-                    row = _row(json.loads(text), status, score_keys, parsed_columns)
-                    tallies.setdefault((row["api"], row["model_name"]), _ModelTally()).add(row, score_keys)
-                    rows.append(row)
-                    if len(rows) == batch:
-                        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
-                        written, rows = written + 1, []
-        pl.DataFrame(rows, schema=schema).write_parquet(parts / f"{written:06d}.parquet")
-        table = pl.scan_parquet(sorted(parts.glob("*.parquet")), glob=False)
-        table.sink_parquet(paths.parquet, row_group_size=batch)
-        if csv:
-            table.sink_csv(paths.csv)
-    finally:
-        shutil.rmtree(parts, ignore_errors=True)
-    return _summary(tallies, score_keys)
+            with fh:
+                size = 1 << 22
+                while True:
+                    fh.seek(self._read_to[status])
+                    chunk = fh.read(size)
+                    end = chunk.rfind(b"\n") + 1
+                    if not end:
+                        if len(chunk) < size:  # nothing more, or a line still being written
+                            break
+                        size *= 2  # a line longer than the chunk
+                        continue
+                    for raw in chunk[:end].split(b"\n")[:-1]:
+                        at = self._read_to[status]
+                        self._add(raw, status, at < self.answers_before)
+                        self._read_to[status] = at + len(raw) + 1  # line by line: a failure never reads one twice
+                    size = 1 << 22
+
+    def _add(self, raw: bytes, status: str, earlier: bool) -> None:
+        try:
+            record = parse_line(raw)
+        except ValueError:  # a torn line: resuming sets it aside
+            return
+        if not isinstance(record, dict):
+            return
+        if earlier and status == "completed" and self.on_answer is not None:
+            self.on_answer(record)
+        row = _row(record, status, self.score_keys, self.parsed_columns, self._known)
+        key = (row["api"], row["model_name"])
+        (self._tallies.get(key) or self._tallies.setdefault(key, _ModelTally())).add(row, self.score_keys)
+        self._buckets.setdefault((row["input_line"] or 0) // BUCKET_LINES, []).append(row)
+        self._held += 1
+        if self._held >= self.batch:
+            self._flush(max(self._buckets, key=lambda b: len(self._buckets[b])))
+
+    def _flush(self, bucket: int) -> None:
+        import polars as pl
+
+        part = self.parts / f"{bucket:08d}-{self._written.get(bucket, 0):06d}.parquet"
+        pl.DataFrame(self._buckets[bucket], schema=self._schema()).write_parquet(part)
+        self._held -= len(self._buckets.pop(bucket))  # once written: a full disk loses no row
+        self._written[bucket] = self._written.get(bucket, 0) + 1
+
+    def _schema(self) -> dict[str, Any]:
+        import polars as pl
+
+        columns = TABLE_COLUMNS | {f"score_{k}": "Float64" for k in self.score_keys}
+        columns |= {f"parsed_{name}": PARSED_TYPES[kind] for name, kind in self.parsed_columns.items()}
+        return {name: getattr(pl, dtype) for name, dtype in columns.items()}
+
+
+def write_tables(
+    paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 10_000, parsed_columns: dict[str, str] | None = None
+) -> pl.DataFrame:
+    """The table of a journal as it is, written now (see TableWriter)."""
+    return TableWriter(paths, parsed_columns, batch).finish(csv, score_keys)
 
 
 SEEN_COLUMNS = ("model_versions", "system_fingerprints", "seeds")
