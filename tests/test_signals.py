@@ -207,3 +207,31 @@ async def test_the_grace_after_a_stop_is_a_setting_defaulting_to_the_request_tim
     session.request_stop()
     summary = await running
     assert summary.answered == landed  # 1.5 s answers: abandoned after 0.2 s, kept within the 30 s timeout
+
+
+def test_kill_9_of_promptfleet_worker_stops_the_prefect_worker_it_started(tmp_path: Path, prefect_api: str):
+    """The wrapper is what a supervisor watches; killed hard, it must not leave Prefect's
+    worker polling with nobody to stop it."""
+    from promptfleet.core import processes
+
+    wrapper = subprocess.Popen([sys.executable, "-m", "promptfleet.cli", "worker", "--pool", "kill-9-test", "--type", "process"],
+                               cwd=tmp_path, env={**os.environ, "PREFECT_API_URL": prefect_api},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not started:
+            started = processes.children(wrapper.pid)
+            time.sleep(0.1)
+        assert started, "the wrapper started no worker"
+        wrapper.kill()
+        wrapper.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(processes.exists(pid) for pid in started):
+            time.sleep(0.1)
+        assert not any(processes.exists(pid) for pid in started)
+    finally:
+        wrapper.kill()
+        for pid in started:
+            if processes.exists(pid):
+                os.kill(pid, signal.SIGKILL)

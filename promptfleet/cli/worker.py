@@ -31,7 +31,8 @@ def worker(
 ) -> None:
     """`prefect worker start ARGS...` that stops on one SIGTERM (or Ctrl-C) after its flow
     runs stopped gracefully; e.g. `promptfleet worker --pool promptfleet`."""
-    child = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", *ctx.args], start_new_session=True)
+    child = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", *ctx.args], start_new_session=True,
+                             preexec_fn=processes.parent_death_signal())  # a kill -9 of this command stops the worker too  # fmt: skip
     asked: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -1,9 +1,28 @@
-"""Whether a process of this host still exists, for owner records that name a pid."""
+"""Processes of this host: whether one named by an owner record still exists, its
+children, and a child that dies with its parent."""
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
+
+
+def parent_death_signal() -> Callable[[], None] | None:
+    """A function for a child to run before exec, asking the kernel for SIGTERM when its
+    parent dies (Linux's PR_SET_PDEATHSIG): a helper process we start is never left
+    behind by a `kill -9` of its command. Resolved here, not in the forked child."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)
 
 
 def exists(pid: int) -> bool:

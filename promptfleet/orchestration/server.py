@@ -398,20 +398,6 @@ def console_handlers() -> list[logging.Handler]:
 # --- a temporary server, tied to this process -------------------------------------------
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A function for the child to run before exec, asking the kernel for SIGTERM when its
-    parent dies (Linux's PR_SET_PDEATHSIG). Resolved here, not in the forked child."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)
-
-
 @contextlib.contextmanager
 def temporary(home: Path, timeout: float = START_TIMEOUT) -> Iterator[ServerInfo]:
     """A one-shot server on a free port for the length of the block, never left behind."""
@@ -421,7 +407,7 @@ def temporary(home: Path, timeout: float = START_TIMEOUT) -> Iterator[ServerInfo
     with log.open("ab") as out:
         proc = subprocess.Popen(
             _server_command(port), env={**_server_env(home), **_served_on(port)}, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_parent_death_signal(),
+            start_new_session=True, preexec_fn=processes.parent_death_signal(),
         )  # fmt: skip
     info = ServerInfo(proc.pid, port, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     try:
