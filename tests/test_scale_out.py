@@ -249,8 +249,9 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             # A worker stopped while submitting leaves a run in Submitting: it holds a slot of the deployment too.
             [deployment] = [httpx.get(f"{api}/deployments/name/watch_input/pipeline", timeout=30).json()]
             stuck = httpx.post(f"{api}/deployments/{deployment['id']}/create_flow_run", json={"parameters": json.loads(params)}, timeout=30).json()
-            for state in ({"type": "PENDING"}, {"type": "PENDING", "name": "Submitting"}):
-                assert httpx.post(f"{api}/flow_runs/{stuck['id']}/set_state", json={"state": state}, timeout=30).json()["status"] == "ACCEPT"
+            for state in ({"type": "PENDING"}, {"type": "PENDING", "name": "Submitting"}):  # Pending waits for a free slot, as a worker's would
+                _wait(lambda: httpx.post(f"{api}/flow_runs/{stuck['id']}/set_state", json={"state": state}, timeout=30).json()["status"] == "ACCEPT",
+                      120, f"the stuck run {state}", logs)  # fmt: skip
             submitting_at = datetime.now().astimezone()
             _wait(lambda: not alive_at_kill & {r["id"] for r in _unfinished_runs(api)}, 120, "the runs alive at the kill ended", logs,
                   lambda: _story(api))  # fmt: skip
