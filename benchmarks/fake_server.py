@@ -103,12 +103,15 @@ def anthropic_headers(stated: dict) -> dict:
             "anthropic-ratelimit-requests-reset": reset.isoformat(timespec="milliseconds").replace("+00:00", "Z")}  # fmt: skip
 
 
+def _last_text(body: dict) -> str:
+    content = body["messages"][-1]["content"]
+    return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+
+
 def build(fake: Fake) -> Starlette:
     async def openai(request: Request) -> Response:
         body = json.loads(await request.body())
-        content = body["messages"][-1]["content"]
-        text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
-        status, headers, out = await fake.answer(body["model"], text)
+        status, headers, out = await fake.answer(body["model"], _last_text(body))
         stated = openai_headers(out.get("stated", {}))
         if status != 200:
             return JSONResponse({"error": {"message": f"fake {status}", "type": "fake"}}, status, {**headers, **stated})
@@ -121,9 +124,7 @@ def build(fake: Fake) -> Starlette:
 
     async def anthropic(request: Request) -> Response:
         body = json.loads(await request.body())
-        content = body["messages"][-1]["content"]
-        text = content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
-        status, headers, out = await fake.answer(body["model"], text)
+        status, headers, out = await fake.answer(body["model"], _last_text(body))
         stated = anthropic_headers(out.get("stated", {}))
         if status != 200:
             kind = "rate_limit_error" if status == 429 else "api_error"

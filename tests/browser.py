@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import stop_process
+
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--remote-debugging-port=0"]  # fmt: skip
 IMAGES = "JSON.stringify(Array.from(document.images).map(i => ({src: i.src.slice(0, 30), width: i.naturalWidth, height: i.naturalHeight, shown: Math.round(i.getBoundingClientRect().width), complete: i.complete})))"
@@ -124,12 +126,7 @@ def look(url: str, wait_for: str, width: int = 1400, height: int = 1000, timeout
                 page.screenshot = base64.b64decode(shot["data"])
             return page
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait()
+        stop_process(browser, timeout=10)
         log.close()
         shutil.rmtree(profile, ignore_errors=True)
         Path(f"{profile}.log").unlink(missing_ok=True)

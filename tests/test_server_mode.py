@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import read_jsonl, write_jsonl
+from tests.conftest import read_jsonl, stop_process, write_jsonl
 from tests.fakes import FakeServer
 
 pytestmark = pytest.mark.slow
@@ -67,12 +67,7 @@ def prefect_server_process(tmp_path: Path, extra_env: dict[str, str] | None = No
             pytest.fail(f"prefect server did not start in {timeout:g} s")
         yield api, {**env, "PREFECT_API_URL": api}
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
         log.close()
 
 
