@@ -5,6 +5,7 @@ traceback. Through real subprocesses; requests counted at the fake server."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_sigterm_run_drains_in_flight_exits_130_without_traceback(tmp_path: Path
     n = 40
     with FakeServer() as server:
         server.state.latency = 0.5
-        path = write_jsonl(tmp_path / "exp.jsonl", rows(n))
+        path = write_jsonl(tmp_path / "stopped run.jsonl", rows(n))
         data = tmp_path / "data"
         data.mkdir()
         cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "600"]
@@ -57,15 +58,24 @@ def test_sigterm_run_drains_in_flight_exits_130_without_traceback(tmp_path: Path
         err = err.decode()
         assert proc.returncode == 130, err[-3000:]
         assert "Traceback" not in err and "TerminationSignal" not in err
-        assert f"promptfleet run -f {path} -d {data} -mq 600" in err  # the resume line
+        assert shlex.join(["promptfleet", "run", "-f", str(path), "-d", str(data), "-mq", "600"]) in err  # the resume line
         sent = sum(server.state.calls.values())
         assert sent < n
-        [completed] = (data / "output" / "exp").glob("*-completed-exp.jsonl")
+        [completed] = (data / "output" / "stopped run").glob("*-completed-stopped run.jsonl")
         assert len(read_jsonl(completed)) == sent  # every request that went out was journaled
+        assert flow_run_states(prefect_api, "stopped run") == ["CANCELLED"]  # the UI shows it stopped, not Completed
 
         finished = subprocess.run(cmd, env=environment(server, prefect_api), cwd=tmp_path, capture_output=True, timeout=180)
         assert finished.returncode == 0, finished.stderr.decode()[-3000:]
+        assert flow_run_states(prefect_api, "stopped run") == ["CANCELLED", "COMPLETED"]
     assert_each_answered_once(completed, n, server)
+
+
+def flow_run_states(api: str, name: str) -> list[str]:
+    import httpx
+
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}, "sort": "EXPECTED_START_TIME_ASC"}).json()
+    return [r["state"]["type"] for r in runs]
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ from promptfleet.core.summary import RunSummary, progress_markdown, summary_mark
 from promptfleet.orchestration.artifacts import load_charts_meanwhile, run_report
 from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.flows.lean import flow
+from promptfleet.orchestration.flows.outcome import ended
 from promptfleet.orchestration.secrets import env_from_secret_blocks
 from promptfleet.orchestration.shared_rate import shared_rate_for
 from promptfleet.orchestration.tasks import (
@@ -103,7 +104,7 @@ async def run_experiment(file: str, settings: Settings | None = None, move_to_in
         if work.claim:
             session.let_go(work.claim)
         work.settle(summary is not None and summary.complete, summary.paths.input if summary else None, settings.input_folder)
-    return summary
+    return ended(summary, session, summary.unfinished)
 
 
 async def _run(work: inbox.Work, settings: Settings, session, move_to_input: bool, wait: bool) -> RunSummary:

@@ -22,6 +22,7 @@ from promptfleet.core.session import current_session
 from promptfleet.core.summary import RunSummary
 from promptfleet.orchestration.flows.begin import begin_flow
 from promptfleet.orchestration.flows.lean import flow
+from promptfleet.orchestration.flows.outcome import result_of
 from promptfleet.orchestration.flows.run_experiment import run_experiment
 
 log = logging.getLogger("promptfleet.pipeline")
@@ -62,7 +63,7 @@ async def watch_input(settings: Settings | None = None) -> list[RunSummary]:
             log.info("%s", taken)
             continue
         try:  # the run settles its claim: back to the inbox unless finished, or rejected
-            summary = await run_experiment(file=str(work.file), settings=settings, move_to_input=True)
+            summary = await result_of(await run_experiment(file=str(work.file), settings=settings, move_to_input=True, return_state=True))
         except ExperimentError:
             continue
         except BaseException:
