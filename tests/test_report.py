@@ -180,7 +180,7 @@ def test_offline_page_holds_everything_and_loads_nothing(tmp_path: Path):
     path = tmp_path / "01-02-2026-10-00-00-study-données é.parquet"
     pl.DataFrame(rows, infer_schema_length=None).write_parquet(path)
     written = write_report(path)
-    assert written.html == tmp_path / "01-02-2026-10-00-00-report-données é.html"
+    assert written.html == tmp_path / "01-02-2026-10-00-00-study-report-données é.html"
     page = written.html.read_text(encoding="utf-8")
     assert "default-src 'none'; img-src data:" in page  # the page may load nothing but its own data: images
     assert "<script" not in page and "&lt;img src=http://example.invalid" in page
@@ -229,7 +229,7 @@ def test_report_command(tmp_path: Path):
     runner = CliRunner()
     done = runner.invoke(app, ["report", str(study)])
     assert done.exit_code == 0, done.output
-    assert (tmp_path / "01-02-2026-10-00-00-report-exp.html").stat().st_size > 10_000
+    assert (tmp_path / "01-02-2026-10-00-00-study-report-exp.html").stat().st_size > 10_000
     elsewhere = runner.invoke(app, ["report", str(study), "-o", str(tmp_path / "mine.html")])
     assert elsewhere.exit_code == 0 and (tmp_path / "mine.html").exists()
     (tmp_path / "01-02-2026-10-00-00-results-bad.parquet").write_text("not parquet")

@@ -63,7 +63,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
     output = _run(folder, "test-judge", "test-yes-no")
     out = folder / "data" / "output" / NAME
     [table] = sorted(out.glob(f"*-study-{NAME}.parquet"))
-    [html] = sorted(out.glob(f"*-report-{NAME}.html"))
+    [html] = sorted(out.glob(f"*-study-report-{NAME}.html"))
+    assert len(list(out.glob(f"*-report-{NAME}.html"))) == 2  # the run's own page is kept beside the study's
     return Study(out, pl.read_parquet(table), html, output)
 
 

@@ -15,7 +15,7 @@ from promptfleet.cli.root import app
 @app.command()
 def report(
     table: Annotated[Path, typer.Argument(help="A results table (<stamp>-results-<name>.parquet) or a study table (<stamp>-study-<name>.parquet).", show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The page to write (default: <stamp>-report-<name>.html beside the table).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The page to write (default: beside the table, <stamp>-report-<name>.html; a study's <stamp>-study-report-<name>.html).")] = None,
     _debug: Debug = False,
 ) -> None:
     """Write the offline HTML report (scores with 95% intervals, charts, answers side by side)

@@ -81,7 +81,9 @@ class Report:
 
     @property
     def html_path(self) -> Path:
-        return self.source.parent / f"{self.stamp}-report-{self.name}.html"
+        """Beside its table; a study's page is named apart from its run's, which it sits beside."""
+        page = "study-report" if self.kind == "study" else "report"
+        return self.source.parent / f"{self.stamp}-{page}-{self.name}.html"
 
     def model(self, name: str) -> ModelRow:
         return next(m for m in self.models if m.model == name)
