@@ -349,6 +349,17 @@ def prefect_overhead() -> list[str]:
     shipping logs at exit."""
     rows_out = []
     with background_server() as (env, started):
+        from promptfleet.orchestration.server import status
+
+        info = status(Path(env["PREFECT_HOME"]))
+        assert info is not None
+        floor = WORK / "noop_flow.py"
+        floor.write_text("import asyncio\nfrom prefect import flow\n\n\n@flow(name='noop')\nasync def noop():\n    return 1\n\n\nasyncio.run(noop())\n")
+        imported = timed([sys.executable, "-c", "import prefect"], env)
+        subprocess.run([sys.executable, str(floor)], env={**env, "PREFECT_API_URL": info.api_url}, capture_output=True, check=True)
+        noop = timed([sys.executable, str(floor)], {**env, "PREFECT_API_URL": info.api_url})
+        rows_out += [f"| floor: `python -c 'import prefect'` | – | {imported[0]:.2f} ({imported[1]:.2f}) | – |",
+                     f"| floor: a Prefect flow that does nothing, in a fresh process, on the same server | – | {noop[0]:.2f} ({noop[1]:.2f}) | – |"]
         sizes = (("20 prompts, instant", 20, 0.0, 60000), ("100 prompts, 0.33 s latency", 100, LATENCY["openai"], RATE),
                  ("1,000 prompts, 0.33 s latency", 1000, LATENCY["openai"], RATE))  # fmt: skip
         for label, n, latency, mq in sizes:

@@ -235,13 +235,16 @@ async def test_unknown_openai_parameter_goes_to_the_server(server: FakeServer, t
     assert server.state.requests[0]["temprature"] == 1  # not dropped: the real API answers 400 with its reason
 
 
-def test_model_specific_env_var_wins_and_one_client_per_credentials(tmp_path: Path):
-    environ = {"OPENAI_API_KEY": "sk-generic-000000", "OPENAI_API_KEY_gpt_4o_mini": "sk-special-000000"}
+async def test_model_specific_env_var_wins_and_one_client_per_credentials(server: FakeServer, tmp_path: Path):
+    environ = {"OPENAI_API_KEY": "sk-generic-000000", "OPENAI_API_KEY_gpt_4o_mini": "sk-special-000000", "OPENAI_BASE_URL": f"{server.url}/v1"}
     clients = Clients(ProviderOptions(media_dir=tmp_path), environ=environ)
     generic_a, generic_b = clients.get("openai", "gpt-4"), clients.get("openai", "gpt-3.5")
     special = clients.get("openai", "gpt-4o-mini")
     assert generic_a is generic_b and special is not generic_a
-    assert special._client.api_key == "sk-special-000000"
+    for model in ("gpt-4", "gpt-4o-mini"):
+        await clients.get("openai", model).chat(model, msgs([{"role": "user", "content": "q"}]), {})
+    await clients.aclose()
+    assert [seen.headers["authorization"] for seen in server.state.seen] == ["Bearer sk-generic-000000", "Bearer sk-special-000000"]
 
 
 def test_missing_env_is_named_not_valued(tmp_path: Path):
