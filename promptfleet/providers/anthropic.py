@@ -8,9 +8,7 @@ defaults to 1024 when the experiment does not set it. Extended thinking is the A
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
-
-import anthropic
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from promptfleet.core.media import MediaFolder, decode_data_url
 from promptfleet.core.messages import (
@@ -30,6 +28,9 @@ from promptfleet.providers.base import (
     mime_type_of,
     rate_limit_headers,
 )
+
+if TYPE_CHECKING:  # the SDK is imported when a client is made: `check` reads only the class
+    import anthropic
 
 DEFAULT_MAX_TOKENS = 1024
 MIN_THINKING_BUDGET = 1024  # the API refuses a smaller budget_tokens
@@ -89,6 +90,8 @@ class AnthropicProvider:
         return thinking_problems(parameters)
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
+        import anthropic
+
         self._options = options
         self._client = anthropic.AsyncAnthropic(
             api_key=env["ANTHROPIC_API_KEY"], base_url=env.get("ANTHROPIC_BASE_URL"), max_retries=0, timeout=options.timeout

@@ -22,10 +22,7 @@ import mimetypes
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
-
-from google import genai
-from google.genai import types
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from promptfleet.core.media import MediaFile, MediaFolder, decode_data_url
 from promptfleet.core.messages import (
@@ -47,6 +44,12 @@ from promptfleet.providers.base import (
     seed_sent,
 )
 
+if TYPE_CHECKING:  # the SDK loads with a client, or to validate parameters: `check` reads only the class
+    from google import genai
+    from google.genai import types
+
+    Uploaded = Mapping[str, types.File]  # media ref -> its File API upload
+
 INLINE_LIMIT_BYTES = 20 * 1024 * 1024  # Gemini refuses requests with more inline data than this
 
 THINKING_KEYS = ("thinking_budget", "include_thoughts", "thinking_level")  # prompto's flat spelling, and Gemini 3's level
@@ -64,11 +67,11 @@ SAFETY_FILTERS = {"none": "BLOCK_NONE", "few": "BLOCK_ONLY_HIGH", "default": "BL
 HARM_CATEGORIES = ("HARM_CATEGORY_DANGEROUS_CONTENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_HARASSMENT",
                    "HARM_CATEGORY_SEXUALLY_EXPLICIT")  # fmt: skip
 
-Uploaded = Mapping[str, types.File]  # media ref -> its File API upload
-
 
 def to_contents(messages: Sequence[Message], media: MediaFolder, uploaded: Uploaded | None = None) -> tuple[str | None, list[types.Content]]:
     """(system instruction, contents) in Gemini's shape; `uploaded` files are referenced by URI."""
+    from google.genai import types
+
     system = "\n\n".join(m.text for m in messages if m.role is Role.SYSTEM)
     contents = [
         types.Content(role="model" if m.role is Role.ASSISTANT else "user", parts=[_part(p, media, uploaded or {}) for p in m.parts])
@@ -79,6 +82,8 @@ def to_contents(messages: Sequence[Message], media: MediaFolder, uploaded: Uploa
 
 
 def _part(part: Part, media: MediaFolder, uploaded: Uploaded) -> types.Part:
+    from google.genai import types
+
     match part:
         case Text(text=text):
             return types.Part(text=text)
@@ -138,6 +143,10 @@ class GeminiProvider:
         parameters = {k: v for k, v in parameters.items() if k != "safety_filter"}
         if problems:  # reported already: the SDK would only say the same again
             parameters = {k: v for k, v in parameters.items() if k not in (*THINKING_KEYS, "thinking_config")}
+        if not parameters:  # nothing for the SDK to validate: not worth its import
+            return problems
+        from google.genai import types
+
         try:
             with warnings.catch_warnings():  # the SDK warns before it refuses; the refusal is the line we report
                 warnings.simplefilter("ignore")
@@ -147,6 +156,8 @@ class GeminiProvider:
         return problems
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
+        from google import genai
+
         self._options = options
         self._client = genai.Client(
             api_key=env["GEMINI_API_KEY"], http_options=gemini_files.http_options(env, "GEMINI_BASE_URL", options)
@@ -167,6 +178,8 @@ class GeminiProvider:
         uploaded: Uploaded | None = None,
     ) -> tuple[list[types.Content], types.GenerateContentConfig]:
         """(contents, config) of generateContent; a batch's inlined request carries the same pair."""
+        from google.genai import types
+
         system, contents = to_contents(messages, self._options.media, uploaded)
         asked = {"response_mime_type": "application/json", "response_json_schema": response_schema} if response_schema is not None else {}
         config = generation_config(parameters)
@@ -216,6 +229,8 @@ class VertexAIProvider(GeminiProvider):
     optional_env: ClassVar[tuple[str, ...]] = ("VERTEXAI_BASE_URL", "VERTEXAI_ACCESS_TOKEN")
 
     def __init__(self, env: Mapping[str, str], options: ProviderOptions) -> None:
+        from google import genai
+
         self._options = options
         credentials = None
         if token := env.get("VERTEXAI_ACCESS_TOKEN"):
@@ -275,12 +290,19 @@ def thinking_problems(model: str, parameters: Mapping[str, Any]) -> list[str]:
     if "include_thoughts" in settings and not isinstance(settings["include_thoughts"], bool):
         problems.append(f"include_thoughts must be true or false, got {settings['include_thoughts']!r}")
     level = settings.get("thinking_level")
-    if level is not None and str(level).upper() not in types.ThinkingLevel.__members__:
-        levels = [m.lower() for m in types.ThinkingLevel.__members__ if m != "THINKING_LEVEL_UNSPECIFIED"]
+    if level is not None and str(level).upper() not in thinking_levels():
+        levels = [m.lower() for m in thinking_levels() if m != "THINKING_LEVEL_UNSPECIFIED"]
         problems.append(f"thinking_level must be one of {', '.join(levels)}, got {level!r}")
     if "thinking_budget" in settings:
         problems += _budget_problems(model, settings["thinking_budget"], level is not None)
     return problems
+
+
+def thinking_levels() -> tuple[str, ...]:
+    """The SDK's own ThinkingLevel names, imported only for a file that sets a level."""
+    from google.genai import types
+
+    return tuple(types.ThinkingLevel.__members__)
 
 
 def _budget_problems(model: str, budget: Any, with_level: bool) -> list[str]:

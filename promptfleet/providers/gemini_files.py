@@ -16,9 +16,7 @@ import io
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-
-from google import genai
-from google.genai import types
+from typing import TYPE_CHECKING
 
 from promptfleet.core.experiment import (
     ExperimentError,
@@ -31,6 +29,10 @@ from promptfleet.core.media import MediaError, MediaFolder
 from promptfleet.core.messages import LocalMedia, PromptError, media_part
 from promptfleet.providers.base import ProviderOptions
 
+if TYPE_CHECKING:  # the SDK is imported when a client is made: `check` reads only the provider class
+    from google import genai
+    from google.genai import types
+
 UPLOADED_KEY = "uploaded_filename"  # prompto's key for the File API name on a media part
 
 
@@ -39,6 +41,8 @@ class UploadFailed(Exception):
 
 
 def http_options(env: Mapping[str, str], base_url_var: str, options: ProviderOptions) -> types.HttpOptions:
+    from google.genai import types
+
     # attempts=1: the engine owns retrying.
     return types.HttpOptions(
         base_url=env.get(base_url_var),
@@ -48,6 +52,8 @@ def http_options(env: Mapping[str, str], base_url_var: str, options: ProviderOpt
 
 
 def client_for(env: Mapping[str, str], timeout: float = 300.0) -> genai.Client:
+    from google import genai
+
     options = http_options(env, "GEMINI_BASE_URL", ProviderOptions(timeout=timeout))
     return genai.Client(api_key=env["GEMINI_API_KEY"], http_options=options)
 
@@ -75,6 +81,8 @@ def remote_hex(value: str | None) -> str | None:
 
 async def uploaded_by_hash(client: genai.Client) -> dict[str, types.File]:
     """Every file the key has uploaded, by hex SHA-256."""
+    from google.genai import types
+
     found: dict[str, types.File] = {}
     async for remote in await client.aio.files.list(config={"page_size": 100}):
         if (digest := remote_hex(remote.sha256_hash)) and remote.state != types.FileState.FAILED:
@@ -84,6 +92,8 @@ async def uploaded_by_hash(client: genai.Client) -> dict[str, types.File]:
 
 async def wait_until_active(client: genai.Client, remote: types.File, poll: float = 1.0, timeout: float = 600.0) -> types.File:
     """Videos are processed after upload; a prompt may only use them once ACTIVE."""
+    from google.genai import types
+
     waited = 0.0
     while remote.state == types.FileState.PROCESSING:
         if waited >= timeout:

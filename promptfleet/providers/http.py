@@ -13,10 +13,12 @@ from __future__ import annotations
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
+
+if TYPE_CHECKING:  # imported when the first poster is made: `check` only reads provider classes
+    import aiohttp
 
 
 class JsonPoster:
@@ -24,6 +26,8 @@ class JsonPoster:
     (aiohttp sessions belong to the running event loop)."""
 
     def __init__(self, url: str, headers: Mapping[str, str], timeout: float) -> None:
+        import aiohttp
+
         self.url = url
         self._headers = {**headers, "Content-Type": "application/json", "Accept": "application/json"}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -33,6 +37,8 @@ class JsonPoster:
     async def post(self, body: dict[str, Any]) -> tuple[int, Mapping[str, str], bytes]:
         """(status, headers, content) of any answer; transport failures and timeouts raise."""
         if self._session is None:
+            import aiohttp
+
             # limit=0: the pacer already caps requests in flight
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout)
         async with self._session.post(self.url, data=orjson.dumps(body), headers=self._headers, proxy=self._proxy) as response:

@@ -14,13 +14,11 @@ thoughts. The SDK configures the client; requests go through the lean transport 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, get_args
 
-import openai
 import orjson
-from openai.types.chat import ChatCompletion
-from openai.types.shared import ReasoningEffort
 
 from promptfleet.core.media import MediaFolder, decode_data_url
 from promptfleet.core.messages import (
@@ -44,6 +42,10 @@ from promptfleet.providers.base import (
     seed_sent,
 )
 from promptfleet.providers.http import JsonPoster, status_message
+
+if TYPE_CHECKING:  # the SDK is imported when a client is made: `check` reads only the class
+    import openai
+    from openai.types.chat import ChatCompletion
 
 
 def to_openai_messages(messages: Sequence[Message], media: MediaFolder) -> list[dict[str, Any]]:
@@ -96,7 +98,12 @@ def openai_media_refusal(api: str, part: LocalMedia | RemoteMedia) -> str | None
     return None
 
 
-EFFORTS = tuple(a for arg in get_args(ReasoningEffort) for a in get_args(arg))  # the SDK's own list of levels
+@cache
+def efforts() -> tuple[str, ...]:
+    """The SDK's own list of levels, imported only for a file that sets one."""
+    from openai.types.shared import ReasoningEffort
+
+    return tuple(a for arg in get_args(ReasoningEffort) for a in get_args(arg))
 
 
 def reasoning_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
@@ -110,8 +117,8 @@ def reasoning_parameters(parameters: Mapping[str, Any]) -> dict[str, Any]:
 
 def reasoning_problems(parameters: Mapping[str, Any]) -> list[str]:
     sent = reasoning_parameters(parameters)
-    if "reasoning_effort" in sent and sent["reasoning_effort"] not in EFFORTS:
-        return [f"reasoning effort must be one of {', '.join(EFFORTS)}, got {sent['reasoning_effort']!r}"]
+    if "reasoning_effort" in sent and sent["reasoning_effort"] not in efforts():
+        return [f"reasoning effort must be one of {', '.join(efforts())}, got {sent['reasoning_effort']!r}"]
     if "reasoning" in parameters and not isinstance(parameters["reasoning"], Mapping):
         return [f"reasoning must be an object such as {{\"effort\": \"low\"}}, got {parameters['reasoning']!r}"]
     return []
@@ -150,6 +157,8 @@ class OpenAIProvider:
 
     @staticmethod
     def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:
+        import openai
+
         # max_retries=0: the engine owns retrying.
         return openai.AsyncOpenAI(
             api_key=env["OPENAI_API_KEY"], base_url=env.get("OPENAI_BASE_URL"), max_retries=0, timeout=options.timeout
@@ -241,6 +250,8 @@ class AzureOpenAIProvider(OpenAIProvider):
 
     @staticmethod
     def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:
+        import openai
+
         return openai.AsyncAzureOpenAI(
             api_key=env["AZURE_OPENAI_API_KEY"],
             azure_endpoint=env["AZURE_OPENAI_API_ENDPOINT"],
@@ -268,6 +279,8 @@ class HuggingFaceTGIProvider(OpenAIProvider):
 
     @staticmethod
     def make_client(env: Mapping[str, str], options: ProviderOptions) -> openai.AsyncOpenAI:
+        import openai
+
         endpoint = env["HUGGINGFACE_TGI_API_ENDPOINT"].rstrip("/")
         return openai.AsyncOpenAI(
             api_key=env.get("HUGGINGFACE_TGI_API_KEY", "-"),  # TGI without auth ignores it
