@@ -293,29 +293,29 @@ def read_journal(paths: RunPaths, progress: Callable[[int], None] | None = None)
     `progress` hears how many records were read, about once a second. Streams: memory holds
     the index, never the journal."""
     done = JournalIndex()
-    keys = done.keys
+    keys, count, loads = done.keys, done.keys.get, orjson.loads
     read, report_at = 0, time.monotonic() + 1.0
     for path in (paths.completed, paths.failed):
         if not path.exists():
             continue
         bad = 0
-        ends_whole = True
-        with path.open("rb") as fh:
-            for raw in fh:
-                ends_whole = raw.endswith(b"\n")
-                try:  # _journal_record, inline: this loop runs a million times before a resumed run sends
-                    record = orjson.loads(raw)
+        raw = b""
+        with path.open("rb", buffering=1 << 20) as fh:
+            for raw in fh:  # this loop runs a million times before a resumed run sends: kept lean
+                try:
+                    record = loads(raw)
                 except orjson.JSONDecodeError:
                     record = _journal_record(raw)
                 if type(record) is not dict or "input_line" not in record:
                     bad += bool(raw.strip())
                     continue
                 if key := record.get("input_key"):
-                    keys[key] = keys.get(key, 0) + 1
+                    keys[key] = count(key, 0) + 1
                 read += 1
-                if progress is not None and read % 10_000 == 0 and time.monotonic() >= report_at:
+                if progress is not None and not read % 10_000 and time.monotonic() >= report_at:
                     progress(read)
                     report_at = time.monotonic() + 1.0
+        ends_whole = not raw or raw.endswith(b"\n")
         if bad or not ends_whole:  # a whole last record may lack only its newline
             _set_aside_torn(path)
             done.corrupt += bad
