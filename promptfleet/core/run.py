@@ -354,30 +354,33 @@ def _skips(plan: Plan, done: JournalIndex) -> tuple[dict[str, bytearray], int]:
     """Which planned records the journal answered: as many of each content key as it holds
     (a line repeated in the input is answered once per time it appears), the first ones in
     planned order. Each answered key is taken off a copy of the index as it is matched, so
-    the planned keys pass once, in chunks (a million of them as strings would cost ~80 MB)."""
+    the planned keys pass once, in chunks (a million of them as strings would cost ~80 MB),
+    and once every answer is matched the rest are unanswered without a look."""
     left = dict(done.keys)
     repeated = max(left.values(), default=1) > 1
-    queues = [*plan.queues.values(), *([plan.batch] if plan.batch else [])]
     skip = {}
-    for queue in queues:
+    for queue in [*plan.queues.values(), *([plan.batch] if plan.batch else [])]:
         marks = skip[queue.name] = bytearray()
-        for hexed in _hex_keys(queue):
-            ks = [hexed[i : i + 24] for i in range(0, len(hexed), 24)]
-            if not repeated:  # a key taken once: pop answers 1 for its first planned record, 0 after
-                marks += bytes(map(left.pop, ks, repeat(0)))
+        for chunk in _key_chunks(queue):
+            if not left:
+                marks += bytes(len(chunk) // 12)
                 continue
-            for key in ks:
-                count = left.get(key)
-                if count:
+            hexed = chunk.hex()
+            keys = [hexed[i : i + 24] for i in range(0, len(hexed), 24)]
+            if not repeated:  # each key once: pop answers 1 for its first planned record, 0 after
+                marks += bytes(map(left.pop, keys, repeat(0)))
+                continue
+            for key in keys:
+                count = left.pop(key, 0)
+                if count > 1:
                     left[key] = count - 1
                 marks.append(1 if count else 0)
     return skip, sum(marks.count(1) for marks in skip.values())
 
 
-def _hex_keys(queue: QueuePlan, chunk: int = 1 << 16) -> Iterator[str]:
-    """The queue's keys as hex text, `chunk` records at a time."""
-    for start in range(0, len(queue.keys), 12 * chunk):
-        yield queue.keys[start : start + 12 * chunk].hex()
+def _key_chunks(queue: QueuePlan, records: int = 1 << 16) -> Iterator[bytearray]:
+    for start in range(0, len(queue.keys), 12 * records):
+        yield queue.keys[start : start + 12 * records]
 
 
 def _credentials(target: str) -> dict[str, str]:
