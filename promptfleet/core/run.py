@@ -122,7 +122,7 @@ class Run:
 
     def _todo(self, queue: QueuePlan) -> int:
         skip = self._skip.get(queue.name)
-        return queue.prompts - (sum(skip) if skip else 0)
+        return queue.prompts - (skip.count(1) if skip else 0)
 
     def _journal_failed(self, error: OSError) -> None:
         if self.journal_error is None:  # even after a Ctrl-C: the resume must know
@@ -146,12 +146,13 @@ class Run:
         return False
 
     def prompts(self, queue: QueuePlan) -> Iterator[Prompt]:
-        """The queue's unfinished records, read back by their planned place."""
-        skip = self._skip.get(queue.name)
-        for i in range(queue.prompts):
-            if skip and skip[i]:
-                continue
+        """The queue's unfinished records, read back by their planned place (a resumed run
+        jumps over what is done in one search, not a record at a time)."""
+        skip = self._skip.get(queue.name) or bytes(queue.prompts)
+        i = skip.find(0)
+        while i != -1:
             yield Prompt(queue.lines[i], queue.key(i), self.reader.read(queue.offsets[i], queue.lengths[i]))
+            i = skip.find(0, i + 1)
 
     async def send_queue(self, queue: QueuePlan) -> QueueStats:
         stats = self.stats[queue.name]
