@@ -226,8 +226,9 @@ class Journal:
     once. A record always starts on a fresh line: if the file does not end in a newline (a
     write torn by a full disk or a crash), one is written first, so a torn record never
     swallows the next. The run's owner (RunLock) is its only writer, so the file's end is
-    read only until this journal has written a whole record, and again after a failed write. Data is fsynced at most once a second: a power cut
-    can lose that last second, a killed process loses nothing the OS accepted.
+    read only until this journal has written a whole record, and again after a failed write.
+    Data is fsynced at most once a second: a power cut can lose that last second, a killed
+    process loses nothing the OS accepted.
     """
 
     def __init__(self, paths: RunPaths, sync_interval: float = 1.0, on_error: Callable[[OSError], None] | None = None):
