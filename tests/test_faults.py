@@ -70,6 +70,27 @@ def test_a_record_after_a_torn_write_starts_on_its_own_line(tmp_path: Path):
     assert lines == ['{"input_line": 1}', '{"input_line": 2, "resp', '{"input_line": 3}']
 
 
+def test_a_record_after_a_write_this_journal_tore_starts_on_its_own_line(tmp_path: Path):
+    class OnceFull(Journal):  # the disk refuses the second write half-way, then has room again
+        calls = 0
+
+        def _append(self, fd: int, data: bytes) -> None:
+            OnceFull.calls += 1
+            if OnceFull.calls == 2:
+                os.write(fd, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            Journal._append(fd, data)
+
+    paths = RunPaths(tmp_path, "s", "exp")
+    refused: list[OSError] = []
+    journal = OnceFull(paths, on_error=refused.append)
+    assert journal.write("completed", {"input_line": 1}) and not journal.write("completed", {"input_line": 2, "response": "r"})
+    assert journal.write("completed", {"input_line": 3}) and journal.write("completed", {"input_line": 4})
+    journal.close()
+    assert len(refused) == 1
+    assert paths.completed.read_text().splitlines() == ['{"input_line": 1}', '{"input_line": 2,', '{"input_line": 3}', '{"input_line": 4}']
+
+
 def test_a_bad_line_anywhere_is_set_aside_and_its_prompt_counts_as_unanswered(tmp_path: Path):
     paths = RunPaths(tmp_path, "s", "exp")
     good = [json.dumps({"input_line": n, "input_key": f"k{n}", "response": "r"}) for n in (1, 2, 4)]

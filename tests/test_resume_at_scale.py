@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from promptfleet import Experiment, Session, Settings
 from promptfleet.core import plan_cache
@@ -114,7 +115,10 @@ async def test_a_resumed_run_counts_the_whole_run_in_its_summary(tmp_path: Path)
     first = await Experiment(path, settings, session=session).process()
     await stopper
     assert not first.complete and 0 < first.answered < 300
+    copied = Path(first.outputs["input"]).stat()
     second = await Experiment(path, settings).process()
+    again = Path(second.outputs["input"]).stat()
+    assert (again.st_ino, again.st_mtime_ns) == (copied.st_ino, copied.st_mtime_ns)  # the same bytes are not copied again
     table = pl.read_parquet(second.outputs["parquet"])
     assert second.resumed and second.complete and table["input_line"].to_list() == list(range(1, 301))
     [model] = second.models
@@ -123,14 +127,15 @@ async def test_a_resumed_run_counts_the_whole_run_in_its_summary(tmp_path: Path)
     assert second.cost.by_model["test-m"]["input_tokens"] == second.cost.input_tokens
 
 
-async def test_a_line_repeated_in_the_input_is_answered_once_per_time_it_appears(tmp_path: Path):
+@pytest.mark.parametrize("answered", [(1, 3), (1, 2)])  # the repeated line answered once, or twice
+async def test_a_line_repeated_in_the_input_is_answered_once_per_time_it_appears(tmp_path: Path, answered: tuple[int, int]):
     same = {"api": "test", "model_name": "test-m", "prompt": "the same question"}
     path = write_jsonl(tmp_path / "exp.jsonl", [same, same, {**same, "prompt": "another"}, same])
     settings = Settings(data_folder=tmp_path / "data")
     first = await Experiment(path, settings).process()
     completed = Path(first.outputs["completed"])
     lines = completed.read_text().splitlines()
-    kept = [line for line in lines if json.loads(line)["input_line"] in (1, 3)]  # as if killed after two answers
+    kept = [line for line in lines if json.loads(line)["input_line"] in answered]  # as if killed after two answers
     completed.write_text("".join(line + "\n" for line in kept))
     state = next(completed.parent.glob("*-run-exp.json"))
     state.write_text(json.dumps({**json.loads(state.read_text()), "finished": False}))

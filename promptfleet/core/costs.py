@@ -41,6 +41,8 @@ class Rate:
     tiers: tuple[tuple[int, float], ...] = ()
 
     def usd(self, tokens: int, input_tokens: int) -> float:
+        if not self.tiers:  # most models: priced four times an answer
+            return tokens * self.base / 1e6
         rate = next((r for start, r in reversed(self.tiers) if input_tokens > start), self.base)
         return tokens * rate / 1e6
 

@@ -183,10 +183,15 @@ class _Conversation:
         if any(r.thoughts for r in self.replies):
             thoughts = [list(r.thoughts) for r in self.replies]
             out[THINKING_KEY] = thoughts if self.turns is not None else thoughts[0]
-        usage = {key: _total(self.replies, key) for key in ("input_tokens", "output_tokens", "reasoning_tokens")}
-        if usage["input_tokens"] is not None or usage["output_tokens"] is not None:
-            out["usage"] = {k: v for k, v in usage.items() if v is not None or k != "reasoning_tokens"}
         last = self.replies[-1]
+        if self.turns is None:  # one reply: its counts as they are
+            ins, outs, reasoning = last.input_tokens, last.output_tokens, last.reasoning_tokens
+        else:
+            ins, outs, reasoning = (_total(self.replies, key) for key in ("input_tokens", "output_tokens", "reasoning_tokens"))
+        if ins is not None or outs is not None:
+            out["usage"] = usage = {"input_tokens": ins, "output_tokens": outs}
+            if reasoning is not None:
+                usage["reasoning_tokens"] = reasoning
         if last.served_model:
             out["model"] = last.served_model  # prompto's key for what a self-hosted endpoint serves
         if last.finish_reason:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import compress
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class _Resume:
     stamp: str
     skip: dict[str, bytearray] = field(default_factory=dict)
     note: str | None = None
+    same_input: bool = False  # the run was started on these very bytes (its state's digest)
 
 
 class Run:
@@ -121,7 +122,7 @@ class Run:
 
     def _todo(self, queue: QueuePlan) -> int:
         skip = self._skip.get(queue.name)
-        return queue.prompts - (sum(skip) if skip else 0)
+        return queue.prompts - (skip.count(1) if skip else 0)
 
     def _journal_failed(self, error: OSError) -> None:
         if self.journal_error is None:  # even after a Ctrl-C: the resume must know
@@ -145,12 +146,13 @@ class Run:
         return False
 
     def prompts(self, queue: QueuePlan) -> Iterator[Prompt]:
-        """The queue's unfinished records, read back by their planned place."""
-        skip = self._skip.get(queue.name)
-        for i in range(queue.prompts):
-            if skip and skip[i]:
-                continue
+        """The queue's unfinished records, read back by their planned place (a resumed run
+        jumps over what is done in one search, not a record at a time)."""
+        skip = self._skip.get(queue.name) or bytes(queue.prompts)
+        i = skip.find(0)
+        while i != -1:
             yield Prompt(queue.lines[i], queue.key(i), self.reader.read(queue.offsets[i], queue.lengths[i]))
+            i = skip.find(0, i + 1)
 
     async def send_queue(self, queue: QueuePlan) -> QueueStats:
         stats = self.stats[queue.name]
@@ -283,7 +285,7 @@ def open_run(
         claim = session.claim_for(file)
         if claim is not None and not claim.held():  # its file may be someone else's claim by now: never move it
             raise RunBusy(f"another process ({claim.path.name}: {claim.lost})")
-        if not paths.input.exists() or file.resolve() != paths.input.resolve():
+        if not paths.input.exists() or (file.resolve() != paths.input.resolve() and not _placed(paths, plan, resume, move_to_input)):
             if claim is not None and move_to_input:
                 claim.moving_to(paths.input)
             inbox.place_working_copy(file, paths.input, move=move_to_input)
@@ -320,7 +322,7 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
                     f"{plan.prompts - matched} will be sent"
                     + (f"; {stale} answer(s) of lines no longer in the file stay in its journal" if stale else "")
                 )
-            return _Resume(stamp, skip, note)
+            return _Resume(stamp, skip, note, same)
         log.warning("%s: the unfinished run %s is of a different file (no answer matches); starting a new run", plan.name, stamp)
         break
     stamp = now_stamp()
@@ -328,6 +330,14 @@ def _pick_run(plan: Plan, out_dir: Path) -> _Resume:
         time.sleep(0.2)
         stamp = now_stamp()
     return _Resume(stamp)
+
+
+def _placed(paths: RunPaths, plan: Plan, resume: _Resume, move_to_input: bool) -> bool:
+    """Whether the working copy already holds the planned bytes: a resumed run's state names
+    the digest of the file its copy was made from, written once the copy was in place. Not
+    copying a million prompts again saves a resumed run ~0.3 s before it sends. A file to
+    move (-m) is always moved: it must leave the inbox."""
+    return resume.same_input and not move_to_input and paths.input.stat().st_size == plan.size
 
 
 def _paid(spend: Spend, record: dict[str, Any]) -> None:
@@ -343,25 +353,35 @@ def _paid(spend: Spend, record: dict[str, Any]) -> None:
 
 def _skips(plan: Plan, done: JournalIndex) -> tuple[dict[str, bytearray], int]:
     """Which planned records the journal answered: as many of each content key as it holds
-    (a line repeated in the input is answered once per time it appears)."""
-    keys = {}
-    for queue in [*plan.queues.values(), *([plan.batch] if plan.batch else [])]:
-        hexed = queue.keys.hex()
-        keys[queue.name] = [hexed[i : i + 24] for i in range(0, len(hexed), 24)]
-    answered = set(done.keys)
-    skip = {name: bytearray(map(answered.__contains__, ks)) for name, ks in keys.items()}
-    matched = sum(marks.count(1) for marks in skip.values())
-    once = max(done.keys.values(), default=1) == 1 and matched == len({k for name, ks in keys.items() for k in compress(ks, skip[name])})
-    if once:  # each answered key once in the journal and once among the marked: marked right
-        return skip, matched
+    (a line repeated in the input is answered once per time it appears), the first ones in
+    planned order. Each answered key is taken off a copy of the index as it is matched, so
+    the planned keys pass once, in chunks (a million of them as strings would cost ~80 MB),
+    and once every answer is matched the rest are unanswered without a look."""
     left = dict(done.keys)
-    for name, ks in keys.items():
-        marks = skip[name] = bytearray(len(ks))
-        for i, key in enumerate(ks):
-            if count := left.get(key):
-                left[key] = count - 1
-                marks[i] = 1
+    repeated = max(left.values(), default=1) > 1
+    skip = {}
+    for queue in [*plan.queues.values(), *([plan.batch] if plan.batch else [])]:
+        marks = skip[queue.name] = bytearray()
+        for chunk in _key_chunks(queue):
+            if not left:
+                marks += bytes(len(chunk) // 12)
+                continue
+            hexed = chunk.hex()
+            keys = [hexed[i : i + 24] for i in range(0, len(hexed), 24)]
+            if not repeated:  # each key once: pop answers 1 for its first planned record, 0 after
+                marks += bytes(map(left.pop, keys, repeat(0)))
+                continue
+            for key in keys:
+                count = left.pop(key, 0)
+                if count > 1:
+                    left[key] = count - 1
+                marks.append(1 if count else 0)
     return skip, sum(marks.count(1) for marks in skip.values())
+
+
+def _key_chunks(queue: QueuePlan, records: int = 1 << 16) -> Iterator[bytearray]:
+    for start in range(0, len(queue.keys), 12 * records):
+        yield queue.keys[start : start + 12 * records]
 
 
 def _credentials(target: str) -> dict[str, str]:

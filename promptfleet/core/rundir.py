@@ -26,7 +26,8 @@ TIMESTAMP_FORMAT = "%d-%m-%Y-%H-%M-%S"  # prompto's, so output names sort and re
 
 
 def now_stamp() -> str:
-    return datetime.now().strftime(TIMESTAMP_FORMAT)
+    """Local time to the second; `time.strftime` (~1 us) rather than a datetime (~5 us): every prompt is stamped."""
+    return time.strftime(TIMESTAMP_FORMAT)
 
 
 MAX_NAME_BYTES = 180  # the longest output file name adds ~50 bytes; file systems stop at 255
@@ -221,11 +222,13 @@ def read_state(paths: RunPaths) -> dict[str, Any]:
 class Journal:
     """Append-only completed/failed files shared by every queue of a run.
 
-    O_APPEND and one os.write per record keep lines whole even when several queues or
-    processes append at once. A record always starts on a fresh line: if the file does not
-    end in a newline (a write torn by a full disk or a crash), one is written first, so a
-    torn record never swallows the next. Data is fsynced at most once a second: a power cut
-    can lose that last second, a killed process loses nothing the OS accepted.
+    O_APPEND and one os.write per record keep lines whole even when several queues append at
+    once. A record always starts on a fresh line: if the file does not end in a newline (a
+    write torn by a full disk or a crash), one is written first, so a torn record never
+    swallows the next. The run's owner (RunLock) is its only writer, so the file's end is
+    read only until this journal has written a whole record, and again after a failed write.
+    Data is fsynced at most once a second: a power cut can lose that last second, a killed
+    process loses nothing the OS accepted.
     """
 
     def __init__(self, paths: RunPaths, sync_interval: float = 1.0, on_error: Callable[[OSError], None] | None = None):
@@ -233,6 +236,8 @@ class Journal:
         self._on_error = on_error
         flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read too: to see how the file ends
         self._fds = {"completed": os.open(paths.completed, flags, 0o644), "failed": os.open(paths.failed, flags, 0o644)}
+        self._ends_whole = {"completed": False, "failed": False}  # known only once this journal wrote the end itself
+        self._encode = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps would make one a record
         self._sync_interval = sync_interval
         self._last_sync = time.monotonic()
 
@@ -240,13 +245,14 @@ class Journal:
         """Append one record; False when it could not be written. A failed write (disk full,
         I/O error) goes to `on_error`, which stops the run: the record's prompt stays
         unanswered for the resume."""
-        data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        data = (self._encode(record) + "\n").encode()
         fd = self._fds[kind]
         try:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
+            if not self._ends_whole[kind] and (size := os.fstat(fd).st_size) and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data
+            self._ends_whole[kind] = False  # until the whole record is in
             self._append(fd, data)
+            self._ends_whole[kind] = True
             if time.monotonic() - self._last_sync > self._sync_interval:
                 self.sync()
         except OSError as err:
@@ -293,29 +299,29 @@ def read_journal(paths: RunPaths, progress: Callable[[int], None] | None = None)
     `progress` hears how many records were read, about once a second. Streams: memory holds
     the index, never the journal."""
     done = JournalIndex()
-    keys = done.keys
+    keys, count, loads = done.keys, done.keys.get, orjson.loads
     read, report_at = 0, time.monotonic() + 1.0
     for path in (paths.completed, paths.failed):
         if not path.exists():
             continue
         bad = 0
-        ends_whole = True
-        with path.open("rb") as fh:
-            for raw in fh:
-                ends_whole = raw.endswith(b"\n")
-                try:  # _journal_record, inline: this loop runs a million times before a resumed run sends
-                    record = orjson.loads(raw)
+        raw = b""
+        with path.open("rb", buffering=1 << 20) as fh:
+            for raw in fh:  # this loop runs a million times before a resumed run sends: kept lean
+                try:
+                    record = loads(raw)
                 except orjson.JSONDecodeError:
                     record = _journal_record(raw)
                 if type(record) is not dict or "input_line" not in record:
                     bad += bool(raw.strip())
                     continue
                 if key := record.get("input_key"):
-                    keys[key] = keys.get(key, 0) + 1
+                    keys[key] = count(key, 0) + 1
                 read += 1
-                if progress is not None and read % 10_000 == 0 and time.monotonic() >= report_at:
+                if progress is not None and not read % 10_000 and time.monotonic() >= report_at:
                     progress(read)
                     report_at = time.monotonic() + 1.0
+        ends_whole = not raw or raw.endswith(b"\n")
         if bad or not ends_whole:  # a whole last record may lack only its newline
             _set_aside_torn(path)
             done.corrupt += bad

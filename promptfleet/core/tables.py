@@ -9,6 +9,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from promptfleet.core.quantiles import QuantileSample
@@ -174,9 +175,6 @@ class _ModelTally:
                 total[1] += 1
 
 
-BUCKET_LINES = 50_000  # input lines whose rows are put in order together
-
-
 class TableWriter:
     """A run's result table: Parquet (and CSV) of every prompt, one row each, in the order of
     the input (`input_line`; rows of one line as they landed), and a per-model summary with
@@ -186,14 +184,17 @@ class TableWriter:
 
     `follow` builds it while the run goes: a thread reads the journal as it grows, from its
     first byte (a resumed run's earlier answers first), so `finish` is left with the last
-    lines and the ordering. Memory stays that of one batch whatever the run's size: rows
-    are set aside by input line into buckets of BUCKET_LINES lines, the fullest bucket goes
-    to a Parquet part whenever `batch` rows are held, and at the end polars sorts one bucket
-    at a time and streams them into one file. The summary is added up as the rows pass, its
-    latency quantiles from a fixed-size sample.
+    lines and the ordering. Memory stays that of one batch whatever the run's size: rows are
+    held as tuples, set aside by input line into buckets of `batch` lines, and the fullest
+    bucket goes, sorted, to a Parquet part whenever `batch` rows are held. Answers
+    landing about in input order fill one bucket after another, so most buckets end as one
+    part, already in order; at the end only the buckets of several parts are sorted again,
+    and polars streams the parts into one file. Parts stay small because what polars holds
+    while it streams grows with the size of what it reads at once. The summary is added up
+    as the rows pass, its latency quantiles from a fixed-size sample.
     """
 
-    def __init__(self, paths: RunPaths, parsed_columns: dict[str, str] | None = None, batch: int = 10_000,
+    def __init__(self, paths: RunPaths, parsed_columns: dict[str, str] | None = None, batch: int = 5_000,
                  on_answer: Callable[[dict[str, Any]], None] | None = None, answers_before: int = 0) -> None:  # fmt: skip
         self.paths, self.batch, self.on_answer, self.answers_before = paths, batch, on_answer, answers_before
         self.parsed_columns = parsed_columns or {}
@@ -201,7 +202,7 @@ class TableWriter:
         self.score_keys: list[str] = []
         self._read_to = {"completed": 0, "failed": 0}
         self._tallies: dict[tuple[str, str], _ModelTally] = {}
-        self._buckets: dict[int, list[dict[str, Any]]] = {}
+        self._buckets: dict[int, list[tuple[Any, ...]]] = {}
         self._written: dict[int, int] = {}  # bucket -> parts written
         self._known: dict[Any, str] = {}
         self._held = 0
@@ -248,10 +249,7 @@ class TableWriter:
             self._read()
             for bucket in list(self._buckets):
                 self._flush(bucket)
-            ordered = []
-            for bucket in sorted(self._written):  # one bucket in memory at a time
-                ordered.append(self.parts / f"{bucket:08d}.parquet")
-                pl.read_parquet(sorted(self.parts.glob(f"{bucket:08d}-*.parquet")), glob=False).sort("input_line", maintain_order=True).write_parquet(ordered[-1])
+            ordered = [self._in_order(bucket) for bucket in sorted(self._written)]
             table = pl.scan_parquet(ordered, glob=False) if ordered else pl.LazyFrame(schema=self._schema())
             table.sink_parquet(self.paths.parquet, row_group_size=self.batch)
             if csv:
@@ -268,7 +266,7 @@ class TableWriter:
             except FileNotFoundError:
                 continue
             with fh:
-                size = 1 << 22
+                size = 1 << 20
                 while True:
                     fh.seek(self._read_to[status])
                     chunk = fh.read(size)
@@ -282,7 +280,7 @@ class TableWriter:
                         at = self._read_to[status]
                         self._add(raw, status, at < self.answers_before)
                         self._read_to[status] = at + len(raw) + 1  # line by line: a failure never reads one twice
-                    size = 1 << 22
+                    size = 1 << 20
 
     def _add(self, raw: bytes, status: str, earlier: bool) -> None:
         try:
@@ -296,18 +294,33 @@ class TableWriter:
         row = _row(record, status, self.score_keys, self.parsed_columns, self._known)
         key = (row["api"], row["model_name"])
         (self._tallies.get(key) or self._tallies.setdefault(key, _ModelTally())).add(row, self.score_keys)
-        self._buckets.setdefault((row["input_line"] or 0) // BUCKET_LINES, []).append(row)
+        self._buckets.setdefault((row["input_line"] or 0) // self.batch, []).append(tuple(row.values()))
         self._held += 1
         if self._held >= self.batch:
             self._flush(max(self._buckets, key=lambda b: len(self._buckets[b])))
 
     def _flush(self, bucket: int) -> None:
+        """The bucket's held rows, sorted, to a part of their own."""
         import polars as pl
 
         part = self.parts / f"{bucket:08d}-{self._written.get(bucket, 0):06d}.parquet"
-        pl.DataFrame(self._buckets[bucket], schema=self._schema()).write_parquet(part)
+        schema = self._schema()
+        rows = pl.DataFrame(dict(zip(schema, zip(*self._buckets[bucket]))), schema=schema)  # by column: 3x faster than by row
+        rows.sort("input_line", maintain_order=True).write_parquet(part, compression="lz4")
         self._held -= len(self._buckets.pop(bucket))  # once written: a full disk loses no row
         self._written[bucket] = self._written.get(bucket, 0) + 1
+
+    def _in_order(self, bucket: int) -> Path:
+        """The bucket's rows in one sorted part: its only one, or its parts sorted together
+        (stable: rows of one line stay in the order they landed)."""
+        import polars as pl
+
+        parts = [self.parts / f"{bucket:08d}-{n:06d}.parquet" for n in range(self._written[bucket])]
+        if len(parts) == 1:
+            return parts[0]
+        merged = self.parts / f"{bucket:08d}.parquet"
+        pl.read_parquet(parts, glob=False).sort("input_line", maintain_order=True).write_parquet(merged, compression="lz4", row_group_size=self.batch)
+        return merged
 
     def _schema(self) -> dict[str, Any]:
         import polars as pl
@@ -318,7 +331,7 @@ class TableWriter:
 
 
 def write_tables(
-    paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 10_000, parsed_columns: dict[str, str] | None = None
+    paths: RunPaths, csv: bool = False, score_keys: list[str] = (), batch: int = 5_000, parsed_columns: dict[str, str] | None = None
 ) -> pl.DataFrame:
     """The table of a journal as it is, written now (see TableWriter)."""
     return TableWriter(paths, parsed_columns, batch).finish(csv, score_keys)
