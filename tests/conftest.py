@@ -1,6 +1,6 @@
 """Hermetic test setup: a temporary PREFECT_HOME, no PREFECT_API_URL, telemetry off,
-one Prefect test server for the whole session, no background server left running, and
-no real provider credentials."""
+one Prefect server for the whole run (shared by the test processes), no background server
+left running, and no real provider credentials."""
 
 from __future__ import annotations
 
@@ -29,22 +29,88 @@ from tests.fakes import FakeServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> Iterator[str]:
-    """One temporary Prefect server for the whole session; yields its API URL. Exported in the
+def prefect_api(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[str]:
+    """One Prefect server for the whole test run; yields its API URL. Exported in the
     environment too, so every command a test starts, in this process or as a subprocess,
     reports to it instead of starting a temporary server of its own (10-15 s each): modules
     that run commands ask for it (`pytestmark`). Tests of the background and temporary
-    servers remove it from their commands' environment."""
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
+    servers remove it from their commands' environment.
 
-    with prefect_test_harness(server_startup_timeout=180):
-        url = PREFECT_API_URL.value()
-        os.environ["PREFECT_API_URL"] = url
-        try:
+    The test processes (pytest-xdist workers) share it: starting one costs ~15 s of CPU,
+    and each test process holds it until its own end; the last to let go stops it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    worker = getattr(request.config, "workerinput", None)
+    folder = tmp_path_factory.getbasetemp() if worker is None else tmp_path_factory.getbasetemp().parent  # the run's, not this process's
+    url = _shared_server(folder, +1)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
             yield url
-        finally:
-            os.environ.pop("PREFECT_API_URL", None)
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        _shared_server(folder, -1)
+
+
+def _shared_server(folder: Path, change: int) -> str:
+    """Count one more (or one fewer) test process using the run's Prefect server, starting it
+    for the first and stopping it after the last; its API URL."""
+    import fcntl
+
+    state = folder / "prefect-server.json"
+    with (folder / "prefect-server.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process at a time starts, counts or stops
+        server = json.loads(state.read_text()) if state.exists() else _start_server(folder / "prefect-server")
+        server["users"] += change
+        if server["users"] > 0:
+            state.write_text(json.dumps(server))
+        else:
+            state.unlink(missing_ok=True)
+            _stop_group(server["pid"])
+        return server["api"]
+
+
+def _start_server(home: Path) -> dict[str, Any]:
+    """`prefect server start` in a session of its own, without what the tests never use."""
+    import subprocess
+    import time
+
+    import httpx
+
+    from tests.test_server_mode import PREFECT, free_port
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home)}
+    env.pop("PREFECT_API_URL", None)
+    home.mkdir()
+    with (home / "server.log").open("wb") as log:
+        proc = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--no-scheduler",
+                                 "--no-late-runs"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return {"pid": proc.pid, "api": api, "users": 0}
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (home / "server.log").read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def _stop_group(pid: int) -> None:
+    """SIGTERM the server's session (it and what it started), SIGKILL if it outlives 30 s."""
+    import signal
+    import time
+
+    from promptfleet.core import processes
+
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while processes.exists(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if processes.exists(pid):
+        os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.fixture
@@ -70,15 +136,6 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
             monkeypatch.setenv(key, value)
         server.state.polls_to_finish = 1
         yield server
-
-
-@pytest.fixture
-def prefect_server(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A Prefect server of its own, for a test that needs a fresh one."""
-    from tests.test_server_mode import prefect_server_process
-
-    with prefect_server_process(tmp_path) as (api, env):
-        yield api, env
 
 
 def stop_process(proc: Any, timeout: float = 30) -> None:
@@ -110,3 +167,18 @@ def _restore_environ() -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# The modules that hold a test process longest (their own servers, workers and waits for a
+# crash to be noticed), longest first. pytest-xdist starts them before the rest, which fill
+# the other processes around them (by default it would start modules with most tests first,
+# and these last: the run would end waiting for them).
+LONGEST_FIRST = ("test_scale_out.py", "test_server_mode.py", "test_server.py", "test_signals.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each module, and of the other modules, is kept

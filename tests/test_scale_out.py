@@ -26,11 +26,12 @@ from promptfleet.core import processes
 from tests.conftest import read_jsonl, write_jsonl
 from tests.fakes import FakeServer
 from tests.test_server import PROMPTFLEET
-from tests.test_server_mode import PREFECT, REPO, free_port, prefect_server_process, run
+from tests.test_server_mode import PREFECT, REPO, clear_schedules, free_port, prefect_server_process, run, start_run
 
 pytestmark = pytest.mark.slow
 
 LIMIT = 10  # requests per second the fake allows the key; every run is told -mq 600
+SILENCE = 30  # seconds a dead run's flow runs may be silent before they are Crashed: half the default, an operator's setting
 PROMPTS = 40
 FILES = 6
 
@@ -182,7 +183,7 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
         fake.state.latency = 0.3  # a few prompts are always in flight, so the kill catches some
         worker_env = {**env, "OPENAI_API_KEY": "sk-scale-out-0123456789", "OPENAI_BASE_URL": fake.base_url,
                       "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1",
-                      "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO"}  # fmt: skip
+                      "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "INFO", "PROMPTFLEET_CRASH_SILENCE": str(SILENCE)}  # fmt: skip
         # The recipe, as the README gives it.
         work.mkdir()
         run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
@@ -191,7 +192,7 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
         assert "promptfleet.orchestration" not in deployed  # flows come from the installed package, not a file here
         # Test only: polls start when the test says, with its rate (a scheduled poll runs with the deployment's
         # parameters, prompto's default of 10/min); the polls they start themselves are the recipe's.
-        run([PREFECT, "deployment", "schedule", "clear", "watch_input/pipeline", "--accept-yes"], env, work)
+        clear_schedules(api, "watch_input/pipeline")
         files = [log.open("wb") for log in logs]
 
         def worker(i: int) -> subprocess.Popen:
@@ -243,7 +244,7 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             _drop(inbox, later)
 
             # The survivor's poll puts the dead one's file back at once (its process died on this host) and runs
-            # everything; the dead runs are marked Crashed by the server within two leases, freeing their slot.
+            # everything; the dead runs are marked Crashed by the server within two silences, freeing their slot.
             all_done = _wait(lambda: all(_finished(out, n) for n in first + later), 240, "every file run", logs)
             assert survivor.poll() is None
             # A worker stopped while submitting leaves a run in Submitting: it holds a slot of the deployment too.
@@ -271,7 +272,7 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             # The slots are free: the next poll runs a new file. Its worker is killed, not the flow run it started,
             # which stops sending as on SIGTERM, gives the file back and reports its own end.
             _drop(inbox, [last], prompts=3 * PROMPTS)
-            run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", params], env, work)
+            start_run(api, "watch_input/pipeline", json.loads(params))
             _wait(lambda: len(_completed_lines(out, last)) >= 5, 120, "a file dropped after the crash, started", logs)
             orphan = json.loads((out / last / ".lock").read_text())["pid"]  # the flow run's process
             assert orphan in _tree(survivor.pid)
@@ -290,16 +291,16 @@ def test_two_workers_on_postgres_share_the_inbox_and_a_dead_one_never_stops_it(t
             assert len(_completed_lines(out, last)) < 3 * PROMPTS and answered_at_stop == {r["prompt"] for r in _completed_lines(out, last)}
             # A new worker finishes it.
             workers.append(worker(2))
-            run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", params], env, work)
+            start_run(api, "watch_input/pipeline", json.loads(params))
             _wait(lambda: _finished(out, last), 120, "the orphaned file finished by another worker", logs)
-            # The dead poll and its experiment, and the stuck run, were marked Crashed within two leases.
+            # The dead poll and its experiment, and the stuck run, were marked Crashed within two silences.
             watched = alive_at_kill | {stuck["id"]}
             _wait(lambda: stuck["id"] not in {r["id"] for r in _unfinished_runs(api)}, 120, "the stuck run ended", logs, lambda: _story(api))
             crashed = [r for r in _runs(api, id={"any_": sorted(watched)}) if r["state_type"] == "CRASHED"]
             lag = {r["name"]: (datetime.fromisoformat(r["state"]["timestamp"]) - (submitting_at if r["id"] == stuck["id"] else killed_at))
                    for r in crashed}  # fmt: skip
             assert stuck["id"] in {r["id"] for r in crashed} and len(crashed) == 3, lag  # the dead poll, its experiment, the stuck run
-            assert all(d.total_seconds() <= 2 * 60 for d in lag.values()), lag
+            assert all(d.total_seconds() <= 2 * SILENCE for d in lag.values()), lag
             # No run is left Running, Pending or Submitting (the polls started for free slots end too).
             _wait(lambda: not _unfinished_runs(api), 180, "no run left Running, Pending or Submitting", logs, lambda: _story(api))
         finally:

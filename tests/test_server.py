@@ -13,13 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 
 from promptfleet.orchestration import server
-from promptfleet.orchestration.crashed_runs import SILENCE, automation_name
+from promptfleet.orchestration.crashed_runs import DEFAULT_SILENCE, SILENCE_ENV, automation_name, crash_silence
 from tests.conftest import write_jsonl
 
 PROMPTFLEET = [shutil.which("promptfleet", path=str(Path(sys.executable).parent)) or "promptfleet"]
@@ -94,7 +95,7 @@ def test_first_run_starts_the_server_later_runs_reuse_it_and_the_run_stays_in_th
     assert "20 answered, 0 failed" in artifacts["summary-twenty"]["data"]
     assert artifacts["progress-twenty"]["data"] == 100.0
     automations = httpx.post(f"{info.api_url}/automations/filter", json={}, timeout=10).json()
-    assert [a["name"] for a in automations] == [automation_name(SILENCE)]  # set up by the first run, once
+    assert [a["name"] for a in automations] == [automation_name(DEFAULT_SILENCE)]  # set up by the first run, once
 
     second = cli(["run", "-f", str(path), "-mq", "60000"], home, tmp_path, PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="INFO")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -112,7 +113,7 @@ def test_first_run_starts_the_server_later_runs_reuse_it_and_the_run_stays_in_th
 
 
 @pytest.mark.slow
-def test_a_stale_state_file_is_recognised_and_a_taken_port_is_avoided(tmp_path: Path, home: Path):
+def test_a_stale_state_file_is_recognised_a_taken_port_avoided_and_a_run_killed_with_9_marked_crashed(tmp_path: Path, home: Path):
     home.mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (home / server.STATE_FILE).write_text(json.dumps({"pid": int(dead.stdout), "port": 4200, "started": "yesterday"}))
@@ -138,6 +139,54 @@ def test_a_stale_state_file_is_recognised_and_a_taken_port_is_avoided(tmp_path: 
         assert f"{info.ui_url} (pid {info.pid})" in started.stdout
         again = cli(["server", "start"], home, tmp_path)
         assert "already running" in again.stdout and server.status(home) == info
+    _a_run_killed_with_9_is_marked_crashed(info, home, tmp_path)  # a fresh server: no run has been on it
+
+
+def _a_run_killed_with_9_is_marked_crashed(info: server.ServerInfo, home: Path, tmp_path: Path) -> None:
+    """The first run on a fresh server sets up the automation, and is watched by it itself
+    even when it dies seconds later, before it would say it is alive again."""
+    silence = 30  # the operator's setting, half the default: a word every 7.5 s
+    rows = [{"id": i, "api": "test", "model_name": "m", "prompt": f"q{i}", "parameters": {"latency": 1.0}} for i in range(600)]
+    path = write_jsonl(tmp_path / "doomed.jsonl", rows)
+    environ = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
+    environ.update(PREFECT_HOME=str(home), PROMPTFLEET_CRASH_SILENCE=str(silence))
+    cmd = PROMPTFLEET + ["run", "-f", str(path), "-d", str(tmp_path / "data"), "--create-data-folder", "-mq", "600"]
+    proc = subprocess.Popen(cmd, env=environ, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        runs: list[dict] = []
+        while time.monotonic() < deadline and not (runs and runs[0]["state_type"] == "RUNNING"):
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            runs = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
+            time.sleep(0.5)
+        assert runs and runs[0]["state_type"] == "RUNNING"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (automations := api(info, "/automations/filter", {})):
+            time.sleep(0.5)
+        assert [a["name"] for a in automations] == [automation_name(timedelta(seconds=silence))]
+        time.sleep(4)  # after its word 2 s after setting the automation up, before its next, 7.5 s after its first
+    finally:
+        proc.kill()
+        proc.wait()
+    killed = time.monotonic()
+    while time.monotonic() < killed + 5 * silence:
+        [run] = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
+        if run["state_type"] != "RUNNING":
+            break
+        time.sleep(2)
+    assert run["state_type"] == "CRASHED", run["state_type"]
+    assert time.monotonic() - killed < 2 * silence
+
+
+def test_the_crash_silence_is_a_setting_of_60_s_by_default(monkeypatch):
+    monkeypatch.delenv(SILENCE_ENV, raising=False)
+    assert crash_silence() == DEFAULT_SILENCE == timedelta(seconds=60)
+    monkeypatch.setenv(SILENCE_ENV, "12.5")
+    assert crash_silence() == timedelta(seconds=12.5)
+    for bad in ("soon", "1", "-60", "nan"):
+        monkeypatch.setenv(SILENCE_ENV, bad)
+        with pytest.raises(ValueError, match=f"{SILENCE_ENV} must be a number of seconds, at least 4, not '{bad}'"):
+            crash_silence()
 
 
 @pytest.mark.slow
@@ -163,43 +212,6 @@ def test_kill_9_of_an_ephemeral_run_leaves_no_server_behind(tmp_path: Path, home
         time.sleep(0.2)
     assert processes_of(home) == []
     assert server.status(home) is None  # a temporary server never writes the state file
-
-
-@pytest.mark.slow
-def test_a_run_killed_with_9_is_marked_crashed_on_the_background_server(tmp_path: Path, home: Path):
-    """The first run on a fresh server sets up the automation, and is watched by it itself
-    even when it dies seconds later, before it would say it is alive again."""
-    info, started = server.start(home)
-    assert started
-    rows = [{"id": i, "api": "test", "model_name": "m", "prompt": f"q{i}", "parameters": {"latency": 1.0}} for i in range(600)]
-    path = write_jsonl(tmp_path / "doomed.jsonl", rows)
-    environ = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PROMPTFLEET_EPHEMERAL")}
-    environ["PREFECT_HOME"] = str(home)
-    cmd = PROMPTFLEET + ["run", "-f", str(path), "-d", str(tmp_path / "data"), "--create-data-folder", "-mq", "600"]
-    proc = subprocess.Popen(cmd, env=environ, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        runs: list[dict] = []
-        while time.monotonic() < deadline and not (runs and runs[0]["state_type"] == "RUNNING"):
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            runs = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
-            time.sleep(0.5)
-        assert runs and runs[0]["state_type"] == "RUNNING"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not api(info, "/automations/filter", {}):
-            time.sleep(0.5)
-        time.sleep(5)  # well before its next word, 15 s after its first
-    finally:
-        proc.kill()
-        proc.wait()
-    killed = time.monotonic()
-    while time.monotonic() < killed + 150:
-        [run] = api(info, "/flow_runs/filter", {"flow_runs": {"name": {"any_": ["doomed"]}}})
-        if run["state_type"] != "RUNNING":
-            break
-        time.sleep(2)
-    assert run["state_type"] == "CRASHED", run["state_type"]
-    assert time.monotonic() - killed < 2 * SILENCE.total_seconds()
 
 
 def test_the_crash_automation_watches_every_promptfleet_flow():

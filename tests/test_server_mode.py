@@ -78,6 +78,25 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 180) -> str:
     return done.stdout + done.stderr
 
 
+# Each `prefect` command costs ~4 s of CPU (it imports all of Prefect): the README's steps
+# are run as the README gives them, once each; repeats go to the API, as the CLI sends them.
+
+
+def clear_schedules(api: str, deployment: str) -> None:
+    """`prefect deployment schedule clear DEPLOYMENT -y`: test only, polls start when a test says."""
+    found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).json()
+    for schedule in found["schedules"]:
+        httpx.delete(f"{api}/deployments/{found['id']}/schedules/{schedule['id']}", timeout=30).raise_for_status()
+
+
+def start_run(api: str, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """`prefect deployment run DEPLOYMENT --params ...`: a flow run of it, due now."""
+    found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).json()
+    made = httpx.post(f"{api}/deployments/{found['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
+    made.raise_for_status()
+    return made.json()
+
+
 class Service:
     """The recipe's server, pool, deployments and worker, and what to ask them."""
 
@@ -143,7 +162,7 @@ def service() -> Iterator[Service]:
             run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
             run([PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
             # a poll every 60 s costs a flow-run process each (~10 s of CPU here): the test asks for its polls
-            run([PREFECT, "deployment", "schedule", "clear", "watch_input/pipeline", "-y"], env, work)
+            clear_schedules(api, "watch_input/pipeline")
             with (root / "worker.log").open("wb") as log:
                 worker = subprocess.Popen([PROMPTFLEET, "worker", "--pool", "promptfleet", "--grace", "20"], env=env, cwd=work,
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -172,7 +191,7 @@ def test_the_service_recipe_pays_every_prompt_and_judge_prompt_once(service: Ser
     _openai_experiment(input_folder / "ondemand.jsonl", "ondemand")
     on_demand = {"file": "data/input/ondemand.jsonl", "settings": fast}
     run([PREFECT, "deployment", "run", "run_experiment/run-experiment", "--params", json.dumps(on_demand)], env, work)
-    run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params", json.dumps({"settings": fast})], env, work)
+    start_run(service.api, "watch_input/pipeline", {"settings": fast})
     runs = service.settled(until=lambda runs: _final(runs, "judging-ondemand-") >= 1)
 
     for name in ("dropped", "ondemand"):
@@ -195,8 +214,8 @@ def test_the_service_recipe_pays_every_prompt_and_judge_prompt_once(service: Ser
     # asked again, by hand, twice at once: judged already, a line each, nothing sent, nothing failed
     [completed] = (work / "data" / "output" / "dropped").glob("*-completed-dropped.jsonl")
     judge = {"completed": str(completed.relative_to(work)), "settings": {"data_folder": "data"}}
-    for _ in range(2):
-        run([PREFECT, "deployment", "run", "judge_experiment/judge", "--params", json.dumps(judge)], env, work)
+    run([PREFECT, "deployment", "run", "judge_experiment/judge", "--params", json.dumps(judge)], env, work)
+    start_run(service.api, "judge_experiment/judge", judge)
     runs = service.settled(until=lambda runs: _final(runs, "judging-dropped-") >= 3)
     again = [r for r in runs if r["name"].startswith("judging-dropped-")]
     assert len(again) == 3 and all(r["state_type"] == "COMPLETED" for r in again)
@@ -257,7 +276,7 @@ def test_one_sigterm_stops_the_worker_once_its_run_stopped_keeping_what_landed(s
     fake.state.latency = 1.0
     path = _openai_experiment(work / "data" / "input" / "slow.jsonl", "slow", n=40)
     slow = {"file": "data/input/slow.jsonl", "settings": {"data_folder": "data", "max_queries": 120}}  # 2/s, each 1 s
-    run([PREFECT, "deployment", "run", "run_experiment/run-experiment", "--params", json.dumps(slow)], env, work)
+    start_run(service.api, "run_experiment/run-experiment", slow)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and sum(n for p, n in fake.state.answered.items() if p.startswith("slow")) < 4:
         time.sleep(0.2)

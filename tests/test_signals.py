@@ -106,7 +106,7 @@ def test_sigterm_pipeline_gives_its_file_back_and_the_next_start_finishes_it(tmp
 
 
 @pytest.mark.slow
-def test_ctrl_c_waits_for_slow_answers_up_to_the_request_timeout(tmp_path: Path, prefect_api: str):
+def test_ctrl_c_waits_for_slow_answers_up_to_the_request_timeout_then_resume_sends_nothing_twice(tmp_path: Path, prefect_api: str):
     """15 s answers outlast the old hard-coded 10 s grace; the grace is now the timeout (60 s)."""
     n, slow = 12, 3
     with FakeServer() as server:
@@ -114,33 +114,36 @@ def test_ctrl_c_waits_for_slow_answers_up_to_the_request_timeout(tmp_path: Path,
             server.state.script[f"q{i}"] = [Scripted("slow", retry_after=15)]
         path = write_jsonl(tmp_path / "exp.jsonl", rows(n))
         data = tmp_path / "data"
-        data.mkdir()
-        cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "120", "--timeout", "60"]
+        cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "120", "--timeout", "60",
+               "--create-data-folder"]  # fmt: skip
         proc = subprocess.Popen(cmd, env=environment(server, prefect_api), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_for_calls(server, proc, slow)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 130, err.decode()[-3000:]
+        assert "to resume, run the same command again" in err.decode()
+        assert not any((data / "input").iterdir())  # the inbox is only an inbox: the pipeline must not see this run
+        assert list((data / "output" / "exp").glob("*-input-exp.jsonl"))
         [completed] = (data / "output" / "exp").glob("*-completed-exp.jsonl")
         landed = {r["prompt"] for r in read_jsonl(completed)}
         assert {f"q{i}" for i in range(slow)} <= landed  # every slow in-flight answer was kept
+        assert sum(server.state.calls.values()) < n
 
         finished = subprocess.run(cmd, env=environment(server, prefect_api), cwd=tmp_path, capture_output=True, timeout=180)
         assert finished.returncode == 0, finished.stderr.decode()[-3000:]
-    assert_each_answered_once(completed, n, server)
+        assert b"(resumed)" in finished.stdout
+    assert_each_answered_once(completed, n, server)  # a graceful stop lets in-flight answers land: nothing sent twice
 
 
 @pytest.mark.slow
-def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_the_file_back(tmp_path: Path, prefect_server):
+def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_the_file_back(tmp_path: Path, prefect_api: str):
     """Prefect cancellation SIGTERMs the flow-run process; Prefect's own handler would raise
     TerminationSignal mid-send. Ours stops sending, journals what is in flight, releases."""
-    import re
-
     import httpx
 
-    from tests.test_server_mode import PREFECT, REPO, run
+    from tests.test_server_mode import PREFECT, REPO, clear_schedules, run, start_run
 
-    api, env = prefect_server
+    api, env = prefect_api, {**os.environ, "PREFECT_API_URL": prefect_api}
     n = 80
     work = tmp_path / "project"
     data = work / "data"
@@ -148,14 +151,12 @@ def test_cancelling_a_pipeline_run_under_a_worker_lets_answers_land_and_gives_th
         server.state.latency = 0.5
         os.utime(write_jsonl(data / "input" / "exp.jsonl", rows(n)), (time.time() - 60, time.time() - 60))  # settled
         env = {**env, "OPENAI_API_KEY": "sk-worker-test-000000", "OPENAI_BASE_URL": server.base_url}
-        run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process"], env, work)
+        run([PREFECT, "work-pool", "create", "promptfleet", "--type", "process", "--overwrite"], env, work)  # the session's server
         run([PREFECT, "--no-prompt", "deploy", "--name", "pipeline", "--prefect-file", str(REPO / "deployments" / "prefect.yaml")], env, work)
-        created = run([PREFECT, "deployment", "run", "watch_input/pipeline", "--params",
-                       '{"settings": {"data_folder": "data", "max_queries": 600}}'], env, work)  # fmt: skip
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", created).group(1)
+        flow_run_id = start_run(api, "watch_input/pipeline", {"settings": {"data_folder": "data", "max_queries": 600}})["id"]
         # The deployment polls every 60 s: runs its schedule made would poll the same inbox
         # with the default -mq and take the file first (the cancelled run then finds nothing).
-        run([PREFECT, "deployment", "schedule", "clear", "watch_input/pipeline", "-y"], env, work)
+        clear_schedules(api, "watch_input/pipeline")
         deployment_id = httpx.get(f"{api}/flow_runs/{flow_run_id}").json()["deployment_id"]
         scheduled = httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": [deployment_id]}}}).json()
         for other in (r["id"] for r in scheduled if r["id"] != flow_run_id):

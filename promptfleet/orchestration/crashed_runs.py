@@ -2,10 +2,10 @@
 hold a concurrency slot of its deployment, and with `CANCEL_NEW` every later poll would be
 cancelled. A dead process cannot say it died, so the server notices the silence.
 
-Every promptfleet flow run says it is alive every ALIVE_SECONDS (an event of ours, sent from
-a thread), and makes sure the server it reports to has one automation (Prefect's "detect
+Every promptfleet flow run says it is alive four times per silence (an event of ours, sent
+from a thread), and makes sure the server it reports to has one automation (Prefect's "detect
 zombie flows" recipe): a run of a promptfleet flow that went Pending, or said it was alive,
-and then for SILENCE said nothing more and reached no final state is marked Crashed — its
+and then for the silence said nothing more and reached no final state is marked Crashed — its
 process was killed, its host died, or the worker starting it was stopped. Going Crashed
 releases the deployment's concurrency slot at once (Prefect's own lease on the slot would
 only lapse after 300 s). The automation lives on whichever server the runs report to,
@@ -41,14 +41,31 @@ from typing import Any
 log = logging.getLogger("promptfleet")
 
 ALIVE_EVENT = "promptfleet.flow-run.alive"
-ALIVE_SECONDS = 15.0
-SILENCE = timedelta(seconds=60)  # the default claim lease: a dead run is Crashed 60-75 s after its last word
+SILENCE_ENV = "PROMPTFLEET_CRASH_SILENCE"  # seconds; read by every flow run, used by the one creating the automation
+DEFAULT_SILENCE = timedelta(seconds=60)  # the default claim lease: a dead run is Crashed 60-75 s after its last word
+MIN_SILENCE = timedelta(seconds=4)  # a beat every second; shorter would crash runs whose events are merely late
 PARENT_CHECK_SECONDS = 0.2
 AGAIN_AFTER_CREATING_SECONDS = 2.0  # the server watches a new automation's events within moments of its creation
 AUTOMATION_PREFIX = "promptfleet: crash runs silent for"
 RETIRED_AUTOMATIONS = ("promptfleet: crash runs whose process is gone",)  # heartbeat-based, before our own event
 OUR_FLOWS = ("watch_input", "run_experiment", "judge_experiment", "rephrase_experiment", "run_study")
 FINAL_EVENTS = ("prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed")
+
+
+def crash_silence() -> timedelta:
+    """How long a run may be silent before it is marked Crashed. An operator's choice: shorter
+    frees a dead worker's slots sooner, longer tolerates a network that drops out. The
+    automation keeps the silence of the run that created it, so set it alike everywhere."""
+    raw = os.environ.get(SILENCE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SILENCE
+    try:
+        silence = timedelta(seconds=float(raw))
+    except (ValueError, OverflowError):
+        silence = timedelta(0)
+    if not silence >= MIN_SILENCE:
+        raise ValueError(f"{SILENCE_ENV} must be a number of seconds, at least {MIN_SILENCE.total_seconds():g}, not {raw!r}")
+    return silence
 
 
 def automation_name(silence: timedelta) -> str:
@@ -68,9 +85,11 @@ def kept_alive(stop: Callable[[str], None]) -> Iterator[None]:
         return
     run = context.flow_run
     started_by_worker = os.environ.get("PREFECT__FLOW_RUN_ID") == str(run.id)
+    silence = crash_silence()  # before anything starts: a bad value is the run's one error
     if started_by_worker:
         _survive_a_broken_pipe()
     beat = _Beat(
+        silence=silence,
         resource={"prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name or ""},
         related=[{"prefect.resource.id": f"prefect.flow.{run.flow_id}", "prefect.resource.role": "flow",
                   "prefect.resource.name": context.flow.name if context.flow else ""}],  # fmt: skip
@@ -89,9 +108,9 @@ def kept_alive(stop: Callable[[str], None]) -> Iterator[None]:
 
 
 class _Beat:
-    def __init__(self, resource: dict[str, str], related: list[dict[str, str]], parent: int | None, top_level: bool,
+    def __init__(self, silence: timedelta, resource: dict[str, str], related: list[dict[str, str]], parent: int | None, top_level: bool,
                  stop: Callable[[str], None]) -> None:  # fmt: skip
-        self.resource, self.related, self.parent, self.top_level, self.stop = resource, related, parent, top_level, stop
+        self.silence, self.resource, self.related, self.parent, self.top_level, self.stop = silence, resource, related, parent, top_level, stop
         self.done = threading.Event()
 
     def keep(self) -> None:
@@ -105,11 +124,11 @@ class _Beat:
                     emit_event(event=ALIVE_EVENT, resource=self.resource, related=self.related)
                 except Exception as error:  # noqa: BLE001 - the next beat tries again; the thread must go on
                     log.debug("could not say the flow run is alive: %s", error)
-                next_beat = now + ALIVE_SECONDS
+                next_beat = now + self.silence.total_seconds() / 4
                 if self.top_level:  # once, after the first word: off the flow's own path
                     self.top_level = False
                     try:
-                        if ensure_crash_automation():  # this run's first word came before it: say it again soon
+                        if ensure_crash_automation(self.silence):  # this run's first word came before it: say it again soon
                             next_beat = time.monotonic() + AGAIN_AFTER_CREATING_SECONDS
                     except Exception as error:  # noqa: BLE001 - a server without automations still runs flows
                         log.warning("cannot set up crash detection on the Prefect server: %s", error)
@@ -142,7 +161,7 @@ def _output_to_devnull() -> None:
     os.close(devnull)
 
 
-def ensure_crash_automation(silence: timedelta = SILENCE) -> bool:
+def ensure_crash_automation(silence: timedelta) -> bool:
     """Create the automation on the current API unless one exists (of any silence: a user's
     choice is kept); True when created."""
     from prefect.client.orchestration import get_client
