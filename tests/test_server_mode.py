@@ -84,17 +84,26 @@ def run(cmd: list[str], env: dict, cwd: Path, timeout: float = 180) -> str:
 
 def clear_schedules(api: str, deployment: str) -> None:
     """`prefect deployment schedule clear DEPLOYMENT -y`: test only, polls start when a test says."""
-    found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).json()
+    found = api_call("GET", f"{api}/deployments/name/{deployment}")
     for schedule in found["schedules"]:
-        httpx.delete(f"{api}/deployments/{found['id']}/schedules/{schedule['id']}", timeout=30).raise_for_status()
+        api_call("DELETE", f"{api}/deployments/{found['id']}/schedules/{schedule['id']}")
 
 
 def start_run(api: str, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
     """`prefect deployment run DEPLOYMENT --params ...`: a flow run of it, due now."""
-    found = httpx.get(f"{api}/deployments/name/{deployment}", timeout=30).json()
-    made = httpx.post(f"{api}/deployments/{found['id']}/create_flow_run", json={"parameters": parameters}, timeout=30)
-    made.raise_for_status()
-    return made.json()
+    found = api_call("GET", f"{api}/deployments/name/{deployment}")
+    return api_call("POST", f"{api}/deployments/{found['id']}/create_flow_run", json={"parameters": parameters})
+
+
+def api_call(method: str, url: str, **kwargs: Any) -> Any:
+    """One request to the Prefect API, asked again while the server answers busy (429, 502,
+    503: SQLite was locked), as Prefect's own client does; the JSON answer."""
+    for attempt in range(6):
+        answer = httpx.request(method, url, timeout=30, **kwargs)
+        if answer.status_code not in (429, 502, 503) or attempt == 5:
+            answer.raise_for_status()
+            return answer.json() if answer.content else None
+        time.sleep(float(answer.headers.get("retry-after") or 2**attempt))
 
 
 class Service:
