@@ -184,14 +184,16 @@ class TableWriter:
 
     `follow` builds it while the run goes: a thread reads the journal as it grows, from its
     first byte (a resumed run's earlier answers first), so `finish` is left with the last
-    lines and the ordering. Memory stays that of one batch whatever the run's size: rows are
-    held as tuples, set aside by input line into buckets of `batch` lines, and the fullest
-    bucket goes, sorted, to a Parquet part whenever `batch` rows are held. Answers
-    landing about in input order fill one bucket after another, so most buckets end as one
-    part, already in order; at the end only the buckets of several parts are sorted again,
+    lines and the ordering. Memory stays that of two batches whatever the run's size: rows
+    are held as tuples, set aside by input line into buckets of `batch` lines, and once two
+    batches are held the fullest buckets go, each sorted, to Parquet parts until less than
+    one is. Answers landing about in input order fill one bucket after another, so most
+    buckets end as one part, already in order; answers that land late (retries) or queues
+    at different rates leave a bucket in several parts, and holding two batches keeps those
+    parts few. At the end only the buckets of several parts are sorted again, one at a time,
     and polars streams the parts into one file. Parts stay small because what polars holds
-    while it streams grows with the size of what it reads at once. The summary is added up
-    as the rows pass, its latency quantiles from a fixed-size sample.
+    while it sorts or streams grows with what it reads at once (~1 MB a thousand rows). The
+    summary is added up as the rows pass, its latency quantiles from a fixed-size sample.
     """
 
     def __init__(self, paths: RunPaths, parsed_columns: dict[str, str] | None = None, batch: int = 5_000,
@@ -296,8 +298,9 @@ class TableWriter:
         (self._tallies.get(key) or self._tallies.setdefault(key, _ModelTally())).add(row, self.score_keys)
         self._buckets.setdefault((row["input_line"] or 0) // self.batch, []).append(tuple(row.values()))
         self._held += 1
-        if self._held >= self.batch:
-            self._flush(max(self._buckets, key=lambda b: len(self._buckets[b])))
+        if self._held >= 2 * self.batch:  # then down to under one batch, fullest buckets first
+            while self._held >= self.batch:
+                self._flush(max(self._buckets, key=lambda b: len(self._buckets[b])))
 
     def _flush(self, bucket: int) -> None:
         """The bucket's held rows, sorted, to a part of their own."""
