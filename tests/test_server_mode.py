@@ -281,7 +281,7 @@ def test_the_ui_talks_to_the_server_it_is_served_by(service: Service):
 
 def test_one_sigterm_stops_the_worker_once_its_run_stopped_keeping_what_landed(service: Service):
     """Last in the module: it stops the module's worker."""
-    work, env, fake = service.work, service.env, service.fake
+    work, fake = service.work, service.fake
     fake.state.latency = 1.0
     path = _openai_experiment(work / "data" / "input" / "slow.jsonl", "slow", n=40)
     slow = {"file": "data/input/slow.jsonl", "settings": {"data_folder": "data", "max_queries": 120}}  # 2/s, each 1 s
