@@ -168,16 +168,16 @@ def run(
         if judge_folder or rephrase_folder:
             from promptfleet.orchestration.flows.evaluate import run_study
 
-            return await result_of(await run_study(
-                file=str(file), settings=settings, move_to_input=move_to_input,
+            return await result_of(
+                run_study, file=str(file), settings=settings, move_to_input=move_to_input,
                 judge_folder=str(judge_folder) if judge_folder else None, judges=split_list(judge),
                 judge_templates=split_list(judge_templates), rephrase_folder=str(rephrase_folder) if rephrase_folder else None,
                 rephrase_models=split_list(rephrase_model), rephrase_templates=split_list(rephrase_templates),
-                remove_original=remove_original, only_rephrase=only_rephrase, return_state=True,
-            ))  # fmt: skip
+                remove_original=remove_original, only_rephrase=only_rephrase,
+            )  # fmt: skip
         from promptfleet.orchestration.flows.run_experiment import run_experiment
 
-        return await result_of(await run_experiment(file=str(file), settings=settings, move_to_input=move_to_input, wait=wait, return_state=True))
+        return await result_of(run_experiment, file=str(file), settings=settings, move_to_input=move_to_input, wait=wait)
 
     with prefect_api(ephemeral):
         if found.missing_env:  # keys may still come from Prefect Secret blocks, as in the flow

@@ -97,7 +97,7 @@ async def _judge(claim: Judging, judge_folder: Path, judges: list[str], template
     if created.skipped_failed:
         print(f"{created.skipped_failed} failed prompt(s) not judged: failed prompts have no response to judge")
     await link_judging(original.name, flow_run_of(original))
-    summary = await result_of(await run_experiment(file=str(claim.file), settings=settings, return_state=True))
+    summary = await result_of(run_experiment, file=str(claim.file), settings=settings)
     if summary is None or not summary.complete:
         return None
     names = [t.removesuffix(".txt") for t in templates]
@@ -130,7 +130,7 @@ async def rephrase_experiment(
     lines, models_settings = judging.load_rephrase_folder(Path(rephrase_folder), templates or ["template.txt"], models)
     rephrase_file = settings.output_folder / source.stem / f"rephrase-{source.stem}.jsonl"  # never in the inbox
     write_records(rephrase_file, judging.rephrase_records(source, lines, models_settings))
-    result = Rephrased(await result_of(await run_experiment(file=str(rephrase_file), settings=settings, return_state=True)))
+    result = Rephrased(await result_of(run_experiment, file=str(rephrase_file), settings=settings))
     if result.rephrase_run is None or not result.rephrase_run.complete:  # taken by another process, or stopped
         log.warning("%s: the rephrasing did not finish here; the rephrased prompts are not run", source.stem)
         return result
@@ -138,7 +138,7 @@ async def rephrase_experiment(
         post_file = settings.output_folder / source.stem / f"post-rephrased-{source.stem}.jsonl"
         original = None if remove_original else source
         write_records(post_file, judging.post_rephrase_records(result.rephrase_run.paths.completed, original))
-        result.post_rephrase_run = await result_of(await run_experiment(file=str(post_file), settings=settings, return_state=True))
+        result.post_rephrase_run = await result_of(run_experiment, file=str(post_file), settings=settings)
     return result
 
 
@@ -175,7 +175,7 @@ async def run_study(
         log.info("%s: already complete with this input in %s; judging it without sending its prompts again", done.name, done.completed)
         run = reused_summary(done)
     else:
-        run = await result_of(await run_experiment(file=file, settings=settings, move_to_input=move_to_input, return_state=True))
+        run = await result_of(run_experiment, file=file, settings=settings, move_to_input=move_to_input)
     study = Study(run, rephrased)
     if judge_folder and run is not None and run.complete and not only_rephrase:
         study.judge = await judge_experiment(str(run.paths.completed), judge_folder, judges or [], judge_templates, settings)

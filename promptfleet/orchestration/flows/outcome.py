@@ -3,8 +3,8 @@
 A flow that returns its summary ends Completed, which is what a run stopped by Ctrl-C,
 SIGTERM or a lost worker would then show — though prompts are left. Returned as
 `Cancelled(data=summary)` it shows as stopped; Prefect raises CancelledRun for such a
-state at a plain call, so callers run the flow with `return_state=True` and take the
-summary from the state here.
+state at a plain call, so callers run the flow through `result_of`, which takes the summary
+from its state.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ def ended(result: T, session: Session, unfinished: int) -> T:
     return result
 
 
-async def result_of(state: State) -> Any:
-    """What the flow returned, for any final state; a failure's exception is raised, as a
+async def result_of(flow: Any, **parameters: Any) -> Any:
+    """What a flow call returned, for any final state; a failure's exception is raised, as a
     plain call would."""
+    state: State = await flow(**parameters, return_state=True)
     result = await state.aresult(raise_on_failure=False)
     if isinstance(result, BaseException):
         raise result

@@ -63,7 +63,7 @@ async def watch_input(settings: Settings | None = None) -> list[RunSummary]:
             log.info("%s", taken)
             continue
         try:  # the run settles its claim: back to the inbox unless finished, or rejected
-            summary = await result_of(await run_experiment(file=str(work.file), settings=settings, move_to_input=True, return_state=True))
+            summary = await result_of(run_experiment, file=str(work.file), settings=settings, move_to_input=True)
         except ExperimentError:
             continue
         except BaseException:
