@@ -71,6 +71,34 @@ def test_sigterm_run_drains_in_flight_exits_130_without_traceback(tmp_path: Path
     assert_each_answered_once(completed, n, server)
 
 
+@pytest.mark.slow
+def test_sigterm_of_a_study_leaves_it_and_its_run_cancelled_and_the_rerun_judges_once(tmp_path: Path, prefect_api: str):
+    n = 30
+    repo = Path(__file__).resolve().parents[1]
+    with FakeServer() as server:
+        server.state.latency = 0.5
+        path = write_jsonl(tmp_path / "étude à deux.jsonl", rows(n))
+        data = tmp_path / "data"
+        data.mkdir()
+        cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "600",
+               "--judge-folder", str(repo / "data" / "judge"), "--judge", "test-judge"]  # fmt: skip
+        proc = subprocess.Popen(cmd, env=environment(server, prefect_api), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wait_for_calls(server, proc, 6)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err.decode()[-3000:]
+        assert flow_run_states(prefect_api, "étude à deux") == ["CANCELLED"]
+        assert flow_run_states(prefect_api, "study-étude à deux") == ["CANCELLED"]
+        assert not list((data / "output" / "étude à deux").glob("*-study-*"))  # nothing judged from a part
+
+        finished = subprocess.run(cmd, env=environment(server, prefect_api), cwd=tmp_path, capture_output=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr.decode()[-3000:]
+        assert flow_run_states(prefect_api, "study-étude à deux") == ["CANCELLED", "COMPLETED"]
+        [completed] = (data / "output" / "étude à deux").glob("*-completed-étude à deux.jsonl")
+        assert len(list((data / "output" / "étude à deux").glob("*-study-étude à deux.parquet"))) == 1
+    assert_each_answered_once(completed, n, server)
+
+
 def flow_run_states(api: str, name: str) -> list[str]:
     import httpx
 
