@@ -72,37 +72,61 @@ def test_sigterm_run_drains_in_flight_exits_130_without_traceback(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_sigterm_of_a_study_leaves_it_and_its_run_cancelled_and_the_rerun_judges_once(tmp_path: Path, prefect_api: str):
+def test_sigterm_of_a_study_leaves_it_cancelled_in_its_run_and_in_its_judging_and_each_rerun_pays_once(tmp_path: Path, prefect_api: str):
+    """Stopped while its prompts are sent, then (rerun) while its answers are judged: each
+    stop leaves the study, and the step it stopped, Cancelled with nothing judged from a
+    part; the last rerun finishes, every prompt and judge prompt paid once."""
     n = 30
-    repo = Path(__file__).resolve().parents[1]
+    judges = tmp_path / "judges"
+    judges.mkdir()
+    (judges / "settings.json").write_text('{"fake-judge": {"api": "openai", "model_name": "gpt-judge"}}')
+    (judges / "template.txt").write_text("Score 1-10: {INPUT_PROMPT} / {OUTPUT_RESPONSE}")
     with FakeServer() as server:
         server.state.latency = 0.5
         path = write_jsonl(tmp_path / "étude à deux.jsonl", rows(n))
         data = tmp_path / "data"
         data.mkdir()
+        out = data / "output" / "étude à deux"
         cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "600",
-               "--judge-folder", str(repo / "data" / "judge"), "--judge", "test-judge"]  # fmt: skip
-        proc = subprocess.Popen(cmd, env=environment(server, prefect_api), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wait_for_calls(server, proc, 6)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 130, err.decode()[-3000:]
+               "--judge-folder", str(judges), "--judge", "fake-judge"]  # fmt: skip
+
+        def stopped_after(calls: int) -> str:
+            proc = subprocess.Popen(cmd, env=environment(server, prefect_api), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            wait_for_calls(server, proc, calls)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 130, err.decode()[-3000:]
+            assert not list(out.glob("*-study-*"))  # nothing judged from a part
+            return err.decode()
+
+        stopped_after(6)  # while the run sends
         assert flow_run_states(prefect_api, "étude à deux") == ["CANCELLED"]
         assert flow_run_states(prefect_api, "study-étude à deux") == ["CANCELLED"]
-        assert not list((data / "output" / "étude à deux").glob("*-study-*"))  # nothing judged from a part
+
+        err = stopped_after(n + 6)  # the run finished; its answers are being judged
+        assert "judge prompt(s) unfinished; to resume, run the same command again" in err, err[-3000:]
+        assert flow_run_states(prefect_api, "étude à deux") == ["CANCELLED", "COMPLETED"]
+        assert flow_run_states(prefect_api, "study-étude à deux") == ["CANCELLED", "CANCELLED"]
+        [judging] = flow_run_states(prefect_api, "judging-étude à deux-", like=True)
+        assert judging == "CANCELLED"
 
         finished = subprocess.run(cmd, env=environment(server, prefect_api), cwd=tmp_path, capture_output=True, timeout=300)
         assert finished.returncode == 0, finished.stderr.decode()[-3000:]
-        assert flow_run_states(prefect_api, "study-étude à deux") == ["CANCELLED", "COMPLETED"]
-        [completed] = (data / "output" / "étude à deux").glob("*-completed-étude à deux.jsonl")
-        assert len(list((data / "output" / "étude à deux").glob("*-study-étude à deux.parquet"))) == 1
-    assert_each_answered_once(completed, n, server)
+        assert flow_run_states(prefect_api, "study-étude à deux") == ["CANCELLED", "CANCELLED", "COMPLETED"]
+        [completed] = out.glob("*-completed-étude à deux.jsonl")
+        assert len(list(out.glob("*-study-étude à deux.parquet"))) == 1
+    lines = Counter(r["input_line"] for r in read_jsonl(completed))
+    assert sorted(lines) == list(range(1, n + 1)) and max(lines.values()) == 1
+    [verdicts] = [p for p in out.parent.rglob("*-completed-judge-*.jsonl")]
+    assert len(read_jsonl(verdicts)) == n
+    assert len(server.state.calls) == 2 * n and max(server.state.calls.values()) == 1  # each prompt and each judge prompt paid once
 
 
-def flow_run_states(api: str, name: str) -> list[str]:
+def flow_run_states(api: str, name: str, like: bool = False) -> list[str]:
     import httpx
 
-    runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": {"any_": [name]}}, "sort": "EXPECTED_START_TIME_ASC"}).json()
+    named = {"like_": name} if like else {"any_": [name]}
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"flow_runs": {"name": named}, "sort": "EXPECTED_START_TIME_ASC"}).json()
     return [r["state"]["type"] for r in runs]
 
 

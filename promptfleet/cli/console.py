@@ -163,6 +163,8 @@ def print_study(study: Study, console: Console) -> None:
         skipped = f" ({made.skipped_failed} failed prompt(s) not judged)" if made.skipped_failed else ""
         console.print(f"judge file: {made.file}: {made.records} prompt(s){skipped}", soft_wrap=True, highlight=False)
         console.print(headline(judged.judge_run))
+        if judged.study is None:  # stopped before every verdict landed
+            return
         table_rows = judged.study.summary
         if table_rows:
             table = Table(title="verdicts per model and judge", title_justify="left")

@@ -90,10 +90,17 @@ def _judge_run(completed: Path, folder: Path, judges: list[str], templates: list
     from promptfleet.cli.run import in_flow
     from promptfleet.evaluation.outcomes import Study
     from promptfleet.orchestration.flows.evaluate import judge_experiment
+    from promptfleet.orchestration.flows.outcome import result_of
 
+    from promptfleet.core.session import Session
+
+    session = Session()
     with prefect_api(ephemeral):
-        judged = asyncio.run(in_flow(lambda: judge_experiment(str(completed), str(folder), judges, templates, settings)))
-    if judged is None:  # judged already, being judged elsewhere (the line above says which), or stopped
+        judged = asyncio.run(in_flow(lambda: result_of(judge_experiment, completed=str(completed), judge_folder=str(folder),
+                                                       judges=judges, templates=templates, settings=settings), session))  # fmt: skip
+    if judged is None:  # judged already or being judged elsewhere (the line above says which), or abandoned by a second Ctrl-C
+        if session.stopping:
+            raise typer.Exit(EXIT_INTERRUPTED)
         return
     if not judged.judge_run.complete:
         err.print(f"stopped with {judged.judge_run.unfinished} judge prompt(s) unfinished; run the same command again to resume")

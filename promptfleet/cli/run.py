@@ -210,6 +210,10 @@ def run(
     print_summary(summary, console)
     if isinstance(result, Study):
         print_study(result, console)
+        if result.judge and not result.judge.judge_run.complete:
+            err.print(f"stopped with {result.judge.judge_run.unfinished} judge prompt(s) unfinished; to resume, run the same command again:")
+            err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
+            raise typer.Exit(EXIT_INTERRUPTED)
     if not summary.complete:
         if summary.journal_error:
             err.print(

@@ -14,12 +14,13 @@ if TYPE_CHECKING:  # polars, which the study table needs, loads only when a stud
 
 @dataclass
 class Judged:
-    """A completed run judged: the judge file, the judge run, the study table joining them,
-    and the offline report (None when it could not be made)."""
+    """A completed run judged: the judge file, the judge run, the study table joining them
+    (None when the judge run was stopped before every verdict landed), and the offline
+    report (None when it could not be made)."""
 
     judge_file: JudgeFile
     judge_run: RunSummary
-    study: StudyTable
+    study: StudyTable | None = None
     report: Path | None = None
 
 
@@ -36,3 +37,8 @@ class Study:
     run: RunSummary | None  # None when another process had the rephrasing it runs on
     rephrase: Rephrased | None = None
     judge: Judged | None = None
+
+    @property
+    def unfinished(self) -> int:
+        """Prompts left by a stop, the judge's included: the study is finished when none are."""
+        return (self.run.unfinished if self.run else 0) + (self.judge.judge_run.unfinished if self.judge else 0)

@@ -75,7 +75,8 @@ async def judge_experiment(
     completed: str, judge_folder: str, judges: list[str], templates: list[str] | None = None, settings: Settings | None = None
 ) -> Judged | None:
     """Judge every answer of a finished run, then join answers and verdicts in one table;
-    once per run and judge setting, whoever asks (None when it was, or is being, judged)."""
+    once per run and judge setting, whoever asks (None when it was, or is being, judged).
+    A judging stopped before every verdict landed makes no table and ends Cancelled."""
     begin_flow()
     settings = settings or Settings()
     templates = templates or ["template.txt"]
@@ -88,7 +89,7 @@ async def judge_experiment(
         judged = await _judge(claim, Path(judge_folder), judges, templates, settings)
     finally:
         claim.end()  # after `done`, a no-op
-    return judged
+    return ended(judged, current_session(), judged.judge_run.unfinished if judged else 0)
 
 
 async def _judge(claim: Judging, judge_folder: Path, judges: list[str], templates: list[str], settings: Settings) -> Judged | None:
@@ -98,8 +99,10 @@ async def _judge(claim: Judging, judge_folder: Path, judges: list[str], template
         print(f"{created.skipped_failed} failed prompt(s) not judged: failed prompts have no response to judge")
     await link_judging(original.name, flow_run_of(original))
     summary = await result_of(run_experiment, file=str(claim.file), settings=settings)
-    if summary is None or not summary.complete:
+    if summary is None:  # the judge run was another process's
         return None
+    if not summary.complete:
+        return Judged(created, summary)
     names = [t.removesuffix(".txt") for t in templates]
     study = write_study_table(original, summary.paths, judges, names)
     report = await publish_study(original.name, study)
@@ -178,8 +181,9 @@ async def run_study(
         run = await result_of(run_experiment, file=file, settings=settings, move_to_input=move_to_input)
     study = Study(run, rephrased)
     if judge_folder and run is not None and run.complete and not only_rephrase:
-        study.judge = await judge_experiment(str(run.paths.completed), judge_folder, judges or [], judge_templates, settings)
-    return ended(study, current_session(), run.unfinished if run else 0)
+        study.judge = await result_of(judge_experiment, completed=str(run.paths.completed), judge_folder=judge_folder,
+                                      judges=judges or [], templates=judge_templates, settings=settings)  # fmt: skip
+    return ended(study, current_session(), study.unfinished)
 
 
 def _finished_run(file: Path, settings: Settings) -> RunPaths | None:
