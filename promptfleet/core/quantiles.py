@@ -11,6 +11,15 @@ from __future__ import annotations
 
 import random
 from array import array
+from collections.abc import Sequence
+
+
+def nearest_rank(ordered: Sequence[float], q: float) -> float | None:
+    """The nearest-rank q-quantile of sorted values: the value below which a share q of them
+    lie. The run summary and the report both take theirs here, so they agree."""
+    if not len(ordered):
+        return None
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class QuantileSample:
@@ -34,11 +43,7 @@ class QuantileSample:
             self._values[slot] = value
 
     def quantile(self, q: float) -> float | None:
-        """The nearest-rank q-quantile (the value below which a share q of the values lie)."""
-        if not self._values:
-            return None
-        ordered = sorted(self._values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return nearest_rank(sorted(self._values), q)
 
     def __len__(self) -> int:
         return self.count

@@ -10,11 +10,13 @@ without holding it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
+from promptfleet.core.quantiles import nearest_rank
 from promptfleet.evaluation import stats
 from promptfleet.evaluation.metrics import Metric, find_metrics, with_proportions
 from promptfleet.evaluation.sample import Sample, select_sample
@@ -98,35 +100,42 @@ def parts_of(path: Path) -> tuple[str, str, str]:
     raise ValueError(f"{path.name}: not a results or study table (<stamp>-results-<name>.parquet or <stamp>-study-<name>.parquet)")
 
 
-def _nearest_rank(column: str, q: float) -> pl.Expr:
-    """The value below which a share q lie (the run summary's rule, so both agree)."""
-    count = pl.col(column).count()
-    rank = (count * q).floor().cast(pl.Int64).clip(upper_bound=count - 1)
-    return pl.col(column).drop_nulls().sort().get(rank, null_on_oob=True)  # None when the model has no latency
+def _counts(table: pl.LazyFrame) -> pl.DataFrame:
+    """Prompts, answers, failures and tokens per (api, model_name), in one pass."""
+    answered = pl.col("status") == "completed"
+    return table.group_by("api", "model_name").agg(
+        pl.len().alias("prompts"), answered.sum().alias("answered"), (~answered).sum().alias("failed"),
+        pl.col("input_tokens").sum(), pl.col("output_tokens").sum(),
+    ).collect()  # fmt: skip
 
 
-def _model_names(table: pl.LazyFrame) -> pl.Expr:
+def _model_names(counts: pl.DataFrame) -> pl.Expr:
     """`model_name`, or `api/model_name` where two APIs serve a model of the same name."""
-    pairs = table.select("api", "model_name").unique().collect()
-    shared = pairs.group_by("model_name").len().filter(pl.col("len") > 1)["model_name"].to_list()
+    shared = counts.group_by("model_name").len().filter(pl.col("len") > 1)["model_name"].to_list()
     named = pl.col("model_name").fill_null("?")
     return pl.when(pl.col("model_name").is_in(shared)).then(pl.col("api").fill_null("?") + "/" + named).otherwise(named)
 
 
-def _models(table: pl.LazyFrame) -> list[ModelRow]:
-    answered = pl.col("status") == "completed"
-    rows = (
-        table.group_by("model")
-        .agg(
-            pl.col("api").first(), pl.len().alias("prompts"), answered.sum().alias("answered"),
-            (~answered).sum().alias("failed"), pl.col("input_tokens").sum(), pl.col("output_tokens").sum(),
-            pl.when(pl.col("cost_usd").count() > 0).then(pl.col("cost_usd").sum()).alias("cost_usd"),
-            _nearest_rank("latency_s", 0.5).alias("latency_p50_s"), _nearest_rank("latency_s", 0.95).alias("latency_p95_s"),
-        )  # fmt: skip
-        .sort("model")
-        .collect()
-    )
-    return [ModelRow(**row) for row in rows.iter_rows(named=True)]
+def _models(table: pl.LazyFrame, counts: pl.DataFrame) -> tuple[list[ModelRow], dict[str, list[float]]]:
+    """Each model's line and a seeded sample of its latencies for the chart. Only the
+    latencies and costs are read here (20 bytes a row), and each model's are sorted on their
+    own for p50/p95 by the run summary's rule: sorting inside an aggregation over the table
+    held it several times over (~250 MB at a million rows). Costs are added exactly (fsum),
+    so they do not depend on how polars shares the work between threads."""
+    sums = [pl.col(c).sum() for c in ("prompts", "answered", "failed", "input_tokens", "output_tokens")]
+    per_model = counts.with_columns(model=_model_names(counts)).group_by("model").agg(pl.col("api").first(), *sums).sort("model")
+    names = per_model["model"].to_list()
+    values = table.select(pl.col("model").cast(pl.Enum(names)), "latency_s", "cost_usd")
+    values = values.filter(pl.col("latency_s").is_not_null() | pl.col("cost_usd").is_not_null()).collect(engine="streaming")
+    rows, points = [], {}
+    for row in per_model.iter_rows(named=True):
+        mine = values["model"] == row["model"]  # a column at a time: a copy of the model's rows would be twice the size
+        latencies, costs = values["latency_s"].filter(mine).drop_nulls(), values["cost_usd"].filter(mine).drop_nulls()  # in table order
+        ordered = latencies.sort()
+        rows.append(ModelRow(**row, cost_usd=math.fsum(costs) if costs.len() else None,
+                             latency_p50_s=nearest_rank(ordered, 0.5), latency_p95_s=nearest_rank(ordered, 0.95)))  # fmt: skip
+        points[row["model"]] = latencies.shuffle(seed=0).head(LATENCY_POINTS).to_list()
+    return rows, points
 
 
 def _interval(metric: Metric, n: int, mean: float | None, std: float | None, values: pl.LazyFrame) -> stats.Interval | None:
@@ -185,11 +194,6 @@ def _paired(table: pl.LazyFrame, ranking: Ranking) -> Paired | None:
     return Paired(ranking.metric, first, second, difference, won, lost, n - won - lost)
 
 
-def _latencies(table: pl.LazyFrame) -> dict[str, list[float]]:
-    points = table.group_by("model").agg(pl.col("latency_s").drop_nulls().shuffle(seed=0).head(LATENCY_POINTS)).collect()
-    return {row["model"]: row["latency_s"] for row in points.iter_rows(named=True)}
-
-
 def read_report(path: Path, batch_saved_usd: float | None = None, first: int = 10, disagreeing: int = 10) -> Report:
     """The report of a results table or a study table (raises ValueError for another file)."""
     stamp, kind, name = parts_of(path)
@@ -199,13 +203,14 @@ def read_report(path: Path, batch_saved_usd: float | None = None, first: int = 1
     if missing:
         raise ValueError(f"{path.name}: not a promptfleet table (no {', '.join(missing)} column)")
     metrics, values = find_metrics(schema)
-    full = raw.with_columns(*values, pl.col("prompt").hash(seed=0).alias("prompt_key"), model=_model_names(raw))
-    full = full.with_columns(pl.lit(None, pl.Float64).alias(c) for c in ("latency_s", "cost_usd") if c not in schema)
+    full = raw.with_columns(pl.lit(None, pl.Float64).alias(c) for c in ("latency_s", "cost_usd") if c not in schema)
     full = full.with_columns(pl.lit(0, pl.Int64).alias(c) for c in ("input_tokens", "output_tokens") if c not in schema)
+    counts = _counts(full)
+    full = full.with_columns(*values, pl.col("prompt").hash(seed=0).alias("prompt_key"), model=_model_names(counts))
     table = full.select("input_line", "model", "api", "status", "latency_s", "input_tokens", "output_tokens", "cost_usd",
                         "prompt_key", *[m.column for m in metrics])  # fmt: skip
     metrics = with_proportions(table, metrics)
-    models = _models(table)
+    models, latencies = _models(table, counts)
     rankings = [_rank(table, metric, [m.model for m in models]) for metric in metrics]
     if rankings:  # the models in the order of the first ranking
         order = {s.model: s.rank for s in rankings[0].scores}
@@ -214,5 +219,5 @@ def read_report(path: Path, batch_saved_usd: float | None = None, first: int = 1
     used = {s.interval.method for r in rankings for s in r.scores if s.interval}
     used |= {p.difference.method for p in paired if p.difference}
     sample = select_sample(full, metrics, [m.model for m in models], first, disagreeing)
-    return Report(name, stamp, kind, path, models, rankings, paired, sample, _latencies(table), batch_saved_usd,
+    return Report(name, stamp, kind, path, models, rankings, paired, sample, latencies, batch_saved_usd,
                   [f"{method}: {stats.METHODS[method]}" for method in sorted(used)])  # fmt: skip
