@@ -48,20 +48,21 @@ class Sample:
 
 
 def _disagreement(table: pl.LazyFrame, metrics: list[Metric]) -> pl.LazyFrame:
-    """(prompt_key, disagreement): the widest spread on one prompt, across models or judges."""
-    long = table.filter(pl.col("status") == "completed").unpivot(
-        index=["prompt_key", "model"], on=[m.column for m in metrics], variable_name="metric", value_name="value"
-    ).drop_nulls("value")
-    low, high = pl.col("value").min().over("metric"), pl.col("value").max().over("metric")
+    """(prompt_key, disagreement): the widest spread on one prompt, across models or judges.
+    Worked out with a column per metric, as the table has them: a row per answer and metric
+    held and grouped three times over was most of a large study's report."""
+    answered = table.filter(pl.col("status") == "completed")
+    bounds = answered.select(*(pl.col(m.column).min() for m in metrics), *(pl.col(m.column).max().name.suffix("_high") for m in metrics)).collect().row(0)
     # a metric that gave every answer the same value tells nothing about disagreement
-    scaled = long.filter(high > low).with_columns(((pl.col("value") - low) / (high - low)).alias("value"))
-    scaled = scaled.group_by("prompt_key", "model", "metric").agg(pl.col("value").mean())
-    spread = (pl.col("value").max() - pl.col("value").min()).alias("spread")
-    across_models = scaled.group_by("prompt_key", "metric").agg(spread)
-    across_judges = scaled.group_by("prompt_key", "model").agg(spread)
-    return pl.concat([across_models.select("prompt_key", "spread"), across_judges.select("prompt_key", "spread")]).group_by(
-        "prompt_key"
-    ).agg(pl.col("spread").max().alias("disagreement"))
+    spread = [(m.column, low, high) for m, low, high in zip(metrics, bounds, bounds[len(metrics):]) if low is not None and high > low]
+    if not spread:
+        return pl.LazyFrame(schema={"prompt_key": pl.UInt64, "disagreement": pl.Float64})
+    columns = [column for column, _, _ in spread]
+    scaled = answered.group_by("prompt_key", "model").agg(((pl.col(c) - low) / (high - low)).mean() for c, low, high in spread)
+    across_judges = (pl.max_horizontal(columns) - pl.min_horizontal(columns)).max().alias("across_judges")
+    across_models = [(pl.col(c).max() - pl.col(c).min()) for c in columns]
+    per_prompt = scaled.group_by("prompt_key").agg(*across_models, across_judges)
+    return per_prompt.select("prompt_key", pl.max_horizontal(*columns, "across_judges").alias("disagreement"))
 
 
 def _shown(value: float | None, metric: Metric) -> str:
