@@ -79,3 +79,26 @@ def test_per_model_summary_is_added_up_while_the_table_is_written(tmp_path: Path
                  "input_tokens": 8, "output_tokens": 0, "mean_exact": 0.5, "model_versions": [], "system_fingerprints": [], "seeds": []}  # fmt: skip
     assert (b["model_name"], b["failed"], b["latency_p50_s"], b["mean_exact"]) == ("b", 1, None, None)
     assert pl.read_parquet(paths.parquet).height == 5
+
+
+def test_the_keys_read_without_parsing_are_those_parsing_finds_and_a_record_cut_anywhere_is_set_aside(tmp_path: Path):
+    """Records as the engine journals them (the key last) are read by their end; a record cut
+    at any byte and ended by the next write's newline is parsed, found torn and set aside."""
+    def record(n: int, **more) -> dict:
+        return {"id": n, "prompt": f"q{n} é", "response": '"}\n'.strip(), "usage": {"input_tokens": 2}, **more,
+                "input_line": n, "input_key": f"{n:024x}"}  # fmt: skip
+
+    paths = RunPaths(tmp_path, "s", "exp")
+    journal = Journal(paths)
+    for n in (1, 2):
+        journal.write("completed", record(n))
+    journal.write("completed", {**record(3), "score": 1.0})  # a scorer's column after the key: parsed
+    journal.close()
+    whole = paths.completed.read_bytes()
+    cut_from = json.dumps(record(4), ensure_ascii=False).encode()
+    for cut in range(1, len(cut_from)):
+        paths.completed.write_bytes(whole + cut_from[:cut] + b"\n" + whole)
+        done = read_journal(paths)
+        assert done.keys == {f"{n:024x}": 2 for n in (1, 2, 3)} and done.corrupt == 1, cut
+    paths.completed.write_bytes(whole + cut_from + b"\n")
+    assert read_journal(paths).keys == {f"{n:024x}": 1 for n in (1, 2, 3, 4)}

@@ -293,11 +293,22 @@ class JournalIndex:
     corrupt: int = 0
 
 
+# How the journal's encoder ends a record of the engine: `..., "input_key": "<24 hex>"}\n`.
+_KEY_AT_END, _KEY_END = b', "input_key": "', b'"}\n'
+_KEY_FROM, _KEY_TO = -len(_KEY_END) - 24, -len(_KEY_END)  # the key's place from the line's end
+
+
 def read_journal(paths: RunPaths, progress: Callable[[int], None] | None = None) -> JournalIndex:
-    """Parse every journal line. A line that is not a JSON record (a torn write) is set aside
+    """Every journal line's key. A line that is not a JSON record (a torn write) is set aside
     into `<file>.corrupt` and its prompt counts as unanswered, so resuming is never blocked.
     `progress` hears how many records were read, about once a second. Streams: memory holds
-    the index, never the journal."""
+    the index, never the journal.
+
+    A line that ends as the engine's records end is taken as the record it is without being
+    parsed (~3 µs a line: 1.5 s of a million-prompt resume). A write cut short (a kill, a full
+    disk) leaves the beginning of a record, which the next write ends with a newline; the key
+    being a record's last field, such a line cannot end as a whole record does, so it is parsed,
+    found torn and set aside. Any other line is parsed too."""
     done = JournalIndex()
     keys, count, loads = done.keys, done.keys.get, orjson.loads
     read, report_at = 0, time.monotonic() + 1.0
@@ -308,14 +319,18 @@ def read_journal(paths: RunPaths, progress: Callable[[int], None] | None = None)
         raw = b""
         with path.open("rb", buffering=1 << 20) as fh:
             for raw in fh:  # this loop runs a million times before a resumed run sends: kept lean
-                try:
-                    record = loads(raw)
-                except orjson.JSONDecodeError:
-                    record = _journal_record(raw)
-                if type(record) is not dict or "input_line" not in record:
-                    bad += bool(raw.strip())
-                    continue
-                if key := record.get("input_key"):
+                if raw[_KEY_FROM - len(_KEY_AT_END) : _KEY_FROM] == _KEY_AT_END and raw[_KEY_TO:] == _KEY_END and raw[:1] == b"{":
+                    key = raw[_KEY_FROM:_KEY_TO].decode()
+                else:
+                    try:
+                        record = loads(raw)
+                    except orjson.JSONDecodeError:
+                        record = _journal_record(raw)
+                    if type(record) is not dict or "input_line" not in record:
+                        bad += bool(raw.strip())
+                        continue
+                    key = record.get("input_key")
+                if key:
                     keys[key] = count(key, 0) + 1
                 read += 1
                 if progress is not None and not read % 10_000 and time.monotonic() >= report_at:
