@@ -24,6 +24,7 @@ from promptfleet.cli.options import (
     make_settings,
     report_issues,
     split_list,
+    stopped_with,
 )
 from promptfleet.cli.root import app
 from promptfleet.core.experiment import ExperimentError
@@ -90,9 +91,8 @@ def _judge_run(completed: Path, folder: Path, judges: list[str], templates: list
     from promptfleet.cli.run import in_flow
     from promptfleet.evaluation.outcomes import Study
     from promptfleet.orchestration.flows.evaluate import judge_experiment
-    from promptfleet.orchestration.flows.outcome import result_of
-
     from promptfleet.core.session import Session
+    from promptfleet.orchestration.flows.outcome import result_of
 
     session = Session()
     with prefect_api(ephemeral):
@@ -103,6 +103,5 @@ def _judge_run(completed: Path, folder: Path, judges: list[str], templates: list
             raise typer.Exit(EXIT_INTERRUPTED)
         return
     if not judged.judge_run.complete:
-        err.print(f"stopped with {judged.judge_run.unfinished} judge prompt(s) unfinished; run the same command again to resume")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        stopped_with(judged.judge_run.unfinished, "judge prompt(s)")
     print_study(Study(judged.judge_run, judge=judged), Console(width=max(Console().width, 120)))

@@ -5,10 +5,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shlex
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -158,6 +160,17 @@ def write_failures_in_one_line() -> Iterator[None]:
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     err.print(message, markup=False, highlight=False)
     raise typer.Exit(code)
+
+
+def this_command() -> str:
+    """The command as it was typed, quoted: running it again resumes what it left."""
+    return shlex.join(["promptfleet", *sys.argv[1:]])
+
+
+def stopped_with(unfinished: int, what: str = "prompt(s)") -> NoReturn:
+    err.print(f"stopped with {unfinished} {what} unfinished; to resume, run the same command again:")
+    err.print("  " + this_command(), markup=False, highlight=False)
+    raise typer.Exit(EXIT_INTERRUPTED)
 
 
 def check_scorers(names: list[str]) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shlex
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +25,7 @@ from promptfleet.cli.options import (
     load_env,
     make_settings,
     require_data_folder,
+    this_command,
 )
 from promptfleet.cli.prefect_api import prefect_api
 from promptfleet.cli.root import app
@@ -95,7 +94,7 @@ def pipeline(
     with prefect_api(ephemeral):
         outcome = asyncio.run(in_flow(loop))
     runs, stopped = outcome if outcome is not None else (0, True)
-    resume = f"unfinished files are back in {settings.input_folder} and resume with: " + shlex.join(["promptfleet", *sys.argv[1:]])
+    resume = f"unfinished files are back in {settings.input_folder} and resume with: " + this_command()
     if failure:
         err.print(f"{failure[0]}: pipeline stopped; {resume}", markup=False, highlight=False)
         raise typer.Exit(EXIT_WRITE_FAILED)

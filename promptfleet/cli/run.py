@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import shlex
-import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -43,6 +41,8 @@ from promptfleet.cli.options import (
     require_data_folder,
     require_writable,
     split_list,
+    stopped_with,
+    this_command,
     write_failures_in_one_line,
 )
 from promptfleet.cli.prefect_api import prefect_api
@@ -211,14 +211,12 @@ def run(
     if isinstance(result, Study):
         print_study(result, console)
         if result.judge and not result.judge.judge_run.complete:
-            err.print(f"stopped with {result.judge.judge_run.unfinished} judge prompt(s) unfinished; to resume, run the same command again:")
-            err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
-            raise typer.Exit(EXIT_INTERRUPTED)
+            stopped_with(result.judge.judge_run.unfinished, "judge prompt(s)")
     if not summary.complete:
         if summary.journal_error:
             err.print(
                 f"{summary.journal_error}. Stopped sending: {summary.unsaved} answer(s) that landed could not be saved "
-                "and will be asked again. Free space, then resume with: " + shlex.join(["promptfleet", *sys.argv[1:]]),
+                "and will be asked again. Free space, then resume with: " + this_command(),
                 markup=False, highlight=False,
             )  # fmt: skip
             raise typer.Exit(EXIT_WRITE_FAILED)
@@ -227,11 +225,9 @@ def run(
         if summary.live_batches and detach:
             err.print(f"{summary.unfinished} prompt(s) in {summary.live_batches} live batch(es); "
                       "to collect them, run the same command again (or see `promptfleet batches list`):")  # fmt: skip
-            err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
+            err.print("  " + this_command(), markup=False, highlight=False)
             return
-        err.print(f"stopped with {summary.unfinished} prompt(s) unfinished; to resume, run the same command again:")
-        err.print("  " + shlex.join(["promptfleet", *sys.argv[1:]]), markup=False, highlight=False)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        stopped_with(summary.unfinished)
 
 
 async def in_flow(start: Callable[[], Awaitable[Any]], session: Any = None) -> Any:

@@ -296,6 +296,7 @@ class JournalIndex:
 # How the journal's encoder ends a record of the engine: `..., "input_key": "<24 hex>"}\n`.
 _KEY_AT_END, _KEY_END = b', "input_key": "', b'"}\n'
 _KEY_FROM, _KEY_TO = -len(_KEY_END) - 24, -len(_KEY_END)  # the key's place from the line's end
+_KEY_NAMED = -len(_KEY_END) - 24 - len(_KEY_AT_END)  # where its name starts
 
 
 def read_journal(paths: RunPaths, progress: Callable[[int], None] | None = None) -> JournalIndex:
@@ -319,7 +320,7 @@ def read_journal(paths: RunPaths, progress: Callable[[int], None] | None = None)
         raw = b""
         with path.open("rb", buffering=1 << 20) as fh:
             for raw in fh:  # this loop runs a million times before a resumed run sends: kept lean
-                if raw[_KEY_FROM - len(_KEY_AT_END) : _KEY_FROM] == _KEY_AT_END and raw[_KEY_TO:] == _KEY_END and raw[:1] == b"{":
+                if raw[_KEY_NAMED:_KEY_FROM] == _KEY_AT_END and raw[_KEY_TO:] == _KEY_END and raw[:1] == b"{":
                     key = raw[_KEY_FROM:_KEY_TO].decode()
                 else:
                     try:
