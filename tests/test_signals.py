@@ -73,9 +73,10 @@ def test_sigterm_run_drains_in_flight_exits_130_without_traceback(tmp_path: Path
 
 @pytest.mark.slow
 def test_sigterm_of_a_study_leaves_it_cancelled_in_its_run_and_in_its_judging_and_each_rerun_pays_once(tmp_path: Path, prefect_api: str):
-    """Stopped while its prompts are sent, then (rerun) while its answers are judged: each
-    stop leaves the study, and the step it stopped, Cancelled with nothing judged from a
-    part; the last rerun finishes, every prompt and judge prompt paid once."""
+    """Stopped while its prompts are sent, then (rerun) while its answers are judged, then
+    its judging resumed by `judge --run` and stopped by Ctrl-C: each stop leaves the study,
+    and the step it stopped, Cancelled with nothing judged from a part; the last rerun
+    finishes, every prompt and judge prompt paid once."""
     n = 30
     judges = tmp_path / "judges"
     judges.mkdir()
@@ -90,10 +91,10 @@ def test_sigterm_of_a_study_leaves_it_cancelled_in_its_run_and_in_its_judging_an
         cmd = [sys.executable, "-m", "promptfleet.cli", "run", "-f", str(path), "-d", str(data), "-mq", "600",
                "--judge-folder", str(judges), "--judge", "fake-judge"]  # fmt: skip
 
-        def stopped_after(calls: int) -> str:
-            proc = subprocess.Popen(cmd, env=environment(server, prefect_api), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        def stopped_after(calls: int, command: list[str] = cmd, sig: int = signal.SIGTERM) -> str:
+            proc = subprocess.Popen(command, env=environment(server, prefect_api), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             wait_for_calls(server, proc, calls)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 130, err.decode()[-3000:]
             assert not list(out.glob("*-study-*"))  # nothing judged from a part
@@ -109,6 +110,13 @@ def test_sigterm_of_a_study_leaves_it_cancelled_in_its_run_and_in_its_judging_an
         assert flow_run_states(prefect_api, "study-étude à deux") == ["CANCELLED", "CANCELLED"]
         [judging] = flow_run_states(prefect_api, "judging-étude à deux-", like=True)
         assert judging == "CANCELLED"
+
+        [answers] = out.glob("*-completed-étude à deux.jsonl")
+        judge_run = [sys.executable, "-m", "promptfleet.cli", "judge", "--run", str(answers), "-l", str(judges), "-j", "fake-judge",
+                     "-d", str(data), "-mq", "600"]  # fmt: skip
+        err = stopped_after(n + 12, judge_run, signal.SIGINT)  # the same judging, asked for by the other command
+        assert "judge prompt(s) unfinished; to resume, run the same command again" in err, err[-3000:]
+        assert flow_run_states(prefect_api, "judging-étude à deux-", like=True) == ["CANCELLED", "CANCELLED"]
 
         finished = subprocess.run(cmd, env=environment(server, prefect_api), cwd=tmp_path, capture_output=True, timeout=300)
         assert finished.returncode == 0, finished.stderr.decode()[-3000:]
